@@ -1,0 +1,36 @@
+# wsss-flow: weakly-supervised semantic segmentation, from dataset to mIoU report.
+# Targets: <dataset>_<suite>_report (e.g. toy_cam_report, voc_cam_report) and `all` (the toy demo).
+# Settings: config.yaml (schema: schemas/config.schema.yaml). Library: wsss_core/.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/dataset.smk"
+include: "rules/weights.smk"
+include: "rules/classifier.smk"
+include: "rules/cams.smk"
+include: "rules/refine.smk"
+include: "rules/segmentation.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        report_md("toy", "cam"),
+    default_target: True
+
+
+for _dataset in config["datasets"]:
+    for _suite in config["suites"]:
+
+        rule:
+            name:
+                f"{_dataset}_{_suite}_report"
+            input:
+                report_md(_dataset, _suite),

@@ -1,0 +1,34 @@
+# Classification network of a method (image-level labels only), resumable.
+
+
+def _weights_inputs(cfg):
+    w = cfg["backbone"].get("weights")
+    if w and w.get("torchvision") and not w.get("path"):
+        return [f"{config['weights_dir']}/{w['torchvision']}.pth"]
+    return []
+
+
+rule train_classifier:
+    input:
+        manifest=lambda w: manifest(w.dataset),
+        weights=lambda w: _weights_inputs(scfg(w.dataset, w.experiment, "classifier")),
+    output:
+        model=f"{R}/{{dataset}}/{{experiment}}/classifier/model.pt",
+    params:
+        prepared=lambda w: prepared(w.dataset),
+        split=lambda w: split_name(w.dataset, "train"),
+        method=lambda w: config["experiments"][w.experiment]["method"],
+        cfg=lambda w: scfg(w.dataset, w.experiment, "classifier"),
+        state=lambda w: f"{R}/{w.dataset}/{w.experiment}/classifier/state",
+        hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier"),
+        seed=config["seed"],
+        device=config["device"],
+        locks=GPU_LOCKS,
+        weights_dir=config["weights_dir"],
+    threads: 2
+    resources:
+        gpu=1,
+    log:
+        f"{L}/{{dataset}}/{{experiment}}/train_classifier.log",
+    script:
+        "../workflow_scripts/train_classifier.py"

@@ -1,0 +1,141 @@
+# Helpers shared by the rules: config validation, paths, per-stage settings, dataset checks.
+
+import os
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from wsss_core.config import config_hash, stage_config
+from wsss_core.data.prepare import VOC_HOWTO, voc_layout_problems
+
+
+validate(config, "../schemas/config.schema.yaml")
+
+R = config["results_dir"]
+L = config["logs_dir"]
+GPU_LOCKS = config.get("gpu_lock_dir", ".wsss/gpu-locks")
+
+
+def _check_references():
+    for suite, s in config["suites"].items():
+        for exp in s["experiments"]:
+            if exp not in config["experiments"]:
+                raise WorkflowError(
+                    f"config: suites.{suite} names experiment {exp!r}, which is not under experiments "
+                    f"(known: {sorted(config['experiments'])})"
+                )
+
+
+_check_references()
+
+
+wildcard_constraints:
+    dataset="|".join(config["datasets"]),
+    experiment="|".join(config["experiments"]),
+    suite="|".join(config["suites"]),
+    split="[a-z][a-z0-9_]*",
+    shard=r"\d+",
+    nshards=r"\d+",
+
+
+def dataset_cfg(dataset):
+    return config["datasets"][dataset]
+
+
+def split_name(dataset, role):
+    """Actual split name of a role (train, threshold, mask_eval, eval) of a dataset."""
+    return dataset_cfg(dataset)["splits"][role]
+
+
+def scfg(dataset, experiment, stage):
+    return stage_config(config, dataset, experiment, stage)
+
+
+def dataset_root(dataset):
+    ds = dataset_cfg(dataset)
+    if ds["kind"] == "toy":
+        return f"{R}/{dataset}/source"
+    return ds["root"]
+
+
+def dataset_for_prepare(dataset):
+    return {**dataset_cfg(dataset), "root": dataset_root(dataset)}
+
+
+def prepared(dataset):
+    return f"{R}/{dataset}/dataset"
+
+
+def manifest(dataset):
+    return f"{prepared(dataset)}/manifest.json"
+
+
+def dataset_inputs(wildcards):
+    """Inputs of prepare_dataset; for a user dataset, check its layout now (at DAG build) and name what is missing."""
+    ds = dataset_cfg(wildcards.dataset)
+    if ds["kind"] == "toy":
+        return {"root": dataset_root(wildcards.dataset)}
+    problems = voc_layout_problems(ds)
+    if problems:
+        raise WorkflowError(
+            f"dataset {wildcards.dataset!r} (datasets.{wildcards.dataset}.root = {ds['root']}) is not usable:\n  - "
+            + "\n  - ".join(problems)
+            + "\n"
+            + VOC_HOWTO
+        )
+    root = Path(ds["root"])
+    lists = {
+        f"list_{s}": str(Path(p) if Path(p).is_absolute() else root / p)
+        for s, p in ds["lists"].items()
+    }
+    return {"images": str(root / "JPEGImages"), **lists}
+
+
+def n_shards(dataset, experiment, stage):
+    return int(scfg(dataset, experiment, stage)["n_shards"])
+
+
+def cam_splits(dataset, experiment):
+    roles = scfg(dataset, experiment, "cams")["splits"]
+    return list(dict.fromkeys(split_name(dataset, r) for r in roles))
+
+
+def cam_shards(dataset, experiment, split):
+    n = n_shards(dataset, experiment, "cams")
+    return [f"{R}/{dataset}/{experiment}/cams/{split}/{k}-of-{n}.h5" for k in range(n)]
+
+
+def all_cam_shards(wildcards):
+    return [p for s in cam_splits(wildcards.dataset, wildcards.experiment) for p in cam_shards(wildcards.dataset, wildcards.experiment, s)]
+
+
+def pseudo_mask_shards(dataset, experiment):
+    n = n_shards(dataset, experiment, "crf")
+    return [f"{R}/{dataset}/{experiment}/pseudo_masks/{k}-of-{n}.h5" for k in range(n)]
+
+
+def seg_pred_shards(dataset, experiment, split):
+    n = n_shards(dataset, experiment, "segmentation")
+    return [f"{R}/{dataset}/{experiment}/segmentation/pred/{split}/{k}-of-{n}.h5" for k in range(n)]
+
+
+def stage_hash(dataset, experiment, *stages):
+    """Hash of everything that determines a stage's output (settings of it and its upstream stages, seed, method)."""
+    exp = config["experiments"][experiment]
+    return config_hash(
+        {
+            "dataset": dataset_cfg(dataset),
+            "method": exp["method"],
+            "seed": config["seed"],
+            "stages": {s: scfg(dataset, experiment, s) for s in stages},
+        }
+    )
+
+
+def report_md(dataset, suite):
+    return f"{R}/{dataset}/reports/{suite}/report.md"
+
+
+def suite_experiments(suite):
+    return config["suites"][suite]["experiments"]

@@ -1,0 +1,443 @@
+"""Tests of the suite report (wsss_core.stages.report.build_report, wsss_core.report.build).
+
+The inputs are made for real on a hand-built 16x16 dataset: CAM/mask/prediction shards written with ShardWriter,
+eval JSONs produced by running eval_cams/eval_masks on them, fake weights saved with torch.save.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsss_core.data.io import write_image, write_label_png
+from wsss_core.report import build as rb
+from wsss_core.stages import report as stage
+from wsss_core.stages.evaluate import eval_cams, eval_masks
+from wsss_core.store.shards import ShardWriter
+
+REPO = Path(__file__).resolve().parents[1]
+DS = "tinyds"
+SUITE = "pair"
+EXPS = ["alpha", "beta"]
+METHODS = {"alpha": "cam", "beta": "cam"}
+CLASSES = ["background", "disc", "square", "bar"]
+SPLITS = {"train_aug": [f"a{i}" for i in range(6)], "train": ["a0", "a1", "a2"], "val": [f"v{i}" for i in range(4)]}
+EVAL_CFG = {"thresholds": {"start": 0.0, "stop": 0.6, "step": 0.05}, "mean": "present"}
+H = W = 16
+PLOTS = ("curves", "per_class", "qualitative", "training")
+
+
+# ============================================================================================ fixtures
+
+def _mask(rng: np.random.Generator, split: str, k: int) -> np.ndarray:
+    m = np.zeros((H, W), np.uint8)
+    y0, x0 = rng.integers(1, 7, size=2)
+    m[y0:y0 + 7, x0:x0 + 6] = 1 + k % 2                       # disc or square
+    if split != "val" and k % 3 == 0:
+        m[12:14, 2:14] = 3                                     # "bar" never occurs in val: absent class there
+    if k == 1:
+        m[0, :] = 255                                          # a void band
+    return m
+
+
+def _image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    pal = np.array([[30, 30, 30], [220, 40, 40], [40, 200, 60], [60, 80, 230]], np.uint8)
+    img = pal[np.where(mask == 255, 0, mask)].astype(np.int16) + rng.integers(-20, 20, (H, W, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_dataset(root: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A prepared dataset folder by hand (manifest.json, labels.json, lists/) plus JPEGs and index PNGs."""
+    rng = np.random.default_rng(0)
+    img_dir, mask_dir, prep = root / "src" / "JPEGImages", root / "src" / "SegmentationClass", root / DS / "dataset"
+    masks, labels = {}, {}
+    all_ids = sorted(set(SPLITS["train_aug"]) | set(SPLITS["val"]))
+    for k, i in enumerate(all_ids):
+        m = _mask(rng, "val" if i.startswith("v") else "train", k)
+        masks[i] = m
+        write_label_png(mask_dir / f"{i}.png", m)
+        write_image(img_dir / f"{i}.jpg", _image(rng, m))
+        labels[i] = sorted(int(v) for v in np.unique(m) if 0 < v < len(CLASSES))
+    for s, ids in SPLITS.items():
+        (prep / "lists").mkdir(parents=True, exist_ok=True)
+        (prep / "lists" / f"{s}.txt").write_text("".join(f"{i}\n" for i in ids))
+    (prep / "labels.json").write_text(json.dumps({"classes": CLASSES, "labels": labels}))
+    manifest = {"name": DS, "kind": "toy", "root": str(root / "src"), "image_dir": str(img_dir),
+                "mask_dir": str(mask_dir), "classes": CLASSES, "n_classes": len(CLASSES),
+                "splits": {s: len(v) for s, v in SPLITS.items()}, "synthetic": True}
+    (prep / "manifest.json").write_text(json.dumps(manifest))
+    return prep, masks
+
+
+def _noisy_labels(rng, gt: np.ndarray, p: float, n_labels: int = len(CLASSES)) -> np.ndarray:
+    out = np.where(gt == 255, 0, gt).astype(np.uint8)
+    flip = rng.random(gt.shape) < p
+    out[flip] = rng.integers(0, n_labels, size=int(flip.sum()))
+    return out
+
+
+def make_experiment(root: Path, prep: Path, masks: dict, exp: str, seed: int, with_seg: bool, with_metrics: bool):
+    rng = np.random.default_rng(seed)
+    base = root / DS / exp
+    labels = json.loads((prep / "labels.json").read_text())["labels"]
+    cam_paths = {}
+    for split in ("train", "val"):
+        cam_paths[split] = base / "cams" / split / "0-of-1.h5"
+        with ShardWriter(cam_paths[split], "cams", {"split": split, "shard": 0, "n_shards": 1}) as w:
+            for i in SPLITS[split]:
+                keys = labels[i]
+                cams = np.stack([0.3 * (masks[i] == c) + 0.5 * rng.random((H, W)) for c in keys]) if keys \
+                    else np.zeros((0, H, W))
+                w.add_cams(i, np.array(keys, np.int64), cams.astype(np.float32))
+    pred = base / "segmentation" / "pred" / "val" / "0-of-1.h5"
+    with ShardWriter(pred, "masks", {"split": "val", "shard": 0, "n_shards": 1}) as w:
+        for i in SPLITS["val"]:
+            w.add_mask(i, _noisy_labels(rng, masks[i], 0.05, n_labels=3))   # never "bar"
+    ev = base / "eval"
+    chosen = eval_cams(str(prep), [str(cam_paths["train"]), str(cam_paths["val"])], "train", "val", EVAL_CFG,
+                       str(ev / "cams.json"))
+    # alpha's pseudo-masks use the chosen t (crf.bg_threshold auto); beta's a number set in the config
+    t_used, t_src = ((chosen["threshold"]["value"], "chosen by eval_cams") if exp == "alpha"
+                     else (0.123, "set in config"))
+    pm = base / "pseudo_masks" / "0-of-1.h5"
+    with ShardWriter(pm, "masks", {"split": "train_aug", "shard": 0, "n_shards": 1, "bg_threshold": t_used,
+                                   "bg_threshold_source": t_src}) as w:
+        for i in SPLITS["train_aug"]:
+            w.add_mask(i, _noisy_labels(rng, masks[i], 0.1))
+    eval_masks(str(prep), [str(pm)], "train", str(ev / "pseudo_masks.json"), what="pseudo_masks")
+    eval_masks(str(prep), [str(pred)], "val", str(ev / "segmentation.json"), what="segmentation")
+
+    cls = base / "classifier" / "model.pt"
+    cls.parent.mkdir(parents=True)
+    torch.save({"model": {"w": torch.zeros(2)}, "meta": {"method": "cam", "cfg": {"max_steps": 6}, "seed": seed,
+                                                         "config_hash": f"cls{exp}", "steps": 6}}, cls)
+    seg = base / "segmentation" / "model.pt"
+    if with_seg:
+        torch.save({"model": {}, "meta": {"cfg": {"max_steps": 4}, "seed": seed, "config_hash": f"seg{exp}"}}, seg)
+    if with_metrics:
+        (cls.parent / "state").mkdir()
+        # steps 1..4, then a resume from step 2 re-logs 3..6: the later entries of 3 and 4 must win
+        lines = [{"step": s, "loss": 1.0 / s, "lr": 0.1} for s in range(1, 5)]
+        lines += [{"step": s, "loss": 0.5 / s, "lr": 0.1} for s in range(3, 7)]
+        text = "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 7, "lo'   # torn last line
+        (cls.parent / "state" / "metrics.jsonl").write_text(text)
+        if with_seg:
+            (seg.parent / "state").mkdir()
+            (seg.parent / "state" / "metrics.jsonl").write_text(
+                "".join(json.dumps({"step": s, "loss": 2.0 - 0.3 * s}) + "\n" for s in range(1, 5)))
+    return {"cam_eval": str(ev / "cams.json"), "mask_eval": str(ev / "pseudo_masks.json"),
+            "seg_eval": str(ev / "segmentation.json"), "cams": [str(cam_paths["val"])], "masks": [str(pm)],
+            "preds": [str(pred)], "classifier": str(cls), "segmenter": str(seg)}
+
+
+def report_kwargs(world: dict, out_dir: Path) -> dict:
+    e = world["exps"]
+    return dict(
+        experiments=EXPS, suite=SUITE, dataset=DS, prepared=str(world["prep"]), eval_split="val",
+        mask_split="train_aug", methods=METHODS,
+        config={"seed": 3, "experiments": {x: {"method": "cam"} for x in EXPS}},
+        cam_evals=[e[x]["cam_eval"] for x in EXPS], mask_evals=[e[x]["mask_eval"] for x in EXPS],
+        seg_evals=[e[x]["seg_eval"] for x in EXPS],
+        cams=[p for x in EXPS for p in e[x]["cams"]], masks=[p for x in EXPS for p in e[x]["masks"]],
+        preds=[p for x in EXPS for p in e[x]["preds"]],
+        classifiers=[e[x]["classifier"] for x in EXPS], segmenters=[e[x]["segmenter"] for x in EXPS],
+        out_md=str(out_dir / "report.md"), out_json=str(out_dir / "report.json"),
+        out_curves=str(out_dir / "threshold_curves.png"), out_per_class=str(out_dir / "per_class_iou.png"),
+        out_qualitative=str(out_dir / "qualitative.png"), out_training=str(out_dir / "training.png"),
+        log=None,
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    prep, masks = make_dataset(root)
+    exps = {"alpha": make_experiment(root, prep, masks, "alpha", 1, with_seg=True, with_metrics=True),
+            "beta": make_experiment(root, prep, masks, "beta", 2, with_seg=False, with_metrics=False)}
+    world = {"root": root, "prep": prep, "masks": masks, "exps": exps}
+    out = root / DS / "reports" / SUITE
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rb, "_git", lambda args, repo: None)     # hermetic: no git call from the tests
+        report = stage.build_report(**report_kwargs(world, out))
+    world.update(out=out, report=report, md=(out / "report.md").read_text(),
+                 json=json.loads((out / "report.json").read_text()),
+                 evals={x: {k: json.loads(Path(exps[x][k]).read_text()) for k in ("cam_eval", "mask_eval", "seg_eval")}
+                        for x in EXPS})
+    return world
+
+
+def md_table(md: str, heading: str, nth: int = 0) -> list[dict[str, str]]:
+    """The ``nth`` Markdown table after the line ``heading``, as a list of {header: cell} dicts."""
+    lines = md.splitlines()
+    i = lines.index(heading)
+    tables, cur = [], []
+    for line in lines[i + 1:]:
+        if line.startswith("## "):
+            break
+        if line.startswith("|"):
+            cur.append(line)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    if cur:
+        tables.append(cur)
+    t = tables[nth]
+    split = lambda s: [c.strip() for c in s.strip().strip("|").split("|")]  # noqa: E731
+    header = split(t[0])
+    return [dict(zip(header, split(r))) for r in t[2:]]
+
+
+def f4(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+# ============================================================================================ tests
+
+def test_summary_table_numbers_equal_the_eval_jsons(world):
+    rows = md_table(world["md"], "## Summary")
+    assert [r["experiment"] for r in rows] == EXPS
+    strict = {r["experiment"]: r for r in md_table(world["md"], "## Summary", 1)}
+    for r in rows:
+        ev = world["evals"][r["experiment"]]
+        assert r["method"] == "cam"
+        assert r["CAM seeds mIoU (val, at t)"] == f4(ev["cam_eval"]["scores"]["val"]["miou"])
+        assert r["pseudo-mask mIoU (train)"] == f4(ev["mask_eval"]["scores"]["miou"])
+        assert r["segmentation mIoU (val)"] == f4(ev["seg_eval"]["scores"]["miou"])
+        s = strict[r["experiment"]]
+        assert s["CAM seeds miou_strict"] == f4(ev["cam_eval"]["scores"]["val"]["miou_strict"])
+        assert s["pseudo-mask miou_strict"] == f4(ev["mask_eval"]["scores"]["miou_strict"])
+        assert s["segmentation miou_strict"] == f4(ev["seg_eval"]["scores"]["miou_strict"])
+        assert s["CAM images"] == "4" and s["pseudo-mask images"] == "3" and s["segmentation images"] == "4"
+    # the JSON has the same numbers, unrounded
+    for row in world["json"]["rows"]:
+        ev = world["evals"][row["experiment"]]
+        assert row["cam"]["miou"] == ev["cam_eval"]["scores"]["val"]["miou"]
+        assert row["pseudo_mask"]["miou"] == ev["mask_eval"]["scores"]["miou"]
+        assert row["segmentation"]["miou_strict"] == ev["seg_eval"]["scores"]["miou_strict"]
+    # "bar" is absent from val, so the two conventions differ there and both are named
+    seg = world["evals"]["alpha"]["seg_eval"]["scores"]
+    assert seg["miou"] != seg["miou_strict"]
+    assert "`miou`" in world["md"] and "`miou_strict`" in world["md"]
+    assert "present in the ground truth or the prediction" in world["md"]
+    assert "over all classes" in world["md"]
+
+
+def test_chosen_threshold_and_its_source_are_stated(world):
+    rows = {r["experiment"]: r for r in md_table(world["md"], "## Background threshold")}
+    for x in EXPS:
+        th = world["evals"][x]["cam_eval"]["threshold"]
+        assert th["source"]["split"] == "train"
+        r = rows[x]
+        assert float(r["chosen t"]) == pytest.approx(th["value"])
+        assert r["source split"] == "train"
+        assert r["criterion"] == th["source"]["criterion"]
+        assert r["mIoU on source split at t"] == f4(th["source"]["miou_at_value"])
+        assert r["val optimum t (reference)"] != ""
+        assert f"t = {rb.fmt_t(th['value'])}, chosen on split `train`" in world["md"]
+        j = next(t for t in world["json"]["thresholds"] if t["experiment"] == x)
+        assert j["value"] == th["value"] and j["source"]["split"] == "train"
+        assert j["pseudo_mask_bg_thresholds"] == ([th["value"]] if x == "alpha" else [0.123])
+    lines = {x: next(line for line in world["md"].splitlines() if line.startswith(f"- `{x}`: t = ")) for x in EXPS}
+    assert "(chosen by eval_cams)." in lines["alpha"] and "different" not in lines["alpha"]
+    assert "record t = 0.123 (set in config) - **different from the chosen t**" in lines["beta"]
+    summary = {r["experiment"]: r for r in md_table(world["md"], "## Summary")}
+    assert float(summary["alpha"]["bg threshold t"]) == pytest.approx(
+        world["evals"]["alpha"]["cam_eval"]["threshold"]["value"])
+
+
+def test_per_class_tables_equal_the_eval_jsons(world):
+    rows = md_table(world["md"], "## Per-class IoU")
+    assert [r["class"] for r in rows] == CLASSES + ["**miou**", "**miou_strict**"]
+    for x in EXPS:
+        ev = world["evals"][x]
+        for col, scores in ((f"{x} CAM", ev["cam_eval"]["scores"]["val"]), (f"{x} mask", ev["mask_eval"]["scores"]),
+                            (f"{x} seg", ev["seg_eval"]["scores"])):
+            assert [rows[c][col] for c in range(len(CLASSES))] == [f4(v) for v in scores["iou"]]
+            assert rows[len(CLASSES)][col] == f4(scores["miou"])
+            assert rows[len(CLASSES) + 1][col] == f4(scores["miou_strict"])
+    assert rows[CLASSES.index("bar")]["alpha seg"] == "n/a"     # absent from val GT and prediction (0/0)
+    pr = md_table(world["md"], "## CAM seed precision and recall")
+    for x in EXPS:
+        s = world["evals"][x]["cam_eval"]["scores"]["val"]
+        assert [r[f"{x} precision"] for r in pr] == [f4(v) for v in s["precision"]]
+        assert [r[f"{x} recall"] for r in pr] == [f4(v) for v in s["recall"]]
+    assert world["json"]["per_class"]["experiments"]["beta"]["pseudo_mask"]["iou"] == \
+        world["evals"]["beta"]["mask_eval"]["scores"]["iou"]
+
+
+def test_all_background_baseline_equals_hand_computation(world):
+    gts = [world["masks"][i] for i in SPLITS["val"]]
+    valid = np.concatenate([g[g != 255] for g in gts])
+    bg_iou = np.sum(valid == 0) / valid.size                  # TP = T_bg, union = T_bg + N - T_bg = N
+    present_fg = len({int(v) for v in np.unique(valid) if v != 0})
+    assert present_fg == 2                                    # disc and square; bar is absent from val
+    miou = bg_iou / (1 + present_fg)
+    strict = bg_iou / len(CLASSES)
+    b = world["json"]["baseline"]
+    assert b["split"] == "val" and b["n_images"] == 4
+    assert b["miou"] == pytest.approx(miou, abs=1e-12)
+    assert b["miou_strict"] == pytest.approx(strict, abs=1e-12)
+    assert b["iou"][0] == pytest.approx(bg_iou, abs=1e-12)
+    assert f"`miou` = {miou:.4f} and `miou_strict` = {strict:.4f}" in world["md"]
+
+
+def test_plots_are_valid_images_linked_relatively(world):
+    out = world["out"]
+    for name in ("threshold_curves", "per_class_iou", "qualitative", "training"):
+        p = out / f"{name}.png"
+        with Image.open(p) as im:
+            im.verify()
+        with Image.open(p) as im:
+            w, h = im.size
+            assert w >= 400 and h >= 250
+            arr = np.asarray(im.convert("L"))
+            assert arr.std() > 5                                # not a blank canvas
+        assert f"]({name}.png)" in world["md"]
+        assert world["json"]["plots"][name] == f"{name}.png"
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    q = world["json"]["qualitative"]
+    assert q["eval_ids"] == SPLITS["val"] and len(q["train_ids"]) == 2 and q["train_split"] == "train_aug"
+
+
+def test_training_summary_keeps_last_entry_of_repeated_steps_and_handles_missing_files(world):
+    tr = world["json"]["training"]
+    a = tr["alpha"]["classifier"]
+    assert a["metrics_exists"] and a["steps"] == 6 and a["n_logged"] == 6
+    assert a["repeated_steps"] == 2 and a["bad_lines"] == 1
+    assert a["final_loss"] == pytest.approx(0.5 / 6)
+    assert a["final_loss_mean"] == pytest.approx(np.mean([1.0, 0.5, 0.5 / 3, 0.5 / 4, 0.5 / 5, 0.5 / 6]))
+    assert tr["alpha"]["segmentation"]["final_loss"] == pytest.approx(2.0 - 1.2)
+    b = tr["beta"]
+    assert not b["classifier"]["metrics_exists"] and b["classifier"]["final_loss"] is None
+    assert b["classifier"]["seed"] == 2 and b["classifier"]["max_steps"] == 6
+    assert not b["segmentation"]["model_exists"] and b["segmentation"]["seed"] is None
+    rows = md_table(world["md"], "## Training")
+    r = next(r for r in rows if r["experiment"] == "alpha" and r["network"] == "classifier")
+    assert r["steps logged"] == "6" and r["final loss"] == f4(0.5 / 6) and "resumed" in r["notes"]
+    r = next(r for r in rows if r["experiment"] == "beta" and r["network"] == "segmentation")
+    assert "no model file" in r["notes"] and "no metrics file" in r["notes"]
+
+
+def test_reproducibility_block(world):
+    rep = world["json"]["reproducibility"]
+    assert rep["seed"] == 3
+    assert rep["models"]["alpha"]["classifier"] == {"seed": 1, "config_hash": "clsalpha",
+                                                   "path": world["exps"]["alpha"]["classifier"]}
+    assert rep["models"]["alpha"]["segmentation"]["config_hash"] == "segalpha"
+    assert rep["git"] == {"sha": "unknown", "dirty": None, "describe": "unknown"}
+    v = rep["versions"]
+    assert set(v) >= {"python", "torch", "torchvision", "numpy", "h5py", "snakemake", "pydensecrf2"}
+    assert v["numpy"] == np.__version__ and v["python"] == ".".join(map(str, sys.version_info[:3]))
+    md = world["md"]
+    assert "- workflow seed: `3`" in md and "- git: `unknown`" in md and f"numpy {np.__version__}" in md
+    assert rep["host"] in md and rep["date_utc"] in md
+    assert "clsalpha" in md and "segalpha" in md
+
+
+def test_synthetic_note_and_title(world):
+    md = world["md"]
+    assert md.startswith(f"# WSSS report: dataset `{DS}`, suite `{SUITE}`")
+    assert "synthetic data" in md
+    assert "synthetic data" not in rb.render_markdown({**world["json"], "synthetic": False})
+
+
+def test_nothing_is_written_when_a_plot_fails(world, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(rb, "_git", lambda args, repo: None)
+    monkeypatch.setattr(rb, "plot_training", boom)
+    out = tmp_path / "rep"
+    with pytest.raises(RuntimeError, match="plot failed"):
+        stage.build_report(**report_kwargs(world, out))
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_log_file_gets_the_summary(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", sys.stdout)        # setup_job_logging redirects these; restore after
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    monkeypatch.setattr(rb, "_git", lambda args, repo: None)
+    kw = report_kwargs(world, tmp_path / "rep")
+    kw.update(log=str(tmp_path / "logs" / "report.log"), cams=kw["cams"][0])   # a single path as a str is fine
+    kw["experiments"], kw["cam_evals"], kw["mask_evals"], kw["seg_evals"] = (
+        ["alpha"], kw["cam_evals"][:1], kw["mask_evals"][:1], kw["seg_evals"][:1])
+    kw.update(masks=kw["masks"][:1], preds=kw["preds"][:1], classifiers=kw["classifiers"][:1], segmenters=[])
+    rep = stage.build_report(**kw)
+    text = (tmp_path / "logs" / "report.log").read_text()
+    assert "wrote" in text and "alpha (cam)" in text
+    assert [r["experiment"] for r in rep["rows"]] == ["alpha"]
+    assert not rep["training"]["alpha"]["segmentation"]["model_exists"]
+    assert (tmp_path / "rep" / "report.md").is_file()
+
+
+def test_mismatched_shard_split_is_an_error(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(rb, "_git", lambda args, repo: None)
+    kw = report_kwargs(world, tmp_path / "rep")
+    kw["preds"] = kw["masks"]                                  # train_aug shards where val predictions belong
+    with pytest.raises(stage.DataError, match="expected 'val'"):
+        stage.build_report(**kw)
+    assert not (tmp_path / "rep").exists()
+
+
+def test_experiment_is_taken_from_the_path():
+    exps = ["cam", "seam"]
+    assert stage.experiment_of("results/toy/seam/cams/val/0-of-2.h5", "toy", exps) == "seam"
+    # the results folder itself may contain the dataset's name: the last match counts
+    assert stage.experiment_of("/x/toy/cam/results/toy/seam/pseudo_masks/1-of-2.h5", "toy", exps) == "seam"
+    with pytest.raises(stage.DataError, match="cannot tell"):
+        stage.experiment_of("results/voc/other/x.h5", "toy", exps)
+    assert stage.experiment_of("anything.h5", "toy", ["cam"]) == "cam"
+    grouped = stage.shards_by_experiment(["r/toy/cam/a.h5", "r/toy/seam/b.h5", "r/toy/cam/c.h5"], "toy", exps)
+    assert grouped == {"cam": ["r/toy/cam/a.h5", "r/toy/cam/c.h5"], "seam": ["r/toy/seam/b.h5"]}
+
+
+def test_git_state_unknown_clean_and_dirty(monkeypatch):
+    def fake(outputs):
+        def run(cmd, **kw):
+            out = outputs.get(cmd[1])
+            if isinstance(out, Exception):
+                raise out
+            return subprocess.CompletedProcess(cmd, 0 if out is not None else 128, out or "", "")
+        return run
+
+    monkeypatch.setattr(rb.subprocess, "run", fake({"rev-parse": FileNotFoundError("git")}))
+    assert rb.git_state() == {"sha": "unknown", "dirty": None, "describe": "unknown"}
+    monkeypatch.setattr(rb.subprocess, "run", fake({}))               # not a repository (exit 128)
+    assert rb.git_state()["sha"] == "unknown"
+    monkeypatch.setattr(rb.subprocess, "run", fake({"rev-parse": "abc123\n", "status": ""}))
+    assert rb.git_state() == {"sha": "abc123", "dirty": False, "describe": "abc123"}
+    monkeypatch.setattr(rb.subprocess, "run", fake({"rev-parse": "abc123\n", "status": " M x.py\n"}))
+    assert rb.git_state() == {"sha": "abc123", "dirty": True, "describe": "abc123-dirty"}
+
+
+def test_read_metrics_missing_file_is_none(tmp_path):
+    assert stage.read_metrics(tmp_path / "nope.jsonl") is None
+
+
+def test_workflow_script_passes_the_rule_names(monkeypatch):
+    """workflow_scripts/report.py unpacks the rule's input/output/params/log names into build_report."""
+    seen = {}
+    monkeypatch.setattr(stage, "build_report", lambda **kw: seen.update(kw))
+    inp = SimpleNamespace(manifest="m", cam_evals=["c"], mask_evals=["m"], seg_evals=["s"], cams=["x.h5"],
+                          masks=["y.h5"], preds=["z.h5"], classifiers=["a.pt"], segmenters=["b.pt"])
+    out = SimpleNamespace(md="r.md", json="r.json", curves="c.png", per_class="p.png", qualitative="q.png",
+                          training="t.png")
+    params = SimpleNamespace(experiments=["cam"], suite="cam", dataset="toy", prepared="d", eval_split="val",
+                             mask_split="train_aug", methods={"cam": "cam"}, config={"seed": 0})
+    snake = SimpleNamespace(input=inp, output=out, params=params, log=["l.log"])
+    runpy.run_path(str(REPO / "workflow_scripts" / "report.py"), init_globals={"snakemake": snake})
+    assert seen["out_md"] == "r.md" and seen["out_json"] == "r.json" and seen["out_training"] == "t.png"
+    assert seen["cams"] == ["x.h5"] and seen["segmenters"] == ["b.pt"] and seen["log"] == "l.log"
+    assert seen["methods"] == {"cam": "cam"} and seen["config"] == {"seed": 0}
+    monkeypatch.undo()
+    assert set(seen) <= set(inspect.signature(stage.build_report).parameters)

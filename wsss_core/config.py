@@ -1,0 +1,41 @@
+"""Configuration helpers shared by the Snakefile and the library: merging, per-stage views, hashing."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any, Mapping
+
+STAGES = ("classifier", "cams", "eval", "crf", "segmentation")
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Recursively merge ``override`` into a copy of ``base`` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in (override or {}).items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def stage_config(config: Mapping[str, Any], dataset: str, experiment: str | None, stage: str) -> dict[str, Any]:
+    """Effective settings of ``stage`` for ``dataset`` and ``experiment``.
+
+    ``stages.<stage>`` <- ``datasets.<dataset>.stages.<stage>`` <- ``experiments.<experiment>.stages.<stage>``.
+    """
+    if stage not in STAGES:
+        raise KeyError(f"unknown stage {stage!r}")
+    cfg = dict(config["stages"][stage])
+    cfg = deep_merge(cfg, config["datasets"][dataset].get("stages", {}).get(stage))
+    if experiment is not None:
+        cfg = deep_merge(cfg, config["experiments"][experiment].get("stages", {}).get(stage))
+    return cfg
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """Stable short hash of a JSON-serialisable object (key order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]

@@ -1,0 +1,90 @@
+"""torch Datasets: image-level-labelled training images and pseudo-mask-labelled segmentation crops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .io import IGNORE_INDEX, read_image
+from .transforms import color_jitter, normalize, random_crop, random_resize_long, resize, to_tensor
+
+
+class _Seeded:
+    """Per-sample RNG = f(seed, epoch, index), so augmentation survives a resume unchanged."""
+
+    seed = 0
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+
+class ClassificationDataset(_Seeded, torch.utils.data.Dataset):
+    """Training images with multi-hot labels.
+
+    item: ``{"image": float32 (3, crop, crop), "label": float32 (C,), "id": str}`` where C is the number
+    of foreground classes (background excluded). Augmentation: random long side in ``resize_long``,
+    colour jitter, h-flip, normalise, random crop (zero pad after normalisation).
+    """
+
+    def __init__(self, image_dir: str | Path, ids: Sequence[str], labels: np.ndarray, crop_size: int,
+                 resize_long: Sequence[int], seed: int = 0, ext: str = ".jpg"):
+        self.image_dir, self.ids, self.labels = Path(image_dir), list(ids), np.asarray(labels, dtype=np.float32)
+        self.crop, self.resize_long, self.seed, self.ext = int(crop_size), resize_long, int(seed), ext
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        rng = self.rng(i)
+        img = read_image(self.image_dir / f"{self.ids[i]}{self.ext}")
+        img = random_resize_long(img, rng, *self.resize_long)
+        img = color_jitter(img, rng)
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        (img,) = random_crop([normalize(img)], [0.0], self.crop, rng)
+        return {"image": to_tensor(img), "label": torch.from_numpy(self.labels[i]), "id": self.ids[i]}
+
+
+class SegmentationDataset(_Seeded, torch.utils.data.Dataset):
+    """Training crops with (pseudo-)masks read from a sharded mask store.
+
+    item: ``{"image": float32 (3, crop, crop), "mask": int64 (crop, crop) with 255 = ignore, "id": str}``.
+    Augmentation: random scale in ``scale_range``, h-flip, normalise, crop (image pad 0, label pad 255).
+    """
+
+    def __init__(self, image_dir: str | Path, ids: Sequence[str], mask_shards: Sequence[str | Path], crop_size: int,
+                 scale_range: Sequence[float], seed: int = 0, ext: str = ".jpg"):
+        self.image_dir, self.ids, self.mask_shards = Path(image_dir), list(ids), [str(p) for p in mask_shards]
+        self.crop, self.scale_range, self.seed, self.ext = int(crop_size), scale_range, int(seed), ext
+        self._store = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _masks(self):
+        if self._store is None:  # opened lazily: one handle per worker process
+            from ..store.shards import ShardedStore
+
+            self._store = ShardedStore(self.mask_shards)
+        return self._store
+
+    def __getitem__(self, i: int) -> dict:
+        rng = self.rng(i)
+        image_id = self.ids[i]
+        img = read_image(self.image_dir / f"{image_id}{self.ext}")
+        mask = self._masks()[image_id]
+        s = rng.uniform(*self.scale_range)
+        h, w = img.shape[:2]
+        size = (max(1, int(h * s)), max(1, int(w * s)))
+        img, mask = resize(img, size), resize(mask, size, label=True)
+        if rng.random() < 0.5:
+            img, mask = img[:, ::-1], mask[:, ::-1]
+        img, mask = random_crop([normalize(img), mask], [0.0, IGNORE_INDEX], self.crop, rng)
+        return {"image": to_tensor(img), "mask": torch.from_numpy(mask.astype(np.int64)), "id": image_id}

@@ -1,0 +1,1 @@
+"""Engine: device selection and GPU lease, per-job logging, the resumable training loop."""

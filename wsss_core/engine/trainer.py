@@ -1,0 +1,212 @@
+"""A small resumable training loop shared by every training stage.
+
+Checkpoints (model, optimizer, scheduler, RNG states, step, seed, config hash) are written atomically
+every ``checkpoint_every`` steps into ``ckpt_dir`` (a folder no rule declares, so Snakemake never
+deletes it when a job is killed). A restarted job resumes from the newest readable checkpoint. Data
+order and augmentation are a pure function of (seed, epoch, position), so a resumed run sees the
+same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..store.atomic import atomic_path
+from .logs import get_logger, progress
+
+_CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def poly_lambda(max_steps: int, power: float) -> Callable[[int], float]:
+    """lr multiplier (1 - step/max_steps)^power, the poly schedule of the WSSS references."""
+    return lambda step: max(0.0, 1.0 - step / max_steps) ** power
+
+
+def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> list[list[int]]:
+    """Shuffled index batches of one epoch, a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(n_items, generator=g).tolist()
+    n_full = n_items // batch_size if drop_last else math.ceil(n_items / batch_size)
+    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n_full)]
+
+
+def batch_stream(dataset, batch_size: int, seed: int, start_step: int, num_workers: int = 0,
+                 collate_fn=None) -> Iterator[Any]:
+    """Infinite stream of batches starting at global step ``start_step``.
+
+    ``dataset.set_epoch(epoch)`` (if present) is called before each epoch so that augmentation can be
+    seeded per (seed, epoch, index).
+    """
+    n = len(dataset)
+    if n < batch_size:
+        raise ValueError(f"dataset has {n} items, fewer than the batch size {batch_size}")
+    per_epoch = n // batch_size
+    epoch, pos = divmod(start_step, per_epoch)
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        batches = epoch_batches(n, batch_size, seed, epoch)[pos:]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                             collate_fn=collate_fn, persistent_workers=False)
+        yield from loader
+        epoch, pos = epoch + 1, 0
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _CKPT_RE.match(p.name))
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    resumed_from: int | None = None
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, optimizer, scheduler,
+                    extra: Mapping[str, Any], keep: int = 2) -> Path:
+    path = Path(ckpt_dir) / f"step_{step:08d}.pt"
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        **dict(extra),
+    }
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+    for old in list_checkpoints(ckpt_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest_checkpoint(ckpt_dir, model: nn.Module, optimizer, scheduler, expect: Mapping[str, Any] | None = None) -> int:
+    """Restore the newest readable checkpoint; return its step (0 if none). Unreadable ones are skipped."""
+    log = get_logger()
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a torn file cannot exist (atomic writes), but a disk error can
+            log.warning("skipping unreadable checkpoint %s: %s", path, exc)
+            continue
+        for key, value in (expect or {}).items():
+            if state.get(key) != value:
+                log.warning("checkpoint %s has %s=%r, expected %r; ignoring it", path, key, state.get(key), value)
+                break
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            return int(state["step"])
+    return 0
+
+
+def fit(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[str, Any]], batches_from: Callable[[int], Iterable],
+        optimizer: torch.optim.Optimizer, scheduler, max_steps: int, ckpt_dir: str | os.PathLike,
+        checkpoint_every: int, keep_checkpoints: int = 2, identity: Mapping[str, Any] | None = None,
+        metrics_path: str | os.PathLike | None = None, desc: str = "train",
+        after_step: Callable[[nn.Module, int], None] | None = None) -> TrainState:
+    """Run ``step_fn(model, batch, step) -> {"loss": tensor, **scalars}`` until ``max_steps``, resumably.
+
+    ``batches_from(start_step)`` returns the batch iterator starting at ``start_step``. ``identity``
+    (e.g. seed and config hash) is stored in checkpoints and must match for a checkpoint to be resumed.
+    Per-step scalars are appended to ``metrics_path`` (JSON lines) and summarised in the log.
+    """
+    log = get_logger()
+    identity = dict(identity or {})
+    start = load_latest_checkpoint(ckpt_dir, model, optimizer, scheduler, expect=identity)
+    state = TrainState(step=start, resumed_from=start or None)
+    if start:
+        log.info("resumed from checkpoint at step %d of %d (%s)", start, max_steps, ckpt_dir)
+    else:
+        log.info("starting training from step 0 of %d", max_steps)
+    if start >= max_steps:
+        return state
+    metrics_fh = None
+    if metrics_path:
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        metrics_fh = open(metrics_path, "a", encoding="utf-8")
+    model.train()
+    t0 = time.time()
+    running: dict[str, float] = {}
+    it = iter(batches_from(start))
+    bar = progress(total=max_steps, initial=start, desc=desc)
+    try:
+        for step in range(start, max_steps):
+            batch = next(it)
+            out = step_fn(model, batch, step)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if after_step is not None:
+                after_step(model, step)
+            scalars = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+            scalars["lr"] = optimizer.param_groups[0]["lr"]
+            for k, v in scalars.items():
+                running[k] = running.get(k, 0.0) + v
+            if metrics_fh:
+                metrics_fh.write(_json_line({"step": step + 1, **scalars}))
+            bar.update(1)
+            done = step + 1
+            if done % max(1, min(50, checkpoint_every)) == 0 or done == max_steps:
+                n = done - state.step
+                log.info("step %d/%d %s (%.2f s/step)", done, max_steps,
+                         " ".join(f"{k}={v / n:.4f}" for k, v in running.items()), (time.time() - t0) / n)
+                running, t0, state.step = {}, time.time(), done
+            if done % checkpoint_every == 0 and done < max_steps:
+                save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, identity, keep_checkpoints)
+        state.step = max_steps
+    finally:
+        bar.close()
+        if metrics_fh:
+            metrics_fh.close()
+    return state
+
+
+def _json_line(obj: Mapping[str, Any]) -> str:
+    import json
+
+    return json.dumps(obj) + "\n"
+
+
+def save_final(path: str | os.PathLike, model: nn.Module, meta: Mapping[str, Any]) -> None:
+    """Atomically write the final weights (``{"model": state_dict, "meta": {...}}``)."""
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save({"model": model.state_dict(), "meta": dict(meta)}, tmp)
+
+
+def load_final(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=map_location, weights_only=False)

@@ -1,0 +1,56 @@
+"""Baseline CAM (Zhou et al. 2016, IRN-style): ResNet (OS16) -> 1x1 classifier -> GAP -> multi-label soft margin."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.backbones import build_resnet
+
+
+class CAMNet(nn.Module):
+    """forward: (B, 3, H, W) -> logits (B, C); ``cam``: (B, 3, H, W) -> ReLU'd CAMs (B, C, H/os, W/os)."""
+
+    def __init__(self, backbone: nn.Module, n_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Conv2d(backbone.out_channels, n_classes, 1, bias=False)
+        nn.init.xavier_uniform_(self.classifier.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)
+        return self.classifier(F.adaptive_avg_pool2d(feats, 1)).flatten(1)
+
+    def cam(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.classifier(self.backbone(x)))
+
+
+def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weights") -> CAMNet:
+    bb = cfg["backbone"]
+    backbone = build_resnet(arch=bb["arch"], layers=bb.get("layers"), width_per_group=bb.get("width_per_group", 64),
+                            output_stride=bb.get("output_stride", 16), weights=bb.get("weights"), cache_dir=cache_dir)
+    return CAMNet(backbone, n_classes)
+
+
+def param_groups(model: CAMNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Backbone at ``lr``, classifier at ``lr * head_lr_mult`` (both with weight decay)."""
+    lr = cfg["lr"]
+    return [
+        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lr},
+        {"params": list(model.classifier.parameters()), "lr": lr * cfg.get("head_lr_mult", 10.0)},
+    ]
+
+
+def training_step(model: CAMNet, batch: Mapping[str, torch.Tensor], step: int, cfg: Mapping[str, Any]) -> dict:
+    logits = model(batch["image"])
+    loss = F.multilabel_soft_margin_loss(logits, batch["label"])
+    with torch.no_grad():
+        acc = ((logits > 0).float() == batch["label"]).float().mean()
+    return {"loss": loss, "label_acc": acc}
+
+
+def cam_forward(model: CAMNet, images: torch.Tensor) -> torch.Tensor:
+    return model.cam(images)

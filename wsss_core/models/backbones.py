@@ -1,0 +1,121 @@
+"""Backbones built from torchvision's ResNet, with configurable depth, width and output stride.
+
+``build_resnet("resnet50", output_stride=16)`` is the standard CAM backbone; ``build_resnet("resnet101",
+output_stride=8)`` is DeepLab-V2's. Small variants (``layers=[1, 1, 1, 1]``, ``width_per_group=16``)
+keep the toy pipeline fast on a CPU. Pretrained weights are loaded only through
+:func:`wsss_core.models.weights.load_weights`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+
+_ARCHS = {
+    "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (tv_resnet.Bottleneck, [3, 4, 23, 3]),
+    "resnet152": (tv_resnet.Bottleneck, [3, 8, 36, 3]),
+}
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet trunk without pooling/fc.
+
+    forward: (B, 3, H, W) -> (B, out_channels, ceil(H/os), ceil(W/os)).
+    ``forward_features`` returns the stage outputs ``{"layer1": ..., ..., "layer4": ...}``.
+    """
+
+    def __init__(self, net: tv_resnet.ResNet, output_stride: int):
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.output_stride = output_stride
+        last = net.layer4[-1]
+        self.out_channels = (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        feats = {}
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            x = getattr(self, name)(x)
+            feats[name] = x
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)["layer4"]
+
+
+def _dilate_layer(layer: nn.Sequential, dilation: int) -> None:
+    """Turn a strided stage into a dilated one (for BasicBlock stages, which torchvision cannot dilate)."""
+    for m in layer.modules():
+        if isinstance(m, nn.Conv2d):
+            if m.stride == (2, 2):
+                m.stride = (1, 1)
+            if m.kernel_size == (3, 3):
+                m.dilation = (dilation, dilation)
+                m.padding = (dilation, dilation)
+
+
+def build_resnet(arch: str = "resnet50", layers: Sequence[int] | None = None, width_per_group: int = 64,
+                 output_stride: int = 16, weights: Mapping[str, Any] | None = None,
+                 cache_dir: str = "weights", frozen_bn: bool = False) -> ResNetBackbone:
+    """Build a ResNet backbone.
+
+    arch: one of resnet18/34/50/101/152; ``layers`` overrides the blocks per stage (e.g. [1, 1, 1, 1]);
+    ``width_per_group`` scales the bottleneck width (64 = standard); ``output_stride`` in {8, 16, 32}.
+    ``weights``: a weights spec (see :mod:`wsss_core.models.weights`); ``None`` = random init.
+    ``frozen_bn``: put BatchNorm layers in eval mode permanently with frozen affine parameters.
+    """
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(_ARCHS)}")
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    block, default_layers = _ARCHS[arch]
+    layers = list(layers or default_layers)
+    dil = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}[output_stride]
+    if block is tv_resnet.Bottleneck:
+        net = tv_resnet.ResNet(block, layers, width_per_group=width_per_group, replace_stride_with_dilation=dil)
+    else:
+        net = tv_resnet.ResNet(block, layers, width_per_group=64)
+        d = 1
+        for flag, layer in zip(dil, (net.layer2, net.layer3, net.layer4)):
+            if flag:
+                d *= 2
+                _dilate_layer(layer, d)
+    backbone = ResNetBackbone(net, output_stride)
+    if weights:
+        from .weights import load_weights
+
+        info = load_weights(backbone, weights, cache_dir=cache_dir)
+        backbone.weights_info = info
+    if frozen_bn:
+        freeze_batchnorm(backbone)
+    return backbone
+
+
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in ``module`` by torchvision's FrozenBatchNorm2d (fixed statistics and affine).
+
+    Done after loading weights; the state-dict keys stay the same. Returns ``module`` (changed in place).
+    """
+    from torchvision.ops import FrozenBatchNorm2d
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            with torch.no_grad():
+                frozen.weight.copy_(child.weight)
+                frozen.bias.copy_(child.bias)
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module

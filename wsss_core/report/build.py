@@ -1,0 +1,510 @@
+"""Pure report building blocks: figures (matplotlib, Agg canvas, no pyplot state), Markdown, environment capture.
+
+Nothing here reads pipeline outputs or writes files; :mod:`wsss_core.stages.report` gathers the numbers, calls
+these functions, and writes every output atomically once all of them have succeeded.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import math
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from ..data.io import voc_palette
+
+DPI = 100
+
+#: The two mean conventions of :mod:`wsss_core.metrics.miou`, as stated in every report.
+MEAN_CONVENTIONS = {
+    "miou": "mean IoU over the classes present in the ground truth or the prediction of the split "
+            "(T_c + P_c > 0; a class absent from both is excluded) - the project default",
+    "miou_strict": "mean IoU over all classes, an absent class counting as IoU 0 (SEAM/RTC do_python_eval style)",
+}
+
+#: Packages whose versions every report records (``python`` is the interpreter).
+PACKAGES = ("torch", "torchvision", "numpy", "h5py", "snakemake", "pydensecrf2", "matplotlib", "pillow")
+
+STAGE_LABELS = {"cam": "CAM seeds", "pseudo_mask": "pseudo-masks", "segmentation": "segmentation"}
+_STAGE_COLORS = {"cam": "tab:blue", "pseudo_mask": "tab:orange", "segmentation": "tab:green"}
+
+
+# ============================================================================================ environment
+
+def package_versions(packages: Sequence[str] = PACKAGES) -> dict[str, str]:
+    """``{"python": x.y.z, package: version or "not installed"}`` via importlib.metadata."""
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _git(args: Sequence[str], repo: str | Path) -> str | None:
+    try:
+        proc = subprocess.run(["git", *args], cwd=str(repo), capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout
+
+
+def git_state(repo: str | Path = ".") -> dict[str, Any]:
+    """``{"sha": HEAD or "unknown", "dirty": bool or None, "describe": "<sha>[-dirty]"}`` of the working tree."""
+    out = _git(["rev-parse", "HEAD"], repo)
+    sha = out.strip() if out and out.strip() else "unknown"
+    porcelain = _git(["status", "--porcelain"], repo) if sha != "unknown" else None
+    dirty = None if porcelain is None else bool(porcelain.strip())
+    describe = sha + ("-dirty" if dirty else "")
+    return {"sha": sha, "dirty": dirty, "describe": describe}
+
+
+def environment(repo: str | Path = ".") -> dict[str, Any]:
+    """Versions, git state, platform, host and date (UTC) of this run."""
+    return {
+        "versions": package_versions(),
+        "git": git_state(repo),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "host": socket.gethostname(),
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+
+
+# ============================================================================================ figures
+
+def _nan(values: Sequence[Any]) -> np.ndarray:
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A Figure on its own Agg canvas (no pyplot global state, safe in any backend setting)."""
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
+    """Render ``fig`` to PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _exp_colors(n: int) -> list:
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def plot_threshold_curves(curves: Sequence[Mapping[str, Any]]) -> Figure:
+    """mIoU vs background threshold, one colour per experiment, one line style per split, chosen t marked.
+
+    Each item: ``experiment``, ``metric`` (``miou`` or ``miou_strict``, the mean used for the choice),
+    ``splits`` {split: {"thresholds": [...], "values": [...], "role": str}}, ``chosen_t``, ``source_split``.
+    """
+    fig = new_figure(8.0, 4.8)
+    ax = fig.add_subplot(1, 1, 1)
+    styles = ["-", "--", ":", "-."]
+    colors = _exp_colors(len(curves))
+    metrics = sorted({c["metric"] for c in curves})
+    for color, c in zip(colors, curves):
+        t_star = c.get("chosen_t")
+        for k, (split, s) in enumerate(c["splits"].items()):
+            x, y = np.asarray(s["thresholds"], dtype=float), _nan(s["values"])
+            role = f", {s['role']}" if s.get("role") else ""
+            j = int(np.argmin(np.abs(x - t_star))) if t_star is not None and x.size else None
+            is_source = split == c.get("source_split")
+            label = f"{c['experiment']} - {split}{role}"
+            if j is not None:
+                label += f": {'chosen ' if is_source else ''}t={fmt_t(x[j])}, {fmt(y[j], 3)}"
+            ax.plot(x, y, styles[k % len(styles)], color=color, lw=1.6, label=label)
+            if j is not None:
+                ax.plot([x[j]], [y[j]], "o" if is_source else "x", color=color, ms=8 if is_source else 7,
+                        mfc=color if is_source else "none", mew=1.8, zorder=5)
+        if t_star is not None:
+            ax.axvline(t_star, color=color, ls=":", lw=1.0, alpha=0.8)
+    ax.set_xlabel("background threshold t")
+    ax.set_ylabel(" / ".join(metrics) + " (CAM seeds)")
+    ax.set_title("CAM seed mIoU vs background threshold (o: chosen on source split, x: same t on other split)",
+                 fontsize=9)
+    ax.grid(True, alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no threshold curves", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_class_iou(classes: Sequence[str], series: Sequence[Mapping[str, Any]]) -> Figure:
+    """Grouped bars per class (plus a final ``mIoU`` group), one row of axes per experiment, one bar per stage.
+
+    Each series: ``experiment``, ``stage`` (cam | pseudo_mask | segmentation), ``iou`` (per class, None for an
+    absent class), ``miou``. Absent classes get no bar and a small "-".
+    """
+    exps = list(dict.fromkeys(s["experiment"] for s in series)) or [""]
+    stages = list(dict.fromkeys(s["stage"] for s in series)) or ["cam"]
+    groups = list(classes) + ["mIoU"]
+    many = len(groups) > 8
+    width_in = float(np.clip(2.5 + len(groups) * (0.16 * len(stages) + 0.3), 7.0, 24.0))
+    height_in = 1.5 + 2.9 * len(exps) + (0.5 if many else 0)
+    fig = new_figure(width_in, height_in)
+    x = np.arange(len(groups), dtype=float)
+    bw = 0.8 / len(stages)
+    handles = {}
+    for r, exp in enumerate(exps):
+        ax = fig.add_subplot(len(exps), 1, r + 1)
+        for s in (s for s in series if s["experiment"] == exp):
+            k = stages.index(s["stage"])
+            vals = np.append(_nan(s["iou"]), np.nan if s.get("miou") is None else float(s["miou"]))
+            pos = x - 0.4 + bw * (k + 0.5)
+            ok = ~np.isnan(vals)
+            bars = ax.bar(pos[ok], vals[ok], bw * 0.95, color=_STAGE_COLORS.get(s["stage"], "grey"),
+                          edgecolor="black", linewidth=0.3)
+            handles.setdefault(s["stage"], bars)
+            for p in pos[~ok]:
+                ax.text(p, 0.01, "-", ha="center", va="bottom", fontsize=7, color="grey")
+        ax.axvline(len(classes) - 0.5, color="black", lw=0.8)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_ylim(0, 1.0)
+        ax.set_ylabel(f"{exp}\nIoU" if exp else "IoU", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_xticks(x)
+        if r == len(exps) - 1:
+            ax.set_xticklabels(groups, rotation=45 if many else 0, ha="right" if many else "center", fontsize=8)
+        else:
+            ax.set_xticklabels([])
+    fig.text(0.5, 1 - 0.12 / height_in, "Per-class IoU (CAM seeds: eval split at the chosen t)", ha="center",
+             va="top", fontsize=10)
+    fig.text(0.5, 1 - 0.38 / height_in, "'-' = class absent from ground truth and prediction (0/0)", ha="center",
+             va="top", fontsize=8, color="dimgrey")
+    if handles:
+        fig.legend([handles[k] for k in stages if k in handles],
+                   [STAGE_LABELS.get(k, k) for k in stages if k in handles], loc="upper center",
+                   bbox_to_anchor=(0.5, 1 - 0.58 / height_in), ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.95 / height_in))
+    return fig
+
+
+def overlay_heatmap(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a [0, 1] heat map (jet colours) over an RGB uint8 image; returns float RGB in [0, 1]."""
+    heat = np.nan_to_num(np.asarray(heat, dtype=np.float64))
+    hi = heat.max() if heat.size else 0.0
+    if hi > 1.0:
+        heat = heat / hi
+    heat = np.clip(heat, 0.0, 1.0)
+    rgb = colormaps["jet"](heat)[..., :3]
+    if image is None or image.shape[:2] != heat.shape:
+        return rgb
+    return (1 - alpha) * (np.asarray(image, dtype=np.float64) / 255.0) + alpha * rgb
+
+
+def plot_qualitative(rows: Sequence[Sequence[Mapping[str, Any]]], classes: Sequence[str],
+                     labels_shown: Sequence[int] = ()) -> Figure:
+    """A grid of panels. Each panel: ``title`` and ``image`` (H, W, 3 uint8 or float in [0, 1]) or None with an
+    optional ``note``. A legend shows the VOC colours of ``labels_shown`` (class values)."""
+    n_rows = max(1, len(rows))
+    n_cols = max([len(r) for r in rows] + [1])
+    cell = 1.75
+    fig = new_figure(cell * n_cols + 0.2, cell * n_rows + 0.9)
+    pal = voc_palette(256) / 255.0
+    for r, row in enumerate(rows):
+        for c in range(n_cols):
+            ax = fig.add_subplot(n_rows, n_cols, r * n_cols + c + 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            panel = row[c] if c < len(row) else None
+            if panel is None:
+                ax.axis("off")
+                continue
+            ax.set_title(panel.get("title", ""), fontsize=7)
+            img = panel.get("image")
+            if img is None:
+                for side in ax.spines.values():
+                    side.set_visible(False)
+                ax.text(0.5, 0.5, panel.get("note", "n/a"), ha="center", va="center", fontsize=7, color="grey",
+                        transform=ax.transAxes, wrap=True)
+            else:
+                ax.imshow(img, interpolation="nearest")
+    if not rows:
+        fig.text(0.5, 0.5, "no images", ha="center", va="center")
+    handles = [Patch(facecolor=pal[v], edgecolor="black", linewidth=0.3,
+                     label=classes[v] if 0 <= v < len(classes) else ("void" if v == 255 else str(v)))
+               for v in labels_shown]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), max(4, n_cols)), fontsize=7,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
+    return fig
+
+
+def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or y.size < window:
+        return y
+    kernel = np.ones(window) / window
+    valid = np.convolve(y, kernel, mode="valid")
+    return np.concatenate([np.full(window - 1, np.nan), valid])
+
+
+def plot_training(panels: Mapping[str, Mapping[str, Mapping[str, Any] | None]]) -> Figure:
+    """Loss vs step, one axis per network (``{"classifier": {exp: {"step": [...], "loss": [...]} or None}}``).
+
+    Raw losses are drawn faintly, a moving average on top. An axis without any metrics gets a note, and the
+    experiments without a metrics file are named under the axis.
+    """
+    fig = new_figure(5.2 * max(1, len(panels)), 4.2)
+    colors = None
+    for k, (network, by_exp) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, max(1, len(panels)), k + 1)
+        colors = colors or dict(zip(by_exp, _exp_colors(len(by_exp))))
+        missing, drawn = [], []
+        for exp, curve in by_exp.items():
+            if not curve or not len(curve.get("step", [])):
+                missing.append(exp)
+                continue
+            x, y = np.asarray(curve["step"], dtype=float), _nan(curve["loss"])
+            color = colors.get(exp, "black")
+            ax.plot(x, y, color=color, alpha=0.25, lw=0.8)
+            ax.plot(x, _moving_average(y, max(1, y.size // 50)), color=color, lw=1.6, label=exp)
+            drawn.append(y)
+        ax.set_title(f"{network} training loss", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        if drawn:
+            allv = np.concatenate(drawn)
+            allv = allv[np.isfinite(allv)]
+            if allv.size and allv.min() > 0 and allv.max() / allv.min() > 20:
+                ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no metrics file\n(state/metrics.jsonl missing)", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
+        if missing and drawn:
+            ax.text(0.0, -0.2, "no metrics: " + ", ".join(missing), transform=ax.transAxes, fontsize=7,
+                    color="grey", va="top")
+    fig.tight_layout()
+    return fig
+
+
+# ============================================================================================ Markdown
+
+def fmt(x: Any, nd: int = 4) -> str:
+    """A number with ``nd`` decimals; None/NaN as "n/a"."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and math.isnan(x):
+        return "n/a"
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return str(int(x))
+    return f"{float(x):.{nd}f}"
+
+
+def fmt_t(t: Any) -> str:
+    """A threshold with at least 2 and at most 6 decimals (0.3 -> 0.30, 0.125 -> 0.125); None as "n/a"."""
+    if t is None:
+        return "n/a"
+    s = f"{float(t):.6f}".rstrip("0")
+    whole, _, frac = s.partition(".")
+    return f"{whole}.{frac:0<2}"
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence[str] | None = None) -> str:
+    """A GitHub Markdown table; ``align`` per column: "l" or "r" (default: first column left, others right)."""
+    align = align or ["l"] + ["r"] * (len(headers) - 1)
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |",
+             "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pseudo_mask_t_note(th: Mapping[str, Any]) -> str:
+    used = th.get("pseudo_mask_bg_thresholds") or []
+    if not used:
+        return ""
+    src = "; ".join(th.get("pseudo_mask_bg_threshold_source") or [])
+    same = len(used) == 1 and th.get("value") is not None and math.isclose(used[0], th["value"], abs_tol=1e-9)
+    note = f" The pseudo-mask shards record t = {', '.join(fmt_t(u) for u in used)}" + (f" ({src})" if src else "")
+    if same:
+        return note + "."
+    return note + " - **different from the chosen t**: the pseudo-masks were not made with the threshold above."
+
+
+def render_markdown(r: Mapping[str, Any]) -> str:
+    """The report Markdown from the report dict (the one written as report.json), so both agree."""
+    ev = r["splits"]["eval"]
+    out: list[str] = []
+    add = out.append
+    add(f"# WSSS report: dataset `{r['dataset']}`, suite `{r['suite']}`")
+    add("")
+    ds = r["dataset_info"]
+    if r.get("synthetic"):
+        add("> **Note: synthetic data.** This dataset is the procedurally generated toy dataset (kind "
+            f"`{ds.get('kind')}`), not real images; its numbers check that the pipeline works and are not "
+            "comparable with published PASCAL VOC results.")
+        add("")
+    exps = ", ".join(f"`{row['experiment']}` ({row['method']})" for row in r["rows"])
+    split_counts = ", ".join(f"{k}: {v}" for k, v in ds.get("splits", {}).items())
+    add(f"Generated {r['reproducibility']['date_utc']}. Experiments: {exps}. Dataset `{ds.get('name')}` "
+        f"({ds.get('n_classes')} classes incl. background; images per split: {split_counts}).")
+    add("")
+    add("Mean conventions (both are reported):")
+    add("")
+    for k, v in r["mean_conventions"].items():
+        add(f"- `{k}`: {v}.")
+    add("")
+
+    # ----- summary
+    add("## Summary")
+    add("")
+    rows = r["rows"]
+    cam_split = rows[0]["cam"]["split"] if rows else ev
+    mask_split = rows[0]["pseudo_mask"]["split"] if rows else "?"
+    seg_split = rows[0]["segmentation"]["split"] if rows else ev
+    headers = ["experiment", "method", "bg threshold t", f"CAM seeds mIoU ({cam_split}, at t)",
+               f"pseudo-mask mIoU ({mask_split})", f"segmentation mIoU ({seg_split})"]
+    add(md_table(headers, [[row["experiment"], row["method"], fmt_t(row["threshold"]), fmt(row["cam"]["miou"]),
+                            fmt(row["pseudo_mask"]["miou"]), fmt(row["segmentation"]["miou"])] for row in rows],
+                 ["l", "l", "r", "r", "r", "r"]))
+    add("")
+    add("Values are `miou` (present-class mean), as fractions in [0, 1]. The same with `miou_strict` "
+        "(mean over all classes) and the image counts:")
+    add("")
+    add(md_table(["experiment", "CAM seeds miou_strict", "pseudo-mask miou_strict", "segmentation miou_strict",
+                  "CAM images", "pseudo-mask images", "segmentation images"],
+                 [[row["experiment"], fmt(row["cam"]["miou_strict"]), fmt(row["pseudo_mask"]["miou_strict"]),
+                   fmt(row["segmentation"]["miou_strict"]), fmt(row["cam"]["n_images"]),
+                   fmt(row["pseudo_mask"]["n_images"]), fmt(row["segmentation"]["n_images"])] for row in rows]))
+    add("")
+    b = r["baseline"]
+    add(f"Reference: predicting **all background** on `{b['split']}` ({b['n_images']} images) gives "
+        f"`miou` = {fmt(b['miou'])} and `miou_strict` = {fmt(b['miou_strict'])} (background IoU "
+        f"{fmt(b['iou'][0] if b['iou'] else None)}).")
+    add("")
+
+    # ----- thresholds
+    add("## Background threshold")
+    add("")
+    add("The CAM seeds label a pixel with its strongest class if that class's CAM exceeds t, else background. "
+        "t is chosen once per experiment on the source split below and used downstream (pseudo-masks and the "
+        "CAM scores of this report); the eval-split optimum is shown for reference only and was not used.")
+    add("")
+    add(md_table(["experiment", "chosen t", "source split", "criterion", "mIoU on source split at t",
+                  f"CAM mIoU on {ev} at t", f"{ev} optimum t (reference)", f"{ev} optimum mIoU"],
+                 [[th["experiment"], fmt_t(th["value"]), th["source"]["split"], th["source"]["criterion"],
+                   fmt(th["source"].get("miou_at_value")), fmt(th["eval_miou_at_value"]),
+                   fmt_t(th["eval_oracle"]["t"]), fmt(th["eval_oracle"]["miou"])] for th in r["thresholds"]],
+                 ["l", "r", "l", "l", "r", "r", "r", "r"]))
+    add("")
+    for th in r["thresholds"]:
+        add(f"- `{th['experiment']}`: t = {fmt_t(th['value'])}, chosen on split `{th['source']['split']}` by "
+            f"{th['source']['criterion']} (mIoU there {fmt(th['source'].get('miou_at_value'))})."
+            + _pseudo_mask_t_note(th))
+    add("")
+    add(f"![Background-threshold curves]({r['plots']['threshold_curves']})")
+    add("")
+
+    # ----- per class
+    pc = r["per_class"]
+    add("## Per-class IoU")
+    add("")
+    add(f"CAM = CAM seeds on `{cam_split}` at the chosen t; mask = pseudo-masks on `{mask_split}`; "
+        f"seg = segmentation predictions on `{seg_split}`. `n/a` = class absent from both ground truth and "
+        "prediction (0/0, excluded from `miou`, counted as 0 in `miou_strict`).")
+    add("")
+    names = [e["experiment"] for e in r["rows"]]
+    short = {"cam": "CAM", "pseudo_mask": "mask", "segmentation": "seg"}
+    headers = ["class"] + [f"{e} {short[s]}" for e in names for s in short]
+    body = []
+    for ci, cname in enumerate(pc["classes"]):
+        body.append([cname] + [fmt(pc["experiments"][e][s]["iou"][ci]) for e in names for s in short])
+    body.append(["**miou**"] + [fmt(pc["experiments"][e][s]["miou"]) for e in names for s in short])
+    body.append(["**miou_strict**"] + [fmt(pc["experiments"][e][s]["miou_strict"]) for e in names for s in short])
+    add(md_table(headers, body))
+    add("")
+    add(f"![Per-class IoU]({r['plots']['per_class_iou']})")
+    add("")
+
+    add("## CAM seed precision and recall")
+    add("")
+    add(f"Per class on `{cam_split}` at the chosen t: precision = TP / predicted pixels, recall = TP / ground-truth "
+        "pixels.")
+    add("")
+    headers = ["class"] + [f"{e} {k}" for e in names for k in ("precision", "recall")]
+    body = [[cname] + [fmt(pc["experiments"][e]["cam"][k][ci]) for e in names for k in ("precision", "recall")]
+            for ci, cname in enumerate(pc["classes"])]
+    add(md_table(headers, body))
+    add("")
+
+    # ----- training
+    add("## Training")
+    add("")
+    body = []
+    for e in names:
+        for net in ("classifier", "segmentation"):
+            t = r["training"][e][net]
+            note = []
+            if not t["model_exists"]:
+                note.append("no model file")
+            if not t["metrics_exists"]:
+                note.append("no metrics file")
+            if t.get("repeated_steps"):
+                note.append(f"resumed: {t['repeated_steps']} steps logged twice, last kept")
+            body.append([e, net, fmt(t["steps"]), fmt(t["max_steps"]), fmt(t["final_loss"]),
+                         fmt(t["final_loss_mean"]), "; ".join(note)])
+    add(md_table(["experiment", "network", "steps logged", "max_steps", "final loss", "mean loss (last steps)",
+                  "notes"], body, ["l", "l", "r", "r", "r", "r", "l"]))
+    add("")
+    add("`final loss` is the loss of the last logged step; the mean is over the last "
+        f"{r['training_window']} logged steps.")
+    add("")
+    add(f"![Training curves]({r['plots']['training']})")
+    add("")
+
+    # ----- qualitative
+    add("## Qualitative examples")
+    add("")
+    q = r.get("qualitative", {})
+    add(f"Rows 1-{len(q.get('eval_ids', []))}: `{ev}` images ({', '.join(q.get('eval_ids', [])) or 'none'}): image, "
+        "ground truth, CAM heat map (max over the image's class maps), CAM seeds at the chosen t, segmentation "
+        "prediction per experiment. "
+        + (f"Further rows: `{q.get('train_split')}` images ({', '.join(q.get('train_ids', []))}) with their "
+           "pseudo-masks." if q.get("train_ids") else ""))
+    add("")
+    add(f"![Qualitative examples]({r['plots']['qualitative']})")
+    add("")
+
+    # ----- reproducibility
+    rep = r["reproducibility"]
+    add("## Reproducibility")
+    add("")
+    git = rep["git"]
+    dirty = {True: " (dirty: uncommitted changes)", False: " (clean)", None: ""}[git.get("dirty")]
+    add(f"- workflow seed: `{rep['seed']}`")
+    add(f"- git: `{git['sha']}`{dirty}")
+    add(f"- platform: {rep['platform']}; host: `{rep['host']}`; date (UTC): {rep['date_utc']}")
+    add("- versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()))
+    add("")
+    body = []
+    for e in names:
+        for net in ("classifier", "segmentation"):
+            m = rep["models"][e][net]
+            body.append([e, net, fmt(m.get("seed")), m.get("config_hash") or "n/a", m.get("path", "")])
+    add(md_table(["experiment", "network", "seed", "config hash", "weights"], body, ["l", "l", "r", "l", "l"]))
+    add("")
+    return "\n".join(out)

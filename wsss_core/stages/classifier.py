@@ -1,0 +1,91 @@
+"""Stages: train a method's classification network; infer sharded multi-scale CAMs."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Mapping
+
+import torch
+
+from ..data.datasets import ClassificationDataset
+from ..data.io import read_image
+from ..data.prepare import DatasetInfo
+from ..engine.context import start_job
+from ..engine.logs import progress
+from ..engine.trainer import batch_stream, fit, load_final, poly_lambda, save_final
+from ..methods import get_method
+from ..methods.inference import multiscale_cams
+from ..store.shards import ShardWriter, shard_ids
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_classifier(prepared: str, split: str, method: str, cfg: Mapping[str, Any], out_model: str, ckpt_dir: str,
+                     metrics: str, seed: int = 0, device: str = "auto", lock_dir: str = ".wsss/gpu-locks",
+                     weights_dir: str = "weights", config_hash: str = "", log: str | None = None,
+                     threads: int = 1) -> None:
+    """Train ``method``'s network on ``split`` with image-level labels; resumable; final weights written atomically."""
+    job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
+    info = DatasetInfo(prepared)
+    ids = info.ids(split)
+    m = get_method(method)
+    model = m.build_model(cfg, info.n_classes - 1, cache_dir=weights_dir).to(job.device)
+    if getattr(model.backbone, "weights_info", None):
+        job.logger.info("pretrained weights: %s", model.backbone.weights_info)
+    optimizer = torch.optim.SGD(m.param_groups(model, cfg), lr=cfg["lr"], momentum=cfg["momentum"],
+                                weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(cfg["max_steps"], cfg["poly_power"]))
+    data = ClassificationDataset(info.image_dir, ids, info.multi_hot(ids), cfg["crop_size"], cfg["resize_long"], seed)
+    amp = bool(cfg.get("amp")) and job.device.type == "cuda"
+
+    def step_fn(model, batch, step):
+        batch = _to_device(batch, job.device)
+        with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=amp):
+            return m.training_step(model, batch, step, cfg)
+
+    job.logger.info("training %s on %s (%d images, %d classes) for %d steps", method, split, len(ids),
+                    info.n_classes - 1, cfg["max_steps"])
+    t0 = time.time()
+    fit(model, step_fn, lambda start: batch_stream(data, cfg["batch_size"], seed, start, cfg.get("num_workers", 0)),
+        optimizer, scheduler, cfg["max_steps"], ckpt_dir, cfg["checkpoint_every"], cfg.get("keep_checkpoints", 2),
+        identity={"seed": seed, "config_hash": config_hash}, metrics_path=metrics, desc=f"train {method}")
+    save_final(out_model, model, {"method": method, "cfg": dict(cfg), "classes": info.classes, "seed": seed,
+                                  "steps": cfg["max_steps"], "config_hash": config_hash,
+                                  "train_seconds_this_run": time.time() - t0})
+    job.logger.info("wrote %s", out_model)
+
+
+def load_method_model(path: str, device: torch.device, weights_dir: str = "weights"):
+    """Rebuild a trained method model from its final weights file; returns (method module, model, meta)."""
+    ckpt = load_final(path)
+    meta = ckpt["meta"]
+    m = get_method(meta["method"])
+    cfg = copy.deepcopy(meta["cfg"])
+    cfg["backbone"]["weights"] = None  # the trained weights below replace any pretrained init
+    model = m.build_model(cfg, len(meta["classes"]) - 1, cache_dir=weights_dir)
+    model.load_state_dict(ckpt["model"])
+    return m, model.to(device).eval(), meta
+
+
+def infer_cams(prepared: str, split: str, shard: int, n_shards: int, model_path: str, cfg: Mapping[str, Any],
+               out: str, seed: int = 0, device: str = "auto", lock_dir: str = ".wsss/gpu-locks",
+               config_hash: str = "", log: str | None = None, threads: int = 1) -> None:
+    """Multi-scale + flip CAMs of one shard of ``split`` for each image's present classes, into one HDF5 shard."""
+    job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
+    info = DatasetInfo(prepared)
+    ids = shard_ids(info.ids(split), shard, n_shards)
+    m, model, meta = load_method_model(model_path, job.device)
+    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash,
+             "scales": list(cfg["scales"]), "flip": bool(cfg["flip"]), "model": str(model_path),
+             "method": meta["method"], "classes": info.classes}
+    with ShardWriter(out, "cams", attrs) as writer:
+        for image_id in progress(ids, desc=f"cams {split} {shard + 1}/{n_shards}"):
+            keys = info.labels(image_id)
+            image = read_image(info.image_path(image_id))
+            cams = multiscale_cams(lambda x: m.cam_forward(model, x), image, cfg["scales"], cfg["flip"], job.device,
+                                   classes=[k - 1 for k in keys])
+            writer.add_cams(image_id, keys, cams)
+    job.logger.info("wrote %d CAMs to %s", len(ids), out)

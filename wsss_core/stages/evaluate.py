@@ -1,0 +1,92 @@
+"""Stages: evaluate CAMs (threshold curve, chosen background threshold) and label masks (pseudo-masks, predictions)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..data.io import read_label_png
+from ..data.prepare import DatasetInfo
+from ..engine.logs import progress, setup_job_logging
+from ..errors import DataError
+from ..metrics import ConfusionMatrix, ThresholdCurve, scores_from_confusion
+from ..store.atomic import write_json
+from ..store.shards import ShardedStore
+
+
+def _thresholds(cfg: Mapping[str, Any]) -> np.ndarray:
+    t = cfg["thresholds"]
+    n = int(round((t["stop"] - t["start"]) / t["step"]))
+    return np.round(t["start"] + t["step"] * np.arange(n), 6)
+
+
+def _curve(store: ShardedStore, info: DatasetInfo, ids: Sequence[str], thresholds: np.ndarray, desc: str) -> ThresholdCurve:
+    curve = ThresholdCurve(info.n_classes, thresholds)
+    for image_id in progress(ids, desc=desc):
+        keys, cams = store[image_id]
+        gt = read_label_png(info.mask_path(image_id), info.n_classes)
+        if gt.shape != cams.shape[1:]:
+            raise DataError(f"mask {info.mask_path(image_id)} is {gt.shape}, its CAM {cams.shape[1:]}")
+        curve.update(gt, cams, keys)
+    return curve
+
+
+def eval_cams(prepared: str, cam_shards: Sequence[str], threshold_split: str, eval_split: str,
+              cfg: Mapping[str, Any], out: str, log: str | None = None) -> dict:
+    """Background-threshold curve on ``threshold_split`` (the chosen t is its argmax), scores on ``eval_split`` at t.
+
+    Writes JSON: ``threshold`` {value, source}, ``curves`` {split: curve}, ``scores`` {split: scores at t}.
+    """
+    logger = setup_job_logging(log)
+    info = DatasetInfo(prepared)
+    strict = cfg.get("mean", "present") == "strict"
+    thresholds = _thresholds(cfg)
+    result: dict[str, Any] = {"classes": info.classes, "mean": cfg.get("mean", "present"), "curves": {}, "scores": {}}
+    with ShardedStore(cam_shards) as store:
+        curves = {}
+        for split in dict.fromkeys([threshold_split, eval_split]):
+            ids = [i for i in info.ids(split) if i in store]
+            if not ids:
+                raise DataError(f"no CAMs of split {split!r} in {list(cam_shards)}")
+            curves[split] = _curve(store, info, ids, thresholds, f"eval cams {split}")
+            result["curves"][split] = curves[split].result(info.classes, strict=strict)
+            result["curves"][split]["n_images"] = len(ids)
+        chosen = result["curves"][threshold_split]
+        t_best = chosen["best_t"]
+        result["threshold"] = {
+            "value": t_best,
+            "source": {"split": threshold_split, "criterion": f"argmax of {'strict' if strict else 'present-class'} "
+                       f"mIoU over {len(thresholds)} thresholds {thresholds[0]:g}..{thresholds[-1]:g}",
+                       "miou_at_value": chosen["best_miou"]},
+        }
+        j = int(np.flatnonzero(np.isclose(thresholds, t_best))[0])
+        for split, curve in curves.items():
+            result["scores"][split] = scores_from_confusion(curve.confusion_at(j), info.classes)
+    write_json(out, result)
+    logger.info("chosen background threshold %.2f on %s (mIoU %.4f); %s mIoU at t: %.4f", t_best, threshold_split,
+                chosen["best_miou"], eval_split, result["scores"][eval_split]["miou"])
+    return result
+
+
+def eval_masks(prepared: str, mask_shards: Sequence[str], split: str, out: str, what: str = "masks",
+               log: str | None = None) -> dict:
+    """Score the label maps of ``mask_shards`` on the ids of ``split`` that they contain; write JSON scores."""
+    logger = setup_job_logging(log)
+    info = DatasetInfo(prepared)
+    conf = ConfusionMatrix(info.n_classes)
+    with ShardedStore(mask_shards) as store:
+        ids = [i for i in info.ids(split) if i in store]
+        if not ids:
+            raise DataError(f"no {what} of split {split!r} in {list(mask_shards)}")
+        for image_id in progress(ids, desc=f"eval {what} {split}"):
+            pred = store[image_id]
+            gt = read_label_png(info.mask_path(image_id), info.n_classes)
+            if gt.shape != pred.shape:
+                raise DataError(f"mask {info.mask_path(image_id)} is {gt.shape}, prediction {pred.shape}")
+            conf.update(gt, pred)
+    scores = conf.scores(info.classes)
+    result = {"what": what, "split": split, "n_images": len(ids), "scores": scores}
+    write_json(out, result)
+    logger.info("%s on %s (%d images): mIoU %.4f", what, split, len(ids), scores["miou"])
+    return result
