@@ -2,12 +2,14 @@
 # Targets: <dataset>_<suite>_report (e.g. toy_cam_report, voc_cam_report) and `all` (the toy demo).
 # Settings: config.yaml (schema: schemas/config.schema.yaml). Library: wsss_core/.
 
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 include: "rules/common.smk"

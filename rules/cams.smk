@@ -17,6 +17,8 @@ rule infer_cams:
     threads: 2
     resources:
         gpu=1,
+    conda:
+        "../envs/wsss.yaml"
     log:
         f"{L}/{{dataset}}/{{experiment}}/infer_cams/{{split}}_{{shard}}-of-{{nshards}}.log",
     script:
@@ -34,6 +36,8 @@ rule eval_cams:
         threshold_split=lambda w: split_name(w.dataset, "threshold"),
         eval_split=lambda w: split_name(w.dataset, "eval"),
         cfg=lambda w: scfg(w.dataset, w.experiment, "eval"),
+    conda:
+        "../envs/wsss.yaml"
     log:
         f"{L}/{{dataset}}/{{experiment}}/eval_cams.log",
     script:

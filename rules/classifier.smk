@@ -1,17 +1,10 @@
 # Classification network of a method (image-level labels only), resumable.
 
 
-def _weights_inputs(cfg):
-    w = cfg["backbone"].get("weights")
-    if w and w.get("torchvision") and not w.get("path"):
-        return [f"{config['weights_dir']}/{w['torchvision']}.pth"]
-    return []
-
-
 rule train_classifier:
     input:
         manifest=lambda w: manifest(w.dataset),
-        weights=lambda w: _weights_inputs(scfg(w.dataset, w.experiment, "classifier")),
+        weights=lambda w: weights_inputs(scfg(w.dataset, w.experiment, "classifier")),
     output:
         model=f"{R}/{{dataset}}/{{experiment}}/classifier/model.pt",
     params:
@@ -28,6 +21,8 @@ rule train_classifier:
     threads: 2
     resources:
         gpu=1,
+    conda:
+        "../envs/wsss.yaml"
     log:
         f"{L}/{{dataset}}/{{experiment}}/train_classifier.log",
     script:

@@ -139,3 +139,27 @@ def report_md(dataset, suite):
 
 def suite_experiments(suite):
     return config["suites"][suite]["experiments"]
+
+
+def weights_inputs(cfg):
+    """torchvision weights files a stage needs (fetched by fetch_weights); local paths are not inputs."""
+    w = cfg["backbone"].get("weights")
+    if w and w.get("torchvision") and not w.get("path"):
+        return [f"{config['weights_dir']}/{w['torchvision']}.pth"]
+    return []
+
+
+def report_inputs(wildcards):
+    ds, exps = wildcards.dataset, suite_experiments(wildcards.suite)
+    ev = split_name(ds, "eval")
+    return {
+        "manifest": manifest(ds),
+        "cam_evals": [f"{R}/{ds}/{e}/eval/cams.json" for e in exps],
+        "mask_evals": [f"{R}/{ds}/{e}/eval/pseudo_masks.json" for e in exps],
+        "seg_evals": [f"{R}/{ds}/{e}/eval/segmentation.json" for e in exps],
+        "cams": [p for e in exps for p in cam_shards(ds, e, ev)],
+        "masks": [p for e in exps for p in pseudo_mask_shards(ds, e)],
+        "preds": [p for e in exps for p in seg_pred_shards(ds, e, ev)],
+        "classifiers": [f"{R}/{ds}/{e}/classifier/model.pt" for e in exps],
+        "segmenters": [f"{R}/{ds}/{e}/segmentation/model.pt" for e in exps],
+    }

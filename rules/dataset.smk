@@ -6,6 +6,8 @@ rule make_toy_dataset:
         directory(f"{R}/{{dataset}}/source"),
     params:
         generator=lambda w: dataset_cfg(w.dataset).get("generator", {}),
+    conda:
+        "../envs/wsss.yaml"
     log:
         f"{L}/{{dataset}}/make_toy_dataset.log",
     script:
@@ -23,6 +25,8 @@ rule prepare_dataset:
         ds=lambda w: dataset_for_prepare(w.dataset),
         out_dir=lambda w: prepared(w.dataset),
     threads: 2
+    conda:
+        "../envs/wsss.yaml"
     log:
         f"{L}/{{dataset}}/prepare_dataset.log",
     script:

@@ -14,6 +14,8 @@ rule refine_crf:
         cfg=lambda w: scfg(w.dataset, w.experiment, "crf"),
         hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier", "cams", "eval", "crf"),
     threads: 2
+    conda:
+        "../envs/wsss.yaml"
     log:
         f"{L}/{{dataset}}/{{experiment}}/refine_crf/{{shard}}-of-{{nshards}}.log",
     script:
@@ -30,6 +32,8 @@ rule eval_pseudo_masks:
         prepared=lambda w: prepared(w.dataset),
         split=lambda w: split_name(w.dataset, "mask_eval"),
         what="pseudo_masks",
+    conda:
+        "../envs/wsss.yaml"
     log:
         f"{L}/{{dataset}}/{{experiment}}/eval_pseudo_masks.log",
     script:

@@ -5,7 +5,7 @@ rule train_segmentation:
     input:
         masks=lambda w: pseudo_mask_shards(w.dataset, w.experiment),
         manifest=lambda w: manifest(w.dataset),
-        weights=lambda w: _weights_inputs(scfg(w.dataset, w.experiment, "segmentation")),
+        weights=lambda w: weights_inputs(scfg(w.dataset, w.experiment, "segmentation")),
     output:
         model=f"{R}/{{dataset}}/{{experiment}}/segmentation/model.pt",
     params:
@@ -21,6 +21,8 @@ rule train_segmentation:
     threads: 2
     resources:
         gpu=1,
+    conda:
+        "../envs/wsss.yaml"
     log:
         f"{L}/{{dataset}}/{{experiment}}/train_segmentation.log",
     script:
@@ -43,6 +45,8 @@ rule infer_segmentation:
     threads: 2
     resources:
         gpu=1,
+    conda:
+        "../envs/wsss.yaml"
     log:
         f"{L}/{{dataset}}/{{experiment}}/infer_segmentation/{{split}}_{{shard}}-of-{{nshards}}.log",
     script:
@@ -59,6 +63,8 @@ rule eval_segmentation:
         prepared=lambda w: prepared(w.dataset),
         split=lambda w: split_name(w.dataset, "eval"),
         what="segmentation",
+    conda:
+        "../envs/wsss.yaml"
     log:
         f"{L}/{{dataset}}/{{experiment}}/eval_segmentation.log",
     script:

@@ -7,6 +7,8 @@ rule fetch_weights:
         f"{config['weights_dir']}/{{name}}.pth",
     wildcard_constraints:
         name=r"[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+",
+    conda:
+        "../envs/wsss.yaml"
     log:
         f"{L}/weights/{{name}}.log",
     script:

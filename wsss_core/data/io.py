@@ -85,7 +85,7 @@ def read_label_png(path: str | os.PathLike, n_classes: int | None = None) -> np.
             if im.mode not in ("P", "L", "I", "I;16"):
                 raise DataError(f"label mask {path} has PIL mode {im.mode!r}; expected a single-channel index PNG "
                                 "(mode P or L), not a colour image")
-            arr = np.asarray(im)
+            arr = np.array(im)
     except DataError:
         raise
     except Exception as exc:

@@ -63,8 +63,12 @@ def batch_stream(dataset, batch_size: int, seed: int, start_step: int, num_worke
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         batches = epoch_batches(n, batch_size, seed, epoch)[pos:]
+        # A private generator: iterating a DataLoader draws its workers' base seed from ``generator``,
+        # which would otherwise be the global torch RNG, so a resume mid-epoch (one extra draw) would
+        # change dropout etc. relative to an uninterrupted run.
+        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                             collate_fn=collate_fn, persistent_workers=False)
+                                             collate_fn=collate_fn, persistent_workers=False, generator=gen)
         yield from loader
         epoch, pos = epoch + 1, 0
 

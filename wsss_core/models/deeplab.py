@@ -57,7 +57,8 @@ def build_deeplabv2(n_classes: int, backbone: Mapping[str, Any], rates: Sequence
                     cache_dir: str = "weights") -> DeepLabV2:
     """Build DeepLab-V2 from a backbone config dict (arch, layers, width_per_group, weights, frozen_bn)."""
     bb = build_resnet(arch=backbone.get("arch", "resnet101"), layers=backbone.get("layers"),
-                      width_per_group=backbone.get("width_per_group", 64), output_stride=8,
+                      width_per_group=backbone.get("width_per_group", 64),
+                      output_stride=backbone.get("output_stride", 8),
                       weights=backbone.get("weights"), cache_dir=cache_dir,
                       frozen_bn=backbone.get("frozen_bn", True))
     return DeepLabV2(bb, n_classes, rates)

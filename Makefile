@@ -1,0 +1,36 @@
+# wsss-flow: the two commands of the README.
+#   make demo   set up .venv and run the toy pipeline end to end (report in results/toy/reports/cam/)
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CORES ?= 2
+SNAKEMAKE := $(VENV)/bin/snakemake
+
+.PHONY: demo test setup lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11); set PYTHON=..." >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch torchvision
+	$(PY) -m pip install -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(SNAKEMAKE) --cores $(CORES) toy_cam_report
+	@echo "report: results/toy/reports/cam/report.md"
+
+test: setup
+	$(PY) -m pytest -q -rs tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+lint: setup
+	$(SNAKEMAKE) --lint
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf results logs .snakemake .wsss

@@ -1,0 +1,77 @@
+"""DAG-level checks: dry runs on a VOC-shaped tree of the real id lists, config validation, missing data."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import REPO, run_snakemake, shared_path, write_yaml
+
+
+def _voc_tree(root: Path) -> Path:
+    lists = shared_path("data", "voc12_lists")
+    seg = root / "ImageSets" / "Segmentation"
+    seg.mkdir(parents=True)
+    for d in ("JPEGImages", "SegmentationClassAug", "Annotations"):
+        (root / d).mkdir()
+    for src, dst in (("trainaug_voc.txt", "train_aug.txt"), ("train_voc.txt", "train.txt"), ("val_voc.txt", "val.txt")):
+        (seg / dst).write_text((lists / src).read_text())
+    return root
+
+
+def _job_counts(stdout: str) -> dict[str, int]:
+    table = stdout[stdout.index("Job stats:"):]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_voc_dry_run_on_real_id_lists_is_fast(tmp_path):
+    root = _voc_tree(tmp_path / "VOC2012")
+    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root)}}})
+    n_lines = {s: len((root / "ImageSets/Segmentation" / f"{s}.txt").read_text().split("\n")) - 1
+               for s in ("train_aug", "train", "val")}
+    assert n_lines == {"train_aug": 10582, "train": 1464, "val": 1449}
+    proc = run_snakemake(tmp_path, "-n", "voc_cam_report", configfile=cfg)
+    assert proc.elapsed < 10, f"DAG took {proc.elapsed:.1f} s"
+    counts = _job_counts(proc.stdout)
+    shards = 8
+    assert counts["prepare_dataset"] == 1
+    assert counts["train_classifier"] == 1
+    assert counts["infer_cams"] == 2 * shards  # train_aug and val
+    assert counts["refine_crf"] == shards
+    assert counts["infer_segmentation"] == shards
+    assert counts["fetch_weights"] == 2  # ResNet-50 (classifier) and ResNet-101 (DeepLab) ImageNet weights
+    assert counts["report"] == 1
+    assert "make_toy_dataset" not in counts
+
+
+def test_missing_voc_root_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere" / "VOC2012"
+    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(missing)}}})
+    proc = run_snakemake(tmp_path, "-n", "voc_cam_report", configfile=cfg, check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert str(missing) in out
+    assert "VOCtrainval_11-May-2012" in out  # says how to get it
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_voc_list_names_the_list(tmp_path):
+    root = _voc_tree(tmp_path / "VOC2012")
+    (root / "ImageSets/Segmentation/train_aug.txt").unlink()
+    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root)}}})
+    proc = run_snakemake(tmp_path, "-n", "voc_cam_report", configfile=cfg, check=False)
+    assert proc.returncode != 0
+    assert "train_aug.txt" in proc.stdout + proc.stderr
+
+
+def test_unknown_config_key_is_an_error_naming_it(tmp_path):
+    cfg = write_yaml(tmp_path / "typo.yaml", {"stages": {"crf": {"bg_treshold": 0.3}}})
+    proc = run_snakemake(tmp_path, "-n", "toy_cam_report", configfile=cfg, check=False)
+    assert proc.returncode != 0
+    assert "bg_treshold" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_is_clean(tmp_path):
+    proc = run_snakemake(REPO, "--lint")
+    assert "Lints for" not in proc.stdout + proc.stderr
