@@ -15,6 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to oversubscription on a busy 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test when it is absent."""
     p = SHARED.joinpath(*parts)
@@ -25,9 +36,10 @@ def shared_path(*parts: str) -> Path:
 
 def snakemake_cmd(workdir: Path, *args: str, configfile: Path | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir)]
-    if configfile is not None:
+    cmd += list(args)
+    if configfile is not None:  # last: --configfile takes several values and would swallow a target after it
         cmd += ["--configfile", str(configfile)]
-    return cmd + list(args)
+    return cmd
 
 
 def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: float = 1800,

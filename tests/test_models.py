@@ -20,13 +20,7 @@ from wsss_core.models.weights import resolve_weights_path, sha256_file
 TINY = {"arch": "resnet50", "layers": [1, 1, 1, 1], "width_per_group": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to oversubscription on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -116,7 +116,9 @@ def load_latest_checkpoint(ckpt_dir, model: nn.Module, optimizer, scheduler, exp
             continue
         for key, value in (expect or {}).items():
             if state.get(key) != value:
-                log.warning("checkpoint %s has %s=%r, expected %r; ignoring it", path, key, state.get(key), value)
+                log.warning("checkpoint %s has %s=%r, expected %r (other settings); deleting it", path, key,
+                            state.get(key), value)
+                path.unlink(missing_ok=True)  # it can never be resumed, and must not count towards `keep`
                 break
         else:
             model.load_state_dict(state["model"])
@@ -156,7 +158,7 @@ def fit(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[str, Any
         return state
     metrics_fh = None
     if metrics_path:
-        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start)
         metrics_fh = open(metrics_path, "a", encoding="utf-8")
     model.train()
     t0 = time.time()
@@ -198,6 +200,24 @@ def fit(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[str, Any
         if metrics_fh:
             metrics_fh.close()
     return state
+
+
+def _truncate_metrics(path: str | os.PathLike, start: int) -> None:
+    """Keep only the metric lines of steps <= ``start`` (the resumed checkpoint); drop a torn last line."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if start and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= start:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    with atomic_path(path, suffix=".jsonl") as tmp:
+        tmp.write_text("".join(kept), encoding="utf-8")
 
 
 def _json_line(obj: Mapping[str, Any]) -> str:

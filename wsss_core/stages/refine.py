@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Mapping, Sequence
 
@@ -50,16 +51,15 @@ def refine_crf(prepared: str, cam_shards: Sequence[str], split: str, shard: int,
     attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash,
              "crf": repr(params), "bg_threshold": bg, "bg_threshold_source": source}
     n_workers = max(1, min(int(cfg.get("n_workers", 1)), threads))
-    with ShardWriter(out, "masks", attrs) as writer:
+    with contextlib.ExitStack() as stack:
         if n_workers == 1:
             _init_worker(cam_shards, prepared, params, bg)
             results = map(_refine_one, ids)
-            for image_id, mask in progress(results, total=len(ids), desc=f"crf {shard + 1}/{n_shards}"):
-                writer.add_mask(image_id, mask)
         else:
-            with ProcessPoolExecutor(n_workers, initializer=_init_worker,
-                                     initargs=(cam_shards, prepared, params, bg)) as pool:
-                results = pool.map(_refine_one, ids, chunksize=8)
-                for image_id, mask in progress(results, total=len(ids), desc=f"crf {shard + 1}/{n_shards}"):
-                    writer.add_mask(image_id, mask)
+            pool = stack.enter_context(ProcessPoolExecutor(n_workers, initializer=_init_worker,
+                                                           initargs=(cam_shards, prepared, params, bg)))
+            results = pool.map(_refine_one, ids, chunksize=8)
+        writer = stack.enter_context(ShardWriter(out, "masks", attrs))
+        for image_id, mask in progress(results, total=len(ids), desc=f"crf {shard + 1}/{n_shards}"):
+            writer.add_mask(image_id, mask)
     logger.info("wrote %d pseudo-masks to %s", len(ids), out)

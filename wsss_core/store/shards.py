@@ -59,7 +59,9 @@ class ShardWriter:
         self._fh = h5py.File(tmp, "w")
         self._fh.attrs["kind"] = self.kind
         for k, v in self.meta.items():
-            self._fh.attrs[k] = v if isinstance(v, (int, float, str, bool, np.ndarray)) else json.dumps(v)
+            if isinstance(v, np.generic):
+                v = v.item()
+            self._fh.attrs[k] = v if isinstance(v, (int, float, str, bool, np.ndarray)) else json.dumps(v, default=str)
         return self
 
     def add_cams(self, image_id: str, keys: np.ndarray, cams: np.ndarray) -> None:
