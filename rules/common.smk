@@ -60,7 +60,9 @@ def dataset_root(dataset):
 
 
 def dataset_for_prepare(dataset):
-    return {**dataset_cfg(dataset), "root": dataset_root(dataset)}
+    """What prepare_dataset depends on: the dataset's own settings, without stage overrides."""
+    ds = {k: v for k, v in dataset_cfg(dataset).items() if k != "stages"}
+    return {**ds, "root": dataset_root(dataset)}
 
 
 def prepared(dataset):
@@ -125,7 +127,7 @@ def stage_hash(dataset, experiment, *stages):
     exp = config["experiments"][experiment]
     return config_hash(
         {
-            "dataset": dataset_cfg(dataset),
+            "dataset": dataset_for_prepare(dataset),
             "method": exp["method"],
             "seed": config["seed"],
             "stages": {s: scfg(dataset, experiment, s) for s in stages},

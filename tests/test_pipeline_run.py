@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -49,7 +50,7 @@ def test_sigkill_during_classifier_training_resumes_from_checkpoint(tmp_path):
     run_snakemake(tmp_path, "--cores", "2", "--rerun-incomplete", target, configfile=cfg)
     assert (tmp_path / target).is_file()
     text = log.read_text()
-    resumed = [int(s) for s in __import__("re").findall(r"resumed from checkpoint at step (\d+)", text)]
+    resumed = [int(s) for s in re.findall(r"resumed from checkpoint at step (\d+)", text)]
     assert resumed and resumed[-1] >= killed_at
     # the metrics log holds every step exactly once (steps after the checkpoint were dropped and re-logged)
     steps = [json.loads(line)["step"] for line in
@@ -78,4 +79,11 @@ def test_demo_end_to_end_and_noop_rerun(tmp_path):
     again = run_snakemake(tmp_path, "--cores", "2", "toy_cam_report")
     assert "Nothing to be done" in again.stdout + again.stderr
     assert again.elapsed < 10, f"no-op rerun took {again.elapsed:.1f} s"
+
+    # changing a segmentation setting reruns the segmentation jobs and the report, nothing upstream
+    cfg = write_yaml(tmp_path / "seg.yaml", {"datasets": {"toy": {"stages": {"segmentation": {"lr": 0.001}}}}})
+    dry = run_snakemake(tmp_path, "-n", "toy_cam_report", configfile=cfg)
+    table = dry.stdout[dry.stdout.index("Job stats:"):]
+    jobs = set(re.findall(r"^(\w+)\s+\d+$", table, re.M)) - {"total"}
+    assert jobs == {"train_segmentation", "infer_segmentation", "eval_segmentation", "report", "toy_cam_report"}, jobs
 
