@@ -80,6 +80,11 @@ def test_demo_end_to_end_and_noop_rerun(tmp_path):
     assert "Nothing to be done" in again.stdout + again.stderr
     assert again.elapsed < 10, f"no-op rerun took {again.elapsed:.1f} s"
 
+    # the plots are registered for Snakemake's HTML report
+    run_snakemake(tmp_path, "--report", str(tmp_path / "report.html"), "toy_cam_report")
+    html = (tmp_path / "report.html").read_text(errors="replace")
+    assert "threshold_curves.png" in html and "qualitative.png" in html
+
     # changing a segmentation setting reruns the segmentation jobs and the report, nothing upstream
     cfg = write_yaml(tmp_path / "seg.yaml", {"datasets": {"toy": {"stages": {"segmentation": {"lr": 0.001}}}}})
     dry = run_snakemake(tmp_path, "-n", "toy_cam_report", configfile=cfg)
