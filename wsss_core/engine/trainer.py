@@ -159,7 +159,7 @@ def fit(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[str, Any
     metrics_fh = None
     if metrics_path:
         _truncate_metrics(metrics_path, start)
-        metrics_fh = open(metrics_path, "a", encoding="utf-8")
+        metrics_fh = open(metrics_path, "a", encoding="utf-8", buffering=1)  # line-buffered
     model.train()
     t0 = time.time()
     running: dict[str, float] = {}
@@ -193,6 +193,9 @@ def fit(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[str, Any
                          " ".join(f"{k}={v / n:.4f}" for k, v in running.items()), (time.time() - t0) / n)
                 running, t0, state.step = {}, time.time(), done
             if done % checkpoint_every == 0 and done < max_steps:
+                if metrics_fh:  # the metrics up to a checkpoint must survive a kill right after it
+                    metrics_fh.flush()
+                    os.fsync(metrics_fh.fileno())
                 save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, identity, keep_checkpoints)
         state.step = max_steps
     finally:
