@@ -26,6 +26,28 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def random_images(b: int, h: int, w: int, seed: int = 1):
+    """Deterministic (b, 3, h, w) float input."""
+    import torch
+
+    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_bn(model, seed: int = 0) -> None:
+    """Give every BatchNorm2d random (but valid) statistics and affine parameters, so BN is not an identity."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test when it is absent."""
     p = SHARED.joinpath(*parts)

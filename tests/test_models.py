@@ -20,6 +20,8 @@ from wsss_core.models.weights import resolve_weights_path, sha256_file
 TINY = {"arch": "resnet50", "layers": [1, 1, 1, 1], "width_per_group": 8}
 
 
+from conftest import random_images, randomize_bn as _randomize_bn  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -29,18 +31,7 @@ def _seed():
 
 
 def _x(b=2, h=64, w=64, seed=1):
-    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return random_images(b, h, w, seed)
 
 
 # ---------------------------------------------------------------- backbones

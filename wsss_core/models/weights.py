@@ -2,7 +2,8 @@
 
 A weights spec (one config entry per backbone) is a dict with one of:
 
-- ``path``: a local file (``.pth``/``.pt`` state dict, optionally nested under ``state_dict``/``model``);
+- ``path``: a local file (``.pth``/``.pt`` state dict, optionally nested under ``state_dict``/``model``;
+  a ``.params`` file is the MXNet ImageNet ResNet-38 checkpoint, see :mod:`wsss_core.models.mxnet_params`);
 - ``torchvision``: a torchvision weights name such as ``ResNet50_Weights.IMAGENET1K_V1``, fetched into
   ``cache_dir`` by the ``fetch_weights`` rule (hash checked by torchvision) when online;
 - neither (``null``): random initialisation (the toy configuration).
@@ -82,6 +83,10 @@ def load_state_dict_file(path: str | os.PathLike, sha256: str | None = None) -> 
         got = sha256_file(path)
         if got != sha256:
             raise WeightsError(f"checksum mismatch for {path}: sha256 {got} != expected {sha256}")
+    if path.suffix == ".params":  # MXNet ImageNet ResNet-38 checkpoint, converted on the fly
+        from .mxnet_params import load_params_file
+
+        return load_params_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
