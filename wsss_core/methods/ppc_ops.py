@@ -1,0 +1,514 @@
+"""Loss / op core of PPC (pixel-to-prototype contrast, Du et al. CVPR 2022) on ResNet-38.
+
+Spec: ``/work/shared/specs/ppc.md`` (section numbers below refer to it). Two variants are supported through
+``bg_index``:
+
+- SEAM+PPC (``usr922/wseg`` master): background is **channel 0** (``bg_index=0``), CAM = [bg, c1..c20];
+- EPS+PPC (``usr922/wseg@esp``, FSAE's ``base`` mode): background is the **last channel** (``bg_index=-1``).
+
+Everything here is pure torch; tensors are created on the device / dtype of the inputs. Shapes use
+N = batch, C = number of CAM channels incl. background (21 on VOC), K = C - 1 foreground classes,
+D = feature channels, h × w = map size, M = N·h·w pixel rows.
+
+Contents:
+
+- CAM normalisations: :func:`max_norm` (§4 "MN"), :func:`contrast_norm_cam` (§5 step A.1), :func:`pcm_seed` (§2a).
+- PCM: :func:`pcm_affinity`, :func:`pcm_refine`, :func:`pcm` and the :class:`PCMHead` layers (§2a).
+- SEAM losses: :func:`amp_loss`, :func:`cls_loss`, :func:`max_onehot`, :func:`er_loss`, :func:`ecr_loss` (§4).
+- Pixel-to-prototype contrast: :func:`pseudo_labels`, :func:`prototypes`, :func:`proto_ce`,
+  :func:`hard_proto_loss`, :func:`ppc_contrast_loss` (§5).
+- EPS saliency loss: :func:`eps_saliency_loss` (§4 "L_sal").
+- Optimizer: :func:`ppc_param_groups`, :class:`PolySGD`, :func:`poly_lr` (§6, with the momentum quirk).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-5  # the 1e-5 used throughout the upstream code (§2a, §4, §5)
+
+# Variant defaults (§4, §5, §6).
+MASTER_DEFAULTS: dict[str, Any] = {
+    "bg_index": 0,          # §"Conventions": bg is channel 0 in master
+    "bg_thr": 0.20,         # §5 A.1: bg channel constant 0.20 in master
+    "proto_div": 8,         # §5 A.3: k = (h·w)//8 in master
+    "tau": 0.1,             # §5 B: temperature τ = 0.1
+    "gamma": 0.1,           # §5 B: γ = 0.1
+    "ecr_topk": 0.2,        # §4.3: k = int(21·h·w·0.2)
+    "view2_size": 128,      # §3: second view is 128×128
+}
+ESP_DEFAULTS: dict[str, Any] = {
+    **MASTER_DEFAULTS,
+    "bg_index": -1,         # §"Conventions": bg last in esp / FSAE
+    "bg_thr": 0.10,         # §4 "Differences in L_nce": bg_thr = 0.10
+    "proto_div": 16,        # §4 "Differences in L_nce": k = hw//16
+    "eps_tau": 0.4,         # §4 L_sal: τ_eps = 0.4 (script)
+    "eps_alpha": 0.5,       # §4 L_sal: α = 0.5 (default)
+    "esp_onehot_bug": True,  # §4 caveat: max_onehot acts on channels 1: even with bg last (replicated)
+}
+OPTIM_DEFAULTS: dict[str, Any] = {
+    "weight_decay": 5e-4,   # §6 table
+    "poly_power": 0.9,      # §6 poly schedule
+    "momentum": 0.9,        # NOT in the spec: the conventional SGD momentum used only when fix_quirk=True
+                            # (0.9 is what the spec's own DeepLab stage uses, §10 TRAIN_MOMENTUM 0.9)
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _bg(bg_index: int, c: int) -> int:
+    """Non-negative background channel index for ``c`` channels."""
+    return bg_index % c
+
+
+def _fg_index(bg_index: int, c: int, device) -> torch.Tensor:
+    """LongTensor of the ``c - 1`` foreground channel indices (in order)."""
+    b = _bg(bg_index, c)
+    return torch.tensor([i for i in range(c) if i != b], device=device, dtype=torch.long)
+
+
+def label_with_bg(label: torch.Tensor, bg_index: int = 0) -> torch.Tensor:
+    """(N, K) multi-hot fg labels -> ỹ (N, K+1) with a 1 for bg at channel ``bg_index`` (0 or -1 / K)."""
+    ones = torch.ones_like(label[:, :1])
+    return torch.cat([ones, label], 1) if _bg(bg_index, label.shape[1] + 1) == 0 else torch.cat([label, ones], 1)
+
+
+def resize(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear, align_corners=True (the resize used for the cross-view maps in §4/§5). (N,C,h,w) -> (N,C,*size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def _minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, c = x.shape[:2]
+    flat = x.reshape(n, c, -1)
+    return flat.min(-1).values.view(n, c, 1, 1), flat.max(-1).values.view(n, c, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CAM normalisations
+
+
+def max_norm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """§4 ``MN``: ``relu(x)``, then per (n, c) ``relu(x − min − eps) / (max − min + eps)``.
+
+    (N, C, h, w) -> (N, C, h, w) in [0, 1); differentiable.
+    """
+    x = F.relu(x)
+    mn, mx = _minmax(x)
+    return F.relu(x - mn - eps) / (mx - mn + eps)
+
+
+@torch.no_grad()
+def contrast_norm_cam(cam: torch.Tensor, bg_thr: float, bg_index: int = 0, eps: float = EPS) -> torch.Tensor:
+    """§5 step A.1 (no grad): normalised CAM Ĉ used for pseudo labels and prototypes.
+
+    ``x = relu(cam)``; per (n, c) with min/max of x: ``x[x < min+eps] = 0``; ``Ĉ = (x − min − eps)/(max − min + eps)``
+    (minimum pixels end up slightly negative, as upstream); not label-masked; bg channel := ``bg_thr``.
+    (N, C, h, w) -> (N, C, h, w), detached.
+    """
+    x = F.relu(cam.detach())
+    mn, mx = _minmax(x)
+    x = torch.where(x < mn + eps, torch.zeros_like(x), x)
+    out = (x - mn - eps) / (mx - mn + eps)
+    out[:, _bg(bg_index, out.shape[1])] = bg_thr
+    return out
+
+
+def max_onehot(x: torch.Tensor, channels: slice | torch.Tensor) -> torch.Tensor:
+    """§4.3 ``max_onehot``: among ``channels`` keep only values equal to their per-pixel max; others -> 0.
+
+    ``channels`` is a slice or an index tensor over dim 1. (N, C, h, w) -> new tensor (N, C, h, w).
+    """
+    out = x.clone()
+    sub = out[:, channels]
+    sub = torch.where(sub == sub.max(1, keepdim=True).values, sub, torch.zeros_like(sub))
+    out[:, channels] = sub
+    return out
+
+
+def onehot_channels(c: int, bg_index: int, esp_onehot_bug: bool = True) -> slice:
+    """Channels ``max_onehot`` acts on: the fg channels, except with the esp bug (bg last) it is ``1:`` (§4 caveat)."""
+    b = _bg(bg_index, c)
+    if b == 0 or esp_onehot_bug:
+        return slice(1, None)
+    return slice(0, c - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PCM (§2a)
+
+
+@torch.no_grad()
+def pcm_seed(cam: torch.Tensor, bg_index: int = 0, eps: float = EPS) -> torch.Tensor:
+    """§2a PCM step 1 (no grad): seed S from the detached CAM.
+
+    ``relu(cam − eps) / (max_hw relu(cam) + eps)`` per channel; bg := 1 − max_fg; at each pixel every fg channel
+    but the fg argmax is zeroed (no label masking). (N, C, h, w) -> (N, C, h, w).
+    """
+    cam = cam.detach()
+    n, c = cam.shape[:2]
+    s = F.relu(cam - eps) / (F.relu(cam).reshape(n, c, -1).max(-1).values.view(n, c, 1, 1) + eps)
+    b = _bg(bg_index, c)
+    fg = _fg_index(b, c, cam.device)
+    sf = s[:, fg]
+    arg = sf.argmax(1, keepdim=True)
+    s[:, b] = 1.0 - sf.max(1).values
+    s[:, fg] = sf * torch.zeros_like(sf).scatter_(1, arg, 1.0)
+    return s
+
+
+def pcm_affinity(feat: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """§2a PCM steps 3–4: affinity from the f9 features.
+
+    ``F = l2norm_per_pixel(feat)``; ``A = relu(Fᵀ F)``; each **column** normalised:
+    ``A[:, j] /= Σ_i A[i, j] + eps``. (N, D, h, w) -> (N, hw, hw) with columns summing to ≈1.
+    """
+    n, d = feat.shape[:2]
+    f = F.normalize(feat.reshape(n, d, -1), dim=1)
+    a = F.relu(torch.bmm(f.transpose(1, 2), f))
+    return a / (a.sum(1, keepdim=True) + eps)
+
+
+def pcm_refine(seed: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
+    """§2a PCM step 5: ``cam_rv = S · A``, i.e. ``cam_rv[:, j] = Σ_i S[:, i] A[i, j]``.
+
+    seed (N, C, h, w), aff (N, hw, hw) -> (N, C, h, w).
+    """
+    n, c, h, w = seed.shape
+    return torch.bmm(seed.reshape(n, c, h * w), aff).reshape(n, c, h, w)
+
+
+def pcm(cam: torch.Tensor, feat: torch.Tensor, bg_index: int = 0) -> torch.Tensor:
+    """Full PCM: seed from ``cam`` (detached), affinity from ``feat`` (f9 output, gradients flow into it).
+
+    cam (N, C, h, w), feat (N, D, h, w) -> cam_rv (N, C, h, w).
+    """
+    return pcm_refine(pcm_seed(cam, bg_index), pcm_affinity(feat))
+
+
+class PCMHead(nn.Module):
+    """The PCM layers of §2a: ``f8_3`` 512→64, ``f8_4`` 1024→128 (kaiming), ``f9`` 195→192 (xavier gain 4), no bias.
+
+    ``forward(img (N,3,H,W), conv4 (N,512,h,w), conv5 (N,1024,h,w), cam (N,C,h,w), bg_index) -> cam_rv (N,C,h,w)``.
+    Backbone inputs are detached, so gradients reach only f8_3, f8_4 and f9.
+    """
+
+    def __init__(self, c4: int = 512, c5: int = 1024):
+        super().__init__()
+        self.f8_3 = nn.Conv2d(c4, 64, 1, bias=False)
+        self.f8_4 = nn.Conv2d(c5, 128, 1, bias=False)
+        self.f9 = nn.Conv2d(3 + 64 + 128, 192, 1, bias=False)
+        nn.init.kaiming_normal_(self.f8_3.weight)
+        nn.init.kaiming_normal_(self.f8_4.weight)
+        nn.init.xavier_uniform_(self.f9.weight, gain=4)
+
+    def features(self, img: torch.Tensor, conv4: torch.Tensor, conv5: torch.Tensor) -> torch.Tensor:
+        """(N, 192, h, w) f9 features (before l2 normalisation)."""
+        h, w = conv4.shape[-2:]
+        im = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=True)
+        f = torch.cat([im, F.relu(self.f8_3(conv4.detach())), F.relu(self.f8_4(conv5.detach()))], 1)
+        return self.f9(f)
+
+    def forward(self, img, conv4, conv5, cam, bg_index: int = 0) -> torch.Tensor:
+        return pcm(cam, self.features(img, conv4, conv5), bg_index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SEAM losses (§4)
+
+
+def amp_loss(x: torch.Tensor) -> torch.Tensor:
+    """§4 AMP (adaptive min pooling) on fg channels (N, K, h, w): per image take the per-pixel channel max, the
+    k = hw//4 smallest values, ``relu`` them; mean over N·k. Returns a scalar."""
+    n = x.shape[0]
+    m = x.max(1).values.reshape(n, -1)
+    k = max(m.shape[1] // 4, 1)
+    return F.relu(torch.topk(m, k, dim=1, largest=False).values).mean()
+
+
+def cls_loss(cam1, cam2, cam_rv1, cam_rv2, label, bg_index: int = 0, use_amp: bool = True) -> torch.Tensor:
+    """§4.1 L_cls = ½[MLSM(GAP(cam1)_fg, y) + MLSM(GAP(cam2)_fg, y)] + ½[AMP((cam_rv1·ỹ)_fg) + AMP((cam_rv2·ỹ)_fg)].
+
+    cams (N, C, *, *), label (N, K). ``use_amp=False`` drops the AMP half. Scalar.
+    """
+    c = cam1.shape[1]
+    fg = _fg_index(bg_index, c, cam1.device)
+    yt = label_with_bg(label, bg_index)[:, :, None, None]
+    loss = 0.5 * (F.multilabel_soft_margin_loss(cam1.mean((2, 3))[:, fg], label)
+                  + F.multilabel_soft_margin_loss(cam2.mean((2, 3))[:, fg], label))
+    if use_amp:
+        loss = loss + 0.5 * (amp_loss((cam_rv1 * yt)[:, fg]) + amp_loss((cam_rv2 * yt)[:, fg]))
+    return loss
+
+
+def er_loss(cam1: torch.Tensor, cam2: torch.Tensor, label: torch.Tensor, bg_index: int = 0):
+    """§4.2 equivariance regularisation.
+
+    ``c1 = resize(MN(cam1), size(cam2))·ỹ``, ``c2 = MN(cam2)·ỹ``, ``L_er = mean |c1_fg − c2_fg|``; afterwards the bg
+    channel of c1, c2 is overwritten with ``1 − max_fg``. cam1 (N,C,h1,w1), cam2 (N,C,h2,w2), label (N,K).
+    Returns ``(L_er scalar, c1 (N,C,h2,w2), c2 (N,C,h2,w2))``.
+    """
+    c = cam1.shape[1]
+    yt = label_with_bg(label, bg_index)[:, :, None, None]
+    c1 = resize(max_norm(cam1), cam2.shape[-2:]) * yt
+    c2 = max_norm(cam2) * yt
+    fg = _fg_index(bg_index, c, cam1.device)
+    loss = (c1[:, fg] - c2[:, fg]).abs().mean()
+    b = _bg(bg_index, c)
+    c1 = c1.clone()
+    c2 = c2.clone()
+    c1[:, b] = 1 - c1[:, fg].max(1).values
+    c2[:, b] = 1 - c2[:, fg].max(1).values
+    return loss, c1, c2
+
+
+def ecr_loss(c1: torch.Tensor, c2: torch.Tensor, cam_rv1: torch.Tensor, cam_rv2: torch.Tensor, label: torch.Tensor,
+             bg_index: int = 0, topk_ratio: float = 0.2, esp_onehot_bug: bool = True) -> torch.Tensor:
+    """§4.3 equivariant cross regularisation.
+
+    ``r1 = resize(MN(cam_rv1), size(cam_rv2))·ỹ``, ``r2 = MN(cam_rv2)·ỹ``; ``T1 = |max_onehot(c2.detach()) − r1|``,
+    ``T2 = |max_onehot(c1.detach()) − r2|``; per image the mean of the top ``int(C·h·w·topk_ratio)`` entries,
+    averaged over the batch; ``L_ecr = L1 + L2``. c1, c2 are the bg-overwritten maps returned by :func:`er_loss`
+    (N, C, h2, w2). ``esp_onehot_bug`` (only matters for bg last) replicates max_onehot on channels ``1:``.
+    """
+    c = c1.shape[1]
+    yt = label_with_bg(label, bg_index)[:, :, None, None]
+    r1 = resize(max_norm(cam_rv1), cam_rv2.shape[-2:]) * yt
+    r2 = max_norm(cam_rv2) * yt
+    ch = onehot_channels(c, bg_index, esp_onehot_bug)
+    t1 = (max_onehot(c2.detach(), ch) - r1).abs()
+    t2 = (max_onehot(c1.detach(), ch) - r2).abs()
+    n, _, h, w = t1.shape
+    k = max(int(c * h * w * topk_ratio), 1)
+    return (torch.topk(t1.reshape(n, -1), k, dim=1).values.mean()
+            + torch.topk(t2.reshape(n, -1), k, dim=1).values.mean())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pixel-to-prototype contrast (§5)
+
+
+@torch.no_grad()
+def pseudo_labels(norm_cam: torch.Tensor, label: torch.Tensor, bg_index: int = 0) -> torch.Tensor:
+    """§5 A.2: ``y[i] = argmax_c(Ĉ_c[i]·ỹ_c)``. norm_cam (N, C, h, w), label (N, K) -> (N, h, w) long."""
+    yt = label_with_bg(label, bg_index).to(norm_cam.dtype)[:, :, None, None]
+    return (norm_cam * yt).argmax(1)
+
+
+@torch.no_grad()
+def prototypes(norm_cam: torch.Tensor, feat: torch.Tensor, k: int, eps: float = EPS) -> torch.Tensor:
+    """§5 A.3: one prototype per channel (absent classes included), from the top-k over the **whole batch**.
+
+    ``P[c] = l2norm(Σ_top Ĉ_c[i]·f[i] / max(Σ_top Ĉ_c[i], eps))`` with f the detached, un-normalised features.
+    norm_cam (N, C, h, w), feat (N, D, h, w) -> (C, D). ``k`` is clipped to N·h·w.
+    """
+    n, c, h, w = norm_cam.shape
+    d = feat.shape[1]
+    cam_flat = norm_cam.detach().permute(1, 0, 2, 3).reshape(c, -1)        # (C, M), rows ordered (n, h, w)
+    f_flat = feat.detach().permute(0, 2, 3, 1).reshape(-1, d).to(cam_flat.dtype)  # (M, D)
+    k = min(int(k), cam_flat.shape[1])
+    val, idx = torch.topk(cam_flat, k, dim=1)                              # (C, k)
+    num = (val[..., None] * f_flat[idx]).sum(1)                            # (C, D)
+    den = val.sum(1, keepdim=True).clamp_min(eps)
+    return F.normalize(num / den, dim=1)
+
+
+def flat_features(feat: torch.Tensor) -> torch.Tensor:
+    """(N, D, h, w) -> per-pixel l2-normalised rows (N·h·w, D), ordered (n, h, w)."""
+    d = feat.shape[1]
+    return F.normalize(feat.permute(0, 2, 3, 1).reshape(-1, d), dim=1)
+
+
+def proto_ce(f: torch.Tensor, p: torch.Tensor, y: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """§5 B ``CE(F, P, y) = mean_i −log softmax_c(F_i·P_cᵀ/τ)[y_i]``. f (M, D), p (C, D), y (M,) -> scalar."""
+    return F.cross_entropy(f @ p.t().to(f.dtype) / tau, y.reshape(-1))
+
+
+def hard_proto_loss(f: torch.Tensor, p: torch.Tensor, y: torch.Tensor, tau: float = 0.1, rank_lo: int = 3,
+                    rank_hi: int = 13, pos_frac: float = 0.6,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """§5 B intra-view term ``H(F, P, y)`` with semi-hard prototype mining and hard pixel sampling.
+
+    Per pixel: ``−log(num/den)``, ``num = exp(F_i·P_{y_i}/τ)``, ``den = num + Σ exp(F_i·P_c/τ)`` over the
+    prototypes ranked ``rank_lo+1 .. rank_hi`` (4th..13th) by similarity to F_i (the positive is not excluded).
+    Per class c present in y: n pixels; n < 2 -> skipped (still counted in the divisor); else n//2 random pixels
+    (without replacement, from ``generator``) + n//2 semi-hard pixels (ascending ``(cos+1)/2`` to P_c, keep the
+    lowest int(pos_frac·n), drop the first int(pos_frac·n) − n//2); class loss = mean over both sets.
+    ``H = Σ_c class_loss / #present classes``. f (M, D) normalised, p (C, D), y (M,) -> scalar.
+    """
+    y = y.reshape(-1)
+    p = p.to(f.dtype)
+    sim = f @ p.t()                                                        # (M, C) cosine
+    pos = sim.gather(1, y[:, None]) / tau                                  # (M, 1)
+    ranked = sim.sort(1, descending=True).values[:, rank_lo:rank_hi] / tau  # (M, ≤10)
+    pix = torch.logsumexp(torch.cat([pos, ranked], 1), 1) - pos[:, 0]      # (M,)
+    classes = torch.unique(y)
+    total = pix.sum() * 0.0
+    for c in classes.tolist():
+        sel = (y == c).nonzero(as_tuple=True)[0]
+        n = sel.numel()
+        if n < 2:
+            continue
+        half = n // 2
+        rnd = sel[torch.randperm(n, generator=generator)[:half].to(sel.device)]
+        with torch.no_grad():
+            order = torch.argsort((sim[sel, c].detach() + 1) / 2)
+        keep = int(pos_frac * n)
+        hard = sel[order[:keep][max(keep - half, 0):]]
+        total = total + pix[torch.cat([rnd, hard])].mean()
+    return total / max(len(classes), 1)
+
+
+def ppc_contrast_loss(cam1: torch.Tensor, feat1: torch.Tensor, cam2: torch.Tensor, feat2: torch.Tensor,
+                      label: torch.Tensor, bg_index: int = 0, bg_thr: float = 0.20, proto_div: int = 8,
+                      proto_k: int | None = None, tau: float = 0.1, gamma: float = 0.1,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """§5 L_nce on the PCM outputs (``cam_rv_down``) and projected features (``f_proj``) of both views.
+
+    View 1 (cam1 (N,C,h1,w1), feat1 (N,D,h1,w1)) is resized bilinearly (align_corners) to the view-2 size
+    (cam2 (N,C,h,w), feat2 (N,D,h,w)); gradient flows through the feature resize. label (N, K).
+    Defaults are master's (bg 0, bg_thr 0.20, k = hw//8, τ = γ = 0.1); esp/FSAE: ``bg_index=-1, bg_thr=0.10,
+    proto_div=16``. ``proto_k`` overrides ``(h·w)//proto_div`` (h, w of view 2, per image, not per batch).
+    Returns ``{"loss", "cross_proto", "cross_label", "intra"}`` (scalars, γ included).
+    """
+    size = cam2.shape[-2:]
+    feat1 = resize(feat1, size)
+    with torch.no_grad():
+        cam1 = resize(cam1.detach(), size)
+        k = proto_k if proto_k is not None else (size[0] * size[1]) // proto_div
+        n1 = contrast_norm_cam(cam1, bg_thr, bg_index)
+        n2 = contrast_norm_cam(cam2, bg_thr, bg_index)
+        y1 = pseudo_labels(n1, label, bg_index).reshape(-1)
+        y2 = pseudo_labels(n2, label, bg_index).reshape(-1)
+        p1 = prototypes(n1, feat1, k)
+        p2 = prototypes(n2, feat2, k)
+    f1, f2 = flat_features(feat1), flat_features(feat2)
+    cross_proto = gamma * 0.5 * (proto_ce(f1, p2, y1, tau) + proto_ce(f2, p1, y2, tau))
+    cross_label = gamma * 0.5 * (proto_ce(f1, p1, y2, tau) + proto_ce(f2, p2, y1, tau))
+    intra = gamma * 0.5 * (hard_proto_loss(f1, p1, y1, tau, generator=generator)
+                           + hard_proto_loss(f2, p2, y2, tau, generator=generator))
+    return {"loss": cross_proto + cross_label + intra, "cross_proto": cross_proto, "cross_label": cross_label,
+            "intra": intra}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EPS saliency loss (§4 L_sal)
+
+
+def eps_saliency_loss(cam: torch.Tensor, sal: torch.Tensor, label: torch.Tensor, tau: float = 0.4,
+                      alpha: float = 0.5, bg_index: int = -1) -> torch.Tensor:
+    """EPS saliency loss S(cam, sal) (§4, EPS+PPC variant; bg channel **last** by default).
+
+    1. ``sal`` (N, 1, H, W) is resized to the cam size with nearest interpolation;
+    2. ``p = softmax(cam)`` over the C channels;
+    3. for each present class c: ``iou_c = Σ round(p_c)·round(sal) / (Σ round(p_c) + 1e-4)``, valid iff > ``tau``;
+    4. ``fg = Σ_{present & valid} p_c``, ``bg = 1 − (p_bg + Σ_{present & invalid} p_c)``; absent classes ignored;
+    5. ``MSE(alpha·fg + (1−alpha)·bg, sal)``.
+    cam (N, C, h, w), label (N, K). Scalar.
+    """
+    n, c, h, w = cam.shape
+    sal = F.interpolate(sal.to(cam.dtype), size=(h, w), mode="nearest")
+    p = F.softmax(cam, 1)
+    b = _bg(bg_index, c)
+    fg_idx = _fg_index(b, c, cam.device)
+    pf = p[:, fg_idx]                                                      # (N, K, h, w)
+    with torch.no_grad():
+        r = torch.round(pf)
+        iou = (r * torch.round(sal)).sum((2, 3)) / (r.sum((2, 3)) + 1e-4)  # (N, K)
+        present = label > 0.5
+        valid = (present & (iou > tau)).to(p.dtype)[:, :, None, None]
+        invalid = (present & ~(iou > tau)).to(p.dtype)[:, :, None, None]
+    fg = (pf * valid).sum(1, keepdim=True)
+    bg = 1 - (p[:, b:b + 1] + (pf * invalid).sum(1, keepdim=True))
+    return F.mse_loss(alpha * fg + (1 - alpha) * bg, sal)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimizer (§6)
+
+
+def ppc_param_groups(model: nn.Module, new_layers: Iterable[nn.Module], lr: float,
+                     weight_decay: float = OPTIM_DEFAULTS["weight_decay"], fix_quirk: bool = False,
+                     momentum: float = OPTIM_DEFAULTS["momentum"]) -> list[dict[str, Any]]:
+    """§6 the four PolyOptimizer groups, from Conv2d/GroupNorm weights and biases with ``requires_grad`` only.
+
+    | backbone weights lr, wd | backbone biases 2·lr, 0 | new weights 10·lr, wd | new biases 20·lr, 0 |
+
+    Modules inside ``new_layers`` (e.g. fc8, fc_proj, f8_3, f8_4, f9) are "new"; every other Conv2d/GroupNorm of
+    ``model`` is backbone. Empty groups are dropped. Each group carries an explicit ``momentum`` so the result is
+    the same whatever global default the SGD is built with:
+
+    - ``fix_quirk=False`` (default, replicates upstream): SGD got ``weight_decay`` as its 3rd positional argument,
+      i.e. as *momentum*, so every group's momentum is ``weight_decay`` (5e-4); per-group weight decay unchanged;
+    - ``fix_quirk=True``: momentum = ``momentum`` (0.9; not stated in the spec, see OPTIM_DEFAULTS).
+    """
+    new_ids = {id(p) for m in new_layers for p in m.parameters()}
+    groups: dict[str, list] = {"bw": [], "bb": [], "nw": [], "nb": []}
+    seen: set[int] = set()
+    for m in model.modules():
+        if not isinstance(m, (nn.Conv2d, nn.GroupNorm)):
+            continue
+        for name, prm in (("w", m.weight), ("b", m.bias)):
+            if prm is None or not prm.requires_grad or id(prm) in seen:
+                continue
+            seen.add(id(prm))
+            groups[("n" if id(prm) in new_ids else "b") + name].append(prm)
+    mom = momentum if fix_quirk else weight_decay
+    spec = {"bw": (1, weight_decay), "bb": (2, 0.0), "nw": (10, weight_decay), "nb": (20, 0.0)}
+    return [{"params": groups[g], "lr": lr * mult, "weight_decay": wd, "momentum": mom, "name": g}
+            for g, (mult, wd) in spec.items() if groups[g]]
+
+
+def poly_lr(lr0: float, step: int, max_step: int, power: float = OPTIM_DEFAULTS["poly_power"]) -> float:
+    """§6 ``lr_t = lr0·(1 − t/max_step)^power`` for t < max_step (after that the caller keeps the last value)."""
+    return lr0 * (1 - step / max_step) ** power
+
+
+class PolySGD(torch.optim.SGD):
+    """§6 ``PolyOptimizer``: SGD whose group LRs follow :func:`poly_lr`, updated before each step while t < max_step.
+
+    With ``fix_quirk=False`` (default) ``weight_decay`` is passed as SGD's 3rd positional argument (= momentum),
+    exactly like upstream; groups without their own ``momentum`` / ``weight_decay`` then get momentum =
+    weight_decay and weight decay 0. With ``fix_quirk=True``, ``momentum`` and ``weight_decay`` go to their proper
+    slots (groups' own values still win). Groups from :func:`ppc_param_groups` carry explicit values anyway.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = OPTIM_DEFAULTS["weight_decay"], max_step: int = 1,
+                 power: float = OPTIM_DEFAULTS["poly_power"], fix_quirk: bool = False,
+                 momentum: float = OPTIM_DEFAULTS["momentum"]):
+        if fix_quirk:
+            super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        else:
+            super().__init__(params, lr, weight_decay)  # the quirk: 3rd positional argument is momentum
+        self.global_step = 0
+        self.max_step = max_step
+        self.power = power
+        self.initial_lrs = [g["lr"] for g in self.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.global_step < self.max_step:
+            for g, lr0 in zip(self.param_groups, self.initial_lrs):
+                g["lr"] = poly_lr(lr0, self.global_step, self.max_step, self.power)
+        out = super().step(closure)
+        self.global_step += 1
+        return out
+
+
+def build_ppc_optimizer(model: nn.Module, new_layers: Iterable[nn.Module], cfg: Mapping[str, Any]) -> PolySGD:
+    """Convenience: :func:`ppc_param_groups` + :class:`PolySGD` from ``cfg`` keys ``lr``, ``max_steps`` and optional
+    ``weight_decay`` (5e-4), ``poly_power`` (0.9), ``fix_quirk`` (False), ``momentum`` (0.9, used only if fixed)."""
+    wd = cfg.get("weight_decay", OPTIM_DEFAULTS["weight_decay"])
+    fix = bool(cfg.get("fix_quirk", False))
+    mom = cfg.get("momentum", OPTIM_DEFAULTS["momentum"])
+    groups = ppc_param_groups(model, new_layers, cfg["lr"], wd, fix, mom)
+    return PolySGD(groups, cfg["lr"], wd, cfg["max_steps"], cfg.get("poly_power", OPTIM_DEFAULTS["poly_power"]),
+                   fix, mom)
