@@ -52,6 +52,16 @@ def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float = 
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
+def crop_with_box(a: np.ndarray, box: tuple[int, int, int, int], crop: int, pad: float) -> np.ndarray:
+    """Place ``a`` at offset (oy, ox) on a ``pad``-filled canvas of at least crop x crop, then cut the window at
+    (top, left). ``box`` = (top, left, oy, ox)."""
+    top, left, oy, ox = box
+    h, w = a.shape[:2]
+    canvas = np.full((max(h, crop), max(w, crop)) + a.shape[2:], pad, dtype=a.dtype)
+    canvas[oy:oy + h, ox:ox + w] = a
+    return np.ascontiguousarray(canvas[top:top + crop, left:left + crop])
+
+
 def random_crop(arrays: list[np.ndarray], pads: list[float], crop: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Crop the same random ``crop`` x ``crop`` window out of each array, padding with ``pads`` if smaller."""
     h, w = arrays[0].shape[:2]
@@ -61,9 +71,4 @@ def random_crop(arrays: list[np.ndarray], pads: list[float], crop: int, rng: np.
     # where the (possibly padded) array sits inside the canvas
     oy = int(rng.integers(0, ch - h + 1))
     ox = int(rng.integers(0, cw - w + 1))
-    out = []
-    for a, pad in zip(arrays, pads):
-        canvas = np.full((ch, cw) + a.shape[2:], pad, dtype=a.dtype)
-        canvas[oy:oy + h, ox:ox + w] = a
-        out.append(canvas[top:top + crop, left:left + crop])
-    return out
+    return [crop_with_box(a, (top, left, oy, ox), crop, pad) for a, pad in zip(arrays, pads)]

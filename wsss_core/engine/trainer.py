@@ -9,6 +9,7 @@ same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -39,9 +40,13 @@ def poly_lambda(max_steps: int, power: float) -> Callable[[int], float]:
     return lambda step: max(0.0, 1.0 - step / max_steps) ** power
 
 
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100003 + epoch
+
+
 def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> list[list[int]]:
     """Shuffled index batches of one epoch, a pure function of (seed, epoch)."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    g = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
     perm = torch.randperm(n_items, generator=g).tolist()
     n_full = n_items // batch_size if drop_last else math.ceil(n_items / batch_size)
     return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n_full)]
@@ -66,7 +71,7 @@ def batch_stream(dataset, batch_size: int, seed: int, start_step: int, num_worke
         # A private generator: iterating a DataLoader draws its workers' base seed from ``generator``,
         # which would otherwise be the global torch RNG, so a resume mid-epoch (one extra draw) would
         # change dropout etc. relative to an uninterrupted run.
-        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+        gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                                              collate_fn=collate_fn, persistent_workers=False, generator=gen)
         yield from loader
@@ -207,8 +212,6 @@ def fit(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[str, Any
 
 def _truncate_metrics(path: str | os.PathLike, start: int) -> None:
     """Keep only the metric lines of steps <= ``start`` (the resumed checkpoint); drop a torn last line."""
-    import json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = []
@@ -224,8 +227,6 @@ def _truncate_metrics(path: str | os.PathLike, start: int) -> None:
 
 
 def _json_line(obj: Mapping[str, Any]) -> str:
-    import json
-
     return json.dumps(obj) + "\n"
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.transforms import normalize, to_tensor
+from ..data.transforms import crop_with_box, normalize, resize, to_tensor
 
 IGNORE_INDEX = 255
 
@@ -76,13 +76,8 @@ def resize_flip(img: np.ndarray, geom: Mapping[str, Any], label: bool = False) -
     """Resize to ``geom['size']`` (bicubic, or nearest when ``label``) then h-flip if ``geom['hflip']``."""
     h, w = geom["size"]
     if img.shape[:2] != (h, w):
-        interp = cv2.INTER_NEAREST if label else cv2.INTER_CUBIC
-        out = cv2.resize(img, (int(w), int(h)), interpolation=interp)
-        if out.ndim < img.ndim:
-            out = out[..., None]
-        if not label and img.dtype == np.uint8:
-            out = np.clip(out, 0, 255).astype(np.uint8)
-        img = out
+        out = resize(img, (h, w), label=label)
+        img = out[..., None] if out.ndim < img.ndim else out  # cv2 drops a singleton channel axis
     if geom["hflip"]:
         img = img[:, ::-1]
     return np.ascontiguousarray(img)
@@ -90,12 +85,7 @@ def resize_flip(img: np.ndarray, geom: Mapping[str, Any], label: bool = False) -
 
 def crop_box(img: np.ndarray, geom: Mapping[str, Any], pad: float = 0) -> np.ndarray:
     """Cut the ``geom`` crop window out of an already resized/flipped array, padding with ``pad``."""
-    top, left, oy, ox = geom["box"]
-    crop = geom["crop"]
-    h, w = img.shape[:2]
-    canvas = np.full((max(h, crop), max(w, crop)) + img.shape[2:], pad, dtype=img.dtype)
-    canvas[oy:oy + h, ox:ox + w] = img
-    return np.ascontiguousarray(canvas[top:top + crop, left:left + crop])
+    return crop_with_box(img, geom["box"], geom["crop"], pad)
 
 
 def apply_geometry(img: np.ndarray, geom: Mapping[str, Any], label: bool = False, pad: float = 0) -> np.ndarray:

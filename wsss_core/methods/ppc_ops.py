@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.trainer import poly_lambda
+
 EPS = 1e-5  # the 1e-5 used throughout the upstream code (§2a, §4, §5)
 
 # Variant defaults (§4, §5, §6).
@@ -469,7 +471,7 @@ def ppc_param_groups(model: nn.Module, new_layers: Iterable[nn.Module], lr: floa
 
 def poly_lr(lr0: float, step: int, max_step: int, power: float = OPTIM_DEFAULTS["poly_power"]) -> float:
     """§6 ``lr_t = lr0·(1 − t/max_step)^power`` for t < max_step (after that the caller keeps the last value)."""
-    return lr0 * (1 - step / max_step) ** power
+    return lr0 * poly_lambda(max_step, power)(step)
 
 
 class PolySGD(torch.optim.SGD):

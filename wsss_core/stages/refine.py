@@ -54,6 +54,7 @@ def refine_crf(prepared: str, cam_shards: Sequence[str], split: str, shard: int,
     with contextlib.ExitStack() as stack:
         if n_workers == 1:
             _init_worker(cam_shards, prepared, params, bg)
+            stack.callback(_WORKER["store"].close)
             results = map(_refine_one, ids)
         else:
             pool = stack.enter_context(ProcessPoolExecutor(n_workers, initializer=_init_worker,
