@@ -1,5 +1,5 @@
 # wsss-flow: weakly-supervised semantic segmentation, from dataset to mIoU report.
-# Targets: <dataset>_<suite>_report (e.g. toy_cam_report, voc_cam_report) and `all` (the toy demo).
+# Targets: <dataset>_<suite>_report (e.g. toy_cam_report, toy_fsae_report, voc_fsae_report) and `all` (the toy demo).
 # Settings: config.yaml (schema: schemas/config.schema.yaml). Library: wsss_core/.
 
 import os
@@ -15,6 +15,7 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 include: "rules/common.smk"
 include: "rules/dataset.smk"
 include: "rules/weights.smk"
+include: "rules/saliency.smk"
 include: "rules/classifier.smk"
 include: "rules/cams.smk"
 include: "rules/refine.smk"

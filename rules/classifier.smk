@@ -5,6 +5,7 @@ rule train_classifier:
     input:
         manifest=lambda w: manifest(w.dataset),
         weights=lambda w: weights_inputs(scfg(w.dataset, w.experiment, "classifier")),
+        saliency=lambda w: saliency_inputs(w.dataset, w.experiment),
     output:
         model=f"{R}/{{dataset}}/{{experiment}}/classifier/model.pt",
     params:
@@ -18,6 +19,7 @@ rule train_classifier:
         device=config["device"],
         locks=GPU_LOCKS,
         weights_dir=config["weights_dir"],
+        saliency=lambda w: (saliency_inputs(w.dataset, w.experiment) or [None])[0],
     threads: 2
     resources:
         gpu=1,

@@ -8,6 +8,7 @@ from snakemake.utils import validate
 
 from wsss_core.config import config_hash, stage_config
 from wsss_core.data.prepare import VOC_HOWTO, voc_layout_problems
+from wsss_core.data.saliency import SALIENCY_HOWTO
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -61,7 +62,7 @@ def dataset_root(dataset):
 
 def dataset_for_prepare(dataset):
     """What prepare_dataset depends on: the dataset's own settings, without stage overrides."""
-    ds = {k: v for k, v in dataset_cfg(dataset).items() if k != "stages"}
+    ds = {k: v for k, v in dataset_cfg(dataset).items() if k not in ("stages", "saliency")}
     return {**ds, "root": dataset_root(dataset)}
 
 
@@ -92,6 +93,21 @@ def dataset_inputs(wildcards):
         for s, p in ds["lists"].items()
     }
     return {"images": str(root / "JPEGImages"), **lists}
+
+
+def saliency_inputs(dataset, experiment):
+    """The saliency manifest when the experiment trains with saliency (classifier.saliency); checks a user folder now."""
+    if not scfg(dataset, experiment, "classifier").get("saliency"):
+        return []
+    ds = dataset_cfg(dataset)
+    if ds["kind"] != "toy":
+        folder = (ds.get("saliency") or {}).get("dir")
+        if not folder or not Path(folder).is_dir():
+            raise WorkflowError(
+                f"experiment {experiment!r} trains with saliency maps, but datasets.{dataset}.saliency.dir "
+                f"({folder}) is not a folder.\n{SALIENCY_HOWTO}"
+            )
+    return [f"{R}/{dataset}/saliency/manifest.json"]
 
 
 def n_shards(dataset, experiment, stage):
@@ -164,4 +180,10 @@ def report_inputs(wildcards):
         "preds": [p for e in exps for p in seg_pred_shards(ds, e, ev)],
         "classifiers": [f"{R}/{ds}/{e}/classifier/model.pt" for e in exps],
         "segmenters": [f"{R}/{ds}/{e}/segmentation/model.pt" for e in exps],
+        "saliency": sorted({p for e in exps for p in saliency_inputs(ds, e)}),
     }
+
+
+def experiment_label(experiment):
+    exp = config["experiments"][experiment]
+    return exp.get("label") or exp["method"]

@@ -34,7 +34,7 @@ rule report:
         prepared=lambda w: prepared(w.dataset),
         eval_split=lambda w: split_name(w.dataset, "eval"),
         mask_split=lambda w: split_name(w.dataset, "train"),
-        methods=lambda w: {e: config["experiments"][e]["method"] for e in suite_experiments(w.suite)},
+        methods=lambda w: {e: experiment_label(e) for e in suite_experiments(w.suite)},
         config=config,
     conda:
         "../envs/wsss.yaml"

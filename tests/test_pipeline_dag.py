@@ -75,3 +75,47 @@ def test_unknown_config_key_is_an_error_naming_it(tmp_path):
 def test_lint_is_clean(tmp_path):
     proc = run_snakemake(REPO, "--lint")
     assert "Lints for" not in proc.stdout + proc.stderr
+
+
+def _dry_run_jobs(stdout: str) -> list[tuple[str, list[str]]]:
+    """(rule, output files) of every job of a ``snakemake -n`` printout."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:localrule|rule) \w+:)", stdout):
+        m = re.match(r"(?:localrule|rule) (\w+):", block)
+        if not m:
+            continue
+        out = re.search(r"^\s+output: (.*)$", block, re.M)
+        jobs.append((m.group(1), [s.strip() for s in out.group(1).split(",")] if out else []))
+    return jobs
+
+
+def test_voc_fsae_dag_shares_only_dataset_and_saliency_jobs(tmp_path):
+    root = _voc_tree(tmp_path / "VOC2012")
+    sal = tmp_path / "SALImages"
+    sal.mkdir()
+    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}}})
+    proc = run_snakemake(tmp_path, "-n", "voc_fsae_report", configfile=cfg)
+    assert proc.elapsed < 10, f"DAG took {proc.elapsed:.1f} s"
+    jobs = _dry_run_jobs(proc.stdout)
+    by_branch: dict[str, list[str]] = {"ppc": [], "ppc_fsae": [], "shared": []}
+    for rule, outputs in jobs:
+        branches = {b for o in outputs for b in ("ppc", "ppc_fsae") if f"/voc/{b}/" in o}
+        assert len(branches) <= 1, (rule, outputs)
+        by_branch[branches.pop() if branches else "shared"].append(rule)
+    shared = sorted(by_branch["shared"])
+    # dataset + saliency once each; the DeepLab ImageNet weights once; the report and its target
+    assert shared == ["fetch_weights", "prepare_dataset", "report", "saliency", "voc_fsae_report"], shared
+    # the two branches are the same pipeline, job for job, and nothing of one serves the other
+    assert sorted(by_branch["ppc"]) == sorted(by_branch["ppc_fsae"])
+    assert by_branch["ppc"].count("train_classifier") == 1
+    assert by_branch["ppc"].count("infer_cams") == 16 and by_branch["ppc"].count("refine_crf") == 8
+
+
+def test_voc_fsae_without_saliency_folder_names_it(tmp_path):
+    root = _voc_tree(tmp_path / "VOC2012")
+    missing = tmp_path / "no_saliency"
+    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(missing)}}}})
+    proc = run_snakemake(tmp_path, "-n", "voc_fsae_report", configfile=cfg, check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert str(missing) in out and "SALImages" in out

@@ -18,6 +18,7 @@ build_report(
     preds=i.preds,
     classifiers=i.classifiers,
     segmenters=i.segmenters,
+    saliency=i.saliency,
     out_md=o.md,
     out_json=o.json,
     out_curves=o.curves,

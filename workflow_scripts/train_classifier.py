@@ -16,4 +16,5 @@ train_classifier(
     config_hash=p.hash,
     log=snakemake.log[0],
     threads=snakemake.threads,
+    saliency=p.saliency,
 )

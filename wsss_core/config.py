@@ -24,14 +24,17 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> d
 def stage_config(config: Mapping[str, Any], dataset: str, experiment: str | None, stage: str) -> dict[str, Any]:
     """Effective settings of ``stage`` for ``dataset`` and ``experiment``.
 
-    ``stages.<stage>`` <- ``datasets.<dataset>.stages.<stage>`` <- ``experiments.<experiment>.stages.<stage>``.
+    ``stages.<stage>`` <- ``datasets.<dataset>.stages.<stage>`` <- ``experiments.<experiment>.stages.<stage>``
+    <- ``experiments.<experiment>.datasets.<dataset>.stages.<stage>`` (e.g. a narrow ResNet-38 for the toy data).
     """
     if stage not in STAGES:
         raise KeyError(f"unknown stage {stage!r}")
     cfg = dict(config["stages"][stage])
     cfg = deep_merge(cfg, config["datasets"][dataset].get("stages", {}).get(stage))
     if experiment is not None:
-        cfg = deep_merge(cfg, config["experiments"][experiment].get("stages", {}).get(stage))
+        exp = config["experiments"][experiment]
+        cfg = deep_merge(cfg, exp.get("stages", {}).get(stage))
+        cfg = deep_merge(cfg, (exp.get("datasets") or {}).get(dataset, {}).get("stages", {}).get(stage))
     return cfg
 
 

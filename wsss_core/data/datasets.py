@@ -88,3 +88,51 @@ class SegmentationDataset(_Seeded, torch.utils.data.Dataset):
             img, mask = img[:, ::-1], mask[:, ::-1]
         img, mask = random_crop([normalize(img), mask], [0.0, IGNORE_INDEX], self.crop, rng)
         return {"image": to_tensor(img), "mask": torch.from_numpy(mask.astype(np.int64)), "id": image_id}
+
+
+class ViewsDataset(_Seeded, torch.utils.data.Dataset):
+    """Training images for EPS/PPC-style methods and FSAE: a weak view, optional saliency, optional strong view.
+
+    The views follow ``fsae.md`` §2 (:func:`wsss_core.methods.fsae_ops.make_weak_strong_views`): random long
+    side, h-flip, colour jitter, crop on uint8 (black pad), normalise; the strong view reuses the weak view's
+    geometry exactly (pixel-aligned) with a fresh jitter, blur and RandAugment.
+
+    item: ``{"image": float32 (3, crop, crop), "label": float32 (C,), "id": str}`` plus
+    ``"saliency": float32 (1, crop, crop)`` in [0, 1] when ``saliency_dir`` is given and
+    ``"image_strong": float32 (3, crop, crop)`` when ``strong``.
+    """
+
+    def __init__(self, image_dir: str | Path, ids: Sequence[str], labels: np.ndarray, crop_size: int,
+                 resize_long: Sequence[int], seed: int = 0, saliency_dir: str | Path | None = None,
+                 saliency_ext: str = ".png", strong: bool = False, strong_cfg: dict | None = None,
+                 ext: str = ".jpg"):
+        self.image_dir, self.ids, self.labels = Path(image_dir), list(ids), np.asarray(labels, dtype=np.float32)
+        self.crop, self.resize_long, self.seed, self.ext = int(crop_size), tuple(resize_long), int(seed), ext
+        self.saliency_dir, self.saliency_ext = saliency_dir, saliency_ext
+        self.strong, self.strong_cfg = bool(strong), dict(strong_cfg or {})
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        from ..methods.fsae_ops import make_weak_strong_views
+        from .saliency import read_saliency
+
+        rng = self.rng(i)
+        image_id = self.ids[i]
+        img = read_image(self.image_dir / f"{image_id}{self.ext}")
+        sal = None
+        if self.saliency_dir is not None:
+            sal = read_saliency(self.saliency_dir, image_id, self.saliency_ext)
+            if sal.shape != img.shape[:2]:
+                raise ValueError(f"saliency map of {image_id} is {sal.shape}, image is {img.shape[:2]}")
+        sc = self.strong_cfg
+        v = make_weak_strong_views(img, rng, saliency=sal, crop=self.crop, resize_long=self.resize_long,
+                                   blur_kernel=int(sc.get("blur_kernel", 1)),
+                                   n_strong_augs=int(sc.get("n_strong_augs", 5)), strong=self.strong)
+        item = {"image": v["img_w"], "label": torch.from_numpy(self.labels[i]), "id": image_id}
+        if sal is not None:
+            item["saliency"] = v["saliency"]
+        if self.strong:
+            item["image_strong"] = v["img_s"]
+        return item

@@ -273,8 +273,9 @@ def make_weak_strong_views(img: np.ndarray, rng: np.random.Generator, saliency: 
                            resize_long: tuple[int, int] | None = RESIZE_LONG, hflip_p: float = 0.5,
                            jitter: tuple[float, float, float, float] | None = JITTER,
                            blur_kernel: int = BLUR_KERNEL, blur_sigma: tuple[float, float] = BLUR_SIGMA,
-                           n_strong_augs: int = N_STRONG_AUGS) -> dict[str, Any]:
-    """Pixel-aligned weak/strong views of one image (§2).
+                           n_strong_augs: int = N_STRONG_AUGS, strong: bool = True) -> dict[str, Any]:
+    """Pixel-aligned weak/strong views of one image (§2). ``strong=False`` builds the weak view only (the
+    base method's data pipeline); the strong-view entries are then None.
 
     Inputs: ``img`` (H, W, 3) uint8 RGB; optional ``saliency`` (H, W) or (H, W, 3) uint8 and ``label``
     (H, W) uint8 (e.g. a GT map for debugging) that follow the weak view's geometry.
@@ -294,18 +295,20 @@ def make_weak_strong_views(img: np.ndarray, rng: np.random.Generator, saliency: 
     base = resize_flip(img, geom)
     weak = crop_box(color_jitter(base, rng, jitter), geom, pad=0)
     geom_s = dict(geom)  # §2.2.1: reuse target_long, hflip and box
-    strong = crop_box(color_jitter(base, rng, jitter), geom_s, pad=0)
-    strong = gaussian_blur(strong, rng, kernel=blur_kernel, sigma=blur_sigma)
-    ra_ops = sample_randaugment(n_strong_augs, rng)
-    strong = apply_randaugment(strong, ra_ops)
+    s_img, ra_ops = None, None
+    if strong:
+        s_img = crop_box(color_jitter(base, rng, jitter), geom_s, pad=0)
+        s_img = gaussian_blur(s_img, rng, kernel=blur_kernel, sigma=blur_sigma)
+        ra_ops = sample_randaugment(n_strong_augs, rng)
+        s_img = apply_randaugment(s_img, ra_ops)
 
     sal = None
     if saliency is not None:
         s = apply_geometry(saliency, geom, label=False, pad=0).astype(np.float32) / 255.0
         sal = torch.from_numpy(np.ascontiguousarray((s.mean(axis=2) if s.ndim == 3 else s)[None]))
     lab = apply_geometry(label, geom, label=True, pad=IGNORE_INDEX) if label is not None else None
-    return {"weak_u8": weak, "strong_u8": strong, "img_w": to_tensor(normalize(weak)),
-            "img_s": to_tensor(normalize(strong)), "saliency": sal, "label": lab,
+    return {"weak_u8": weak, "strong_u8": s_img, "img_w": to_tensor(normalize(weak)),
+            "img_s": to_tensor(normalize(s_img)) if strong else None, "saliency": sal, "label": lab,
             "geometry_w": geom, "geometry_s": geom_s, "ra_ops": ra_ops}
 
 

@@ -145,21 +145,33 @@ class ResNet38(nn.Module):
     ``requires_grad=False`` on their affine parameters, also after ``train()``.
     ``frozen_stem``: conv1a, b2, b2_1, b2_2 get ``requires_grad=False`` (re-applied by ``train()``).
     ``dropout``: Dropout2d rates of b6 and b7 (reference 0.3, 0.5); dropout is active in train mode only.
+    ``width``: channel multiplier (1.0 = the published network, the only width pretrained weights exist for);
+    e.g. 0.125 gives a 1.6M-parameter ResNet-38 of the same depth for CPU-sized toy runs. ``out_channels``
+    and ``tap_channels`` (conv3/conv4/conv5) follow the width.
     """
 
-    out_channels = 4096
+    def channels(self, c: int) -> int:
+        """Channel count ``c`` of the published network at this width (multiple of 4, at least 4)."""
+        return max(4, int(round(c * self.width / 4)) * 4)
+
     output_stride = 8
 
-    def __init__(self, frozen_bn: bool = True, frozen_stem: bool = True, dropout: tuple[float, float] = (0.3, 0.5)):
+    def __init__(self, frozen_bn: bool = True, frozen_stem: bool = True, dropout: tuple[float, float] = (0.3, 0.5),
+                 width: float = 1.0):
         super().__init__()
         self.frozen_bn = frozen_bn
         self.frozen_stem = frozen_stem
-        self.conv1a = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        self.width = float(width)
+        ch = self.channels
+        self.conv1a = nn.Conv2d(3, ch(64), 3, padding=1, bias=False)
         drops = {"b6": dropout[0], "b7": dropout[1]}
         for name, kind, kw in _LAYOUT:
+            kw = {k: (ch(v) if k.endswith("_ch") else v) for k, v in kw.items()}
             block = ResBlock(**kw) if kind == "basic" else ResBlockBottleneck(**kw, dropout=drops[name])
             self.add_module(name, block)
-        self.bn7 = nn.BatchNorm2d(4096)
+        self.out_channels = ch(4096)
+        self.tap_channels = {tap: ch(c) for tap, (_, c, _) in TAPS.items()}
+        self.bn7 = nn.BatchNorm2d(self.out_channels)
         self._tap_of = {block: tap for tap, (block, _, _) in TAPS.items()}
         self._apply_freezing()
 
@@ -206,7 +218,7 @@ def freeze_stem(model: nn.Module) -> nn.Module:
 
 def build_resnet38(weights: Mapping[str, Any] | None = None, cache_dir: str = "weights", frozen_bn: bool = True,
                    frozen_stem: bool = True, dropout: tuple[float, float] = (0.3, 0.5),
-                   strict: bool = False) -> ResNet38:
+                   strict: bool = False, width: float = 1.0) -> ResNet38:
     """Build ResNet-38 and load ``weights`` (a weights spec, see :mod:`wsss_core.models.weights`).
 
     ``weights={"path": ".../ilsvrc-cls_rna-a1_cls1000_ep-0001.params"}`` converts the MXNet ImageNet
@@ -214,7 +226,12 @@ def build_resnet38(weights: Mapping[str, Any] | None = None, cache_dir: str = "w
     head keys are reported as unexpected and skipped). ``None`` = random init. ``strict`` raises when a
     backbone key is missing from the file. The load report is kept in ``model.weights_info``.
     """
-    model = ResNet38(frozen_bn=frozen_bn, frozen_stem=frozen_stem, dropout=dropout)
+    if weights and width != 1.0:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"pretrained ResNet-38 weights exist only for width 1.0 (got width {width}); "
+                          "set backbone.weights to null or width to 1.0")
+    model = ResNet38(frozen_bn=frozen_bn, frozen_stem=frozen_stem, dropout=dropout, width=width)
     if weights:
         from .weights import load_weights
 

@@ -335,9 +335,9 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: Seque
 
 def _pseudo_mask_t_note(th: Mapping[str, Any]) -> str:
     used = th.get("pseudo_mask_bg_thresholds") or []
-    if not used:
-        return ""
     src = "; ".join(th.get("pseudo_mask_bg_threshold_source") or [])
+    if not used:
+        return f" The pseudo-masks use no threshold: {src}." if src else ""
     same = len(used) == 1 and th.get("value") is not None and math.isclose(used[0], th["value"], abs_tol=1e-9)
     note = f" The pseudo-mask shards record t = {', '.join(fmt_t(u) for u in used)}" + (f" ({src})" if src else "")
     if same:
@@ -357,6 +357,12 @@ def render_markdown(r: Mapping[str, Any]) -> str:
         add("> **Note: synthetic data.** This dataset is the procedurally generated toy dataset (kind "
             f"`{ds.get('kind')}`), not real images; its numbers check that the pipeline works and are not "
             "comparable with published PASCAL VOC results.")
+        add("")
+    if r.get("notes"):
+        add("Notes:")
+        add("")
+        for note in r["notes"]:
+            add(f"- {note}")
         add("")
     exps = ", ".join(f"`{row['experiment']}` ({row['method']})" for row in r["rows"])
     split_counts = ", ".join(f"{k}: {v}" for k, v in ds.get("splits", {}).items())

@@ -8,12 +8,13 @@ from typing import Any, Mapping
 
 import torch
 
-from ..data.datasets import ClassificationDataset
+from ..data.datasets import ClassificationDataset, ViewsDataset
 from ..data.io import read_image
 from ..data.prepare import DatasetInfo
 from ..engine.context import start_job
 from ..engine.logs import progress
 from ..engine.trainer import batch_stream, fit, load_final, poly_lambda, save_final
+from ..errors import ConfigError
 from ..methods import get_method
 from ..methods.inference import multiscale_cams
 from ..store.shards import ShardWriter, shard_ids
@@ -26,8 +27,11 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict:
 def train_classifier(prepared: str, split: str, method: str, cfg: Mapping[str, Any], out_model: str, ckpt_dir: str,
                      metrics: str, seed: int = 0, device: str = "auto", lock_dir: str = ".wsss/gpu-locks",
                      weights_dir: str = "weights", config_hash: str = "", log: str | None = None,
-                     threads: int = 1) -> None:
-    """Train ``method``'s network on ``split`` with image-level labels; resumable; final weights written atomically."""
+                     threads: int = 1, saliency: str | None = None) -> None:
+    """Train ``method``'s network on ``split`` with image-level labels; resumable; final weights written atomically.
+
+    ``saliency``: the saliency stage's manifest (needed when the method's ``data_needs`` asks for saliency).
+    """
     job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
     info = DatasetInfo(prepared)
     ids = info.ids(split)
@@ -38,7 +42,11 @@ def train_classifier(prepared: str, split: str, method: str, cfg: Mapping[str, A
     optimizer = torch.optim.SGD(m.param_groups(model, cfg), lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(cfg["max_steps"], cfg["poly_power"]))
-    data = ClassificationDataset(info.image_dir, ids, info.multi_hot(ids), cfg["crop_size"], cfg["resize_long"], seed)
+    data = training_data(m, cfg, info, ids, seed, saliency)
+    if hasattr(m, "after_step"):
+        after_step = lambda model, step: m.after_step(model, step, cfg)  # noqa: E731
+    else:
+        after_step = None
     amp = bool(cfg.get("amp")) and job.device.type == "cuda"
 
     def step_fn(model, batch, step):
@@ -51,11 +59,34 @@ def train_classifier(prepared: str, split: str, method: str, cfg: Mapping[str, A
     t0 = time.time()
     fit(model, step_fn, lambda start: batch_stream(data, cfg["batch_size"], seed, start, cfg.get("num_workers", 0)),
         optimizer, scheduler, cfg["max_steps"], ckpt_dir, cfg["checkpoint_every"], cfg.get("keep_checkpoints", 2),
-        identity={"seed": seed, "config_hash": config_hash}, metrics_path=metrics, desc=f"train {method}")
+        identity={"seed": seed, "config_hash": config_hash}, metrics_path=metrics, desc=f"train {method}",
+        after_step=after_step)
     save_final(out_model, model, {"method": method, "cfg": dict(cfg), "classes": info.classes, "seed": seed,
                                   "steps": cfg["max_steps"], "config_hash": config_hash,
                                   "train_seconds_this_run": time.time() - t0})
     job.logger.info("wrote %s", out_model)
+
+
+def training_data(m, cfg: Mapping[str, Any], info: DatasetInfo, ids: list[str], seed: int,
+                  saliency: str | None = None) -> torch.utils.data.Dataset:
+    """The training dataset a method asks for (``data_needs``): classic crops, or weak/saliency/strong views."""
+    needs = m.data_needs(cfg) if hasattr(m, "data_needs") else {}
+    labels = info.multi_hot(ids)
+    if not needs.get("views"):
+        return ClassificationDataset(info.image_dir, ids, labels, cfg["crop_size"], cfg["resize_long"], seed)
+    sal_dir, sal_ext = None, ".png"
+    if needs.get("saliency"):
+        if not saliency:
+            raise ConfigError("this method trains with saliency maps: set classifier.saliency: true for the "
+                              "experiment so the saliency stage runs")
+        from ..store.atomic import read_json
+
+        man = read_json(saliency)
+        sal_dir, sal_ext = man["dir"], man.get("ext", ".png")
+    strong_cfg = m.strong_view_settings(cfg) if needs.get("strong") else None
+    return ViewsDataset(info.image_dir, ids, labels, cfg["crop_size"], cfg["resize_long"], seed,
+                        saliency_dir=sal_dir, saliency_ext=sal_ext, strong=bool(needs.get("strong")),
+                        strong_cfg=strong_cfg)
 
 
 def load_method_model(path: str, device: torch.device, weights_dir: str = "weights"):

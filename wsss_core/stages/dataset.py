@@ -21,3 +21,13 @@ def prepare(ds: Mapping[str, Any], name: str, out_dir: str, log: str | None = No
     manifest = prepare_dataset(ds, name, out_dir, n_workers=threads)
     logger.info("prepared %s: splits %s, labels from %s", name, manifest["splits"], manifest["label_source"])
     return manifest
+
+
+def make_saliency(dataset_cfg: dict, prepared: str, splits: list[str], out: str, seed: int = 0,
+                  log: str | None = None) -> None:
+    """Saliency stage: stand-in maps for the toy dataset, a verified folder of precomputed maps otherwise."""
+    from ..data.saliency import saliency_manifest
+
+    logger = setup_job_logging(log)
+    man = saliency_manifest(dataset_cfg, prepared, splits, out, seed)
+    logger.info("saliency (%s): %d maps in %s", man["kind"], man["n_maps"], man["dir"])

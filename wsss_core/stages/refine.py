@@ -11,7 +11,7 @@ import numpy as np
 from ..data.io import read_image
 from ..data.prepare import DatasetInfo
 from ..engine.logs import progress, setup_job_logging
-from ..refine.crf import crf_params, crf_refine_cams
+from ..refine.crf import bg_power, crf_params, crf_refine_cams
 from ..store.atomic import read_json
 from ..store.shards import ShardedStore, ShardWriter, shard_ids
 
@@ -26,11 +26,17 @@ def _refine_one(image_id: str) -> tuple[str, np.ndarray]:
     w = _WORKER
     keys, cams = w["store"][image_id]
     image = read_image(w["info"].image_path(image_id))
-    return image_id, crf_refine_cams(image, cams, keys, w["bg"], w["params"])
+    bg = w["bg"]
+    if isinstance(bg, tuple):  # ("alpha", a): PSA-style (1 - max_k cam_k) ** a
+        bg = bg_power(cams, bg[1]) if len(keys) else 1.0
+    return image_id, crf_refine_cams(image, cams, keys, bg, w["params"])
 
 
-def resolve_bg_threshold(cfg: Mapping[str, Any], cam_eval: str | None) -> tuple[float, str]:
-    """The background threshold for the CRF and where it came from."""
+def resolve_bg_threshold(cfg: Mapping[str, Any], cam_eval: str | None) -> tuple[float | tuple[str, float], str]:
+    """The background score for the CRF and where it came from: a threshold, or ``("alpha", a)`` when
+    ``crf.bg_alpha`` is set (bg = (1 - max_k cam_k) ** a, the ``crf_{t}_{alpha}`` dicts of PSA/PPC/FSAE)."""
+    if cfg.get("bg_alpha") is not None:
+        return ("alpha", float(cfg["bg_alpha"])), f"bg = (1 - max cam) ** {cfg['bg_alpha']} (crf.bg_alpha)"
     if cfg.get("bg_threshold", "auto") == "auto":
         ev = read_json(cam_eval)
         t = ev["threshold"]
@@ -47,9 +53,13 @@ def refine_crf(prepared: str, cam_shards: Sequence[str], split: str, shard: int,
     params = crf_params(cfg.get("preset", "seam_label"), **dict(cfg.get("params") or {}))
     bg, source = resolve_bg_threshold(cfg, cam_eval)
     ids = shard_ids(info.ids(split), shard, n_shards)
-    logger.info("CRF %s on %d images, bg threshold %.2f (%s)", params, len(ids), bg, source)
+    logger.info("CRF %s on %d images, bg %s (%s)", params, len(ids), bg, source)
     attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash,
-             "crf": repr(params), "bg_threshold": bg, "bg_threshold_source": source}
+             "crf": repr(params), "bg_threshold_source": source}
+    if isinstance(bg, tuple):
+        attrs["bg_alpha"] = bg[1]
+    else:
+        attrs["bg_threshold"] = bg
     n_workers = max(1, min(int(cfg.get("n_workers", 1)), threads))
     with contextlib.ExitStack() as stack:
         if n_workers == 1:

@@ -191,6 +191,16 @@ def _scores_view(scores: Mapping[str, Any]) -> dict[str, Any]:
 
 # ============================================================================================ stage
 
+def _saliency_notes(manifests: Sequence[str] | str) -> list[str]:
+    notes = []
+    for p in _as_list(manifests):
+        man = read_json(p)
+        what = "**stand-in saliency** (toy dataset)" if man.get("kind") == "stand-in" else "saliency maps"
+        notes.append(f"Saliency used by EPS-style training: {what} from `{man.get('dir')}` "
+                     f"({man.get('n_maps')} maps): {man.get('description', '')}.")
+    return notes
+
+
 def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepared: str, eval_split: str,
                  mask_split: str, methods: Mapping[str, str], config: Mapping[str, Any],
                  cam_evals: Sequence[str], mask_evals: Sequence[str], seg_evals: Sequence[str],
@@ -198,7 +208,8 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
                  classifiers: Sequence[str] = (), segmenters: Sequence[str] = (),
                  out_md: str, out_json: str, out_curves: str, out_per_class: str, out_qualitative: str,
                  out_training: str, log: str | None = None, n_examples: int = 6, n_train_examples: int = 2,
-                 repo: str | os.PathLike | None = None) -> dict:
+                 repo: str | os.PathLike | None = None, saliency: Sequence[str] = (),
+                 notes: Sequence[str] = ()) -> dict:
     """Write the suite report; returns the report dict (the content of ``out_json``).
 
     Args:
@@ -210,6 +221,8 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
         methods: experiment -> method name. config: the workflow config (its ``seed`` is recorded).
         out_*: the Markdown, JSON and the four PNG plots. Nothing is written unless everything succeeded.
         repo: working tree whose git SHA is recorded (default: the current directory).
+        saliency: saliency manifests used by the experiments (their kind is stated in the report's notes).
+        notes: further lines for the report's notes (e.g. test-set submission archives).
     """
     logger = setup_job_logging(log)
     experiments = list(experiments)
@@ -335,6 +348,7 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
     env = rb.environment(repo if repo is not None else Path.cwd())
     report = {
         "title": f"WSSS report: dataset {dataset}, suite {suite}",
+        "notes": _saliency_notes(saliency) + list(notes),
         "dataset": dataset,
         "suite": suite,
         "synthetic": bool(info.manifest.get("synthetic", False)),

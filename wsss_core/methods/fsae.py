@@ -1,0 +1,175 @@
+"""FSAE (Choi et al., WACV 2025) as a wrapper around any base method that exposes CAM logits.
+
+Spec: ``fsae.md``. The wrapper adds, on top of the base method's own loss on the weak view:
+
+1. an EMA teacher (a copy of the base model, ``ema_m`` 0.999, updated after each optimizer step; §5);
+2. confident hard labels from the teacher's weak-view CAM logits (``p_cutoff`` 0.95) plus the boundary ring
+   (3x3 dilation of the confident foreground minus itself, kept where the teacher's confidence >= 0.8; §3);
+3. pixel cross-entropy of the student's logits on the pixel-aligned strong view (§4), normalised by all
+   pixels; ``variant: union`` (PixMatch: ring merged into the mask) or ``separate`` (wseg@ssl: ring as its
+   own term weighted by ``bdry_lambda``).
+
+A base method module must provide ``build_model``, ``param_groups``, ``training_step`` (its loss on the weak
+view), ``cam_forward`` and ``cam_logits(model, images) -> (logits (N, C+1, h, w), bg_index)``; optionally
+``supervised_loss(..., sal_view2=...)`` and ``data_needs``. Stage config: ``classifier.fsae`` with ``base``
+(method name) and the switches below; everything else of the classifier config goes to the base method.
+
+Inference uses the student (saved checkpoints hold both; the reference saves only the student, §5).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from . import fsae_ops as ops
+
+DEFAULTS: dict[str, Any] = {
+    "base": "ppc",
+    "p_cutoff": ops.P_CUTOFF,          # §3.5
+    "bdry": True,                      # §3.6 spatial expansion on
+    "bdry_size": ops.BDRY_SIZE,        # 3x3 ring
+    "bdry_cutoff": ops.BDRY_CUTOFF,    # ring kept where conf >= 0.8
+    "variant": "union",                # union (PixMatch, canonical) | separate (wseg@ssl)
+    "bdry_lambda": ops.BDRY_LAMBDA,    # weight of the ring term in the separate variant
+    "pl_weight": ops.PL_WEIGHT,        # weight of L_pl, no ramp-up
+    "ema": True,                       # teacher = EMA of the student; False: teacher = the student itself
+    "ema_m": ops.EMA_M,
+    "absent": "zero",                  # absent-class logits x0 (reference) | neg_inf
+    "n_strong_augs": ops.N_STRONG_AUGS,
+    "blur_kernel": ops.BLUR_KERNEL,    # 1 = identity, as in the authors' seeded runs (§2.4)
+    "sal_view2": "direct",             # ssl mode resizes full-res saliency straight to view 2 (§4)
+}
+
+
+def fsae_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    user = dict(cfg.get("fsae") or {})
+    unknown = sorted(set(user) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown classifier.fsae key(s) {unknown}; known: {sorted(DEFAULTS)}")
+    out = {**DEFAULTS, **{k: v for k, v in user.items() if v is not None}}
+    if out["variant"] not in ("union", "separate"):
+        raise ConfigError(f"classifier.fsae.variant must be union or separate, got {out['variant']!r}")
+    if out["base"] == "fsae":
+        raise ConfigError("classifier.fsae.base cannot be fsae itself")
+    return out
+
+
+def base_method(cfg: Mapping[str, Any]):
+    from .base import get_method
+
+    m = get_method(fsae_settings(cfg)["base"])
+    if not hasattr(m, "cam_logits"):
+        raise ConfigError(f"method {fsae_settings(cfg)['base']!r} exposes no cam_logits; FSAE cannot wrap it")
+    return m
+
+
+class FSAEModel(nn.Module):
+    """``student`` (the base model, trained and used for inference) and ``teacher`` (its EMA copy, no grads).
+
+    The teacher copies the student at construction (no warm-up, §3) and shares its train/eval mode, so its
+    dropout is active during training as in the reference (§3.1).
+    """
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+        self.teacher = copy.deepcopy(student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.registered = sorted(n for n, p in student.named_parameters() if p.requires_grad)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.student.backbone
+
+    def forward(self, x: torch.Tensor):
+        return self.student(x)
+
+    @torch.no_grad()
+    def ema_update(self, momentum: float) -> None:
+        """``t <- m t + (1 - m) s`` for the registered parameters; frozen ones and buffers copied (§5)."""
+        ops.ema_update_(self.teacher, self.student, momentum, set(self.registered))
+
+
+def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weights") -> FSAEModel:
+    m = base_method(cfg)
+    model = FSAEModel(m.build_model(cfg, n_classes, cache_dir=cache_dir))
+    model.base_name = m.__name__  # cam_forward / cam_logits need the base method without the config
+    return model
+
+
+def data_needs(cfg: Mapping[str, Any]) -> dict[str, bool]:
+    m = base_method(cfg)
+    needs = dict(m.data_needs(cfg)) if hasattr(m, "data_needs") else {"views": True, "saliency": False}
+    return {**needs, "views": True, "strong": True}
+
+
+def strong_view_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    s = fsae_settings(cfg)
+    return {"n_strong_augs": s["n_strong_augs"], "blur_kernel": s["blur_kernel"]}
+
+
+def param_groups(model: FSAEModel, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return base_method(cfg).param_groups(model.student, cfg)
+
+
+def training_step(model: FSAEModel, batch: Mapping[str, torch.Tensor], step: int, cfg: Mapping[str, Any]) -> dict:
+    """L = L_sup(weak view; the base method's loss) + L_fsae(student strong view vs. teacher weak view).
+
+    batch: the base method's keys plus ``image_strong`` (N, 3, H, W), pixel-aligned with ``image``.
+    Logged per step: the base method's terms, ``loss_sup``, ``loss_pl`` / ``loss_ring`` (student),
+    ``teacher_conf`` (mean teacher confidence), ``mask_ratio`` / ``ring_ratio`` (teacher's supervised pixels)
+    and ``agreement`` (student strong-view argmax == teacher label, over supervised pixels).
+    """
+    s = fsae_settings(cfg)
+    m = base_method(cfg)
+    if hasattr(m, "supervised_loss"):
+        sup = m.supervised_loss(model.student, batch, step, cfg, sal_view2=s["sal_view2"])
+    else:
+        sup = m.training_step(model.student, batch, step, cfg)
+    label = batch["label"]
+    teacher = model.teacher if s["ema"] else model.student
+    with torch.no_grad():
+        z_w, bg = m.cam_logits(teacher, batch["image"])
+        t = ops.teacher_pseudo_labels(z_w.float(), label, s["p_cutoff"], s["bdry"], s["bdry_size"],
+                                      s["bdry_cutoff"], bg_index=bg, absent=s["absent"])
+    z_s, _ = m.cam_logits(model.student, batch["image_strong"])
+    f = ops.fsae_loss(z_s.float(), label, t, s["variant"], s["bdry_lambda"], s["pl_weight"], bg_index=bg,
+                      absent=s["absent"])
+    with torch.no_grad():
+        sup_px = t["mask"]
+        agree = (z_s.argmax(1) == t["pseudo"]) & sup_px
+        agreement = agree.sum() / sup_px.sum().clamp(min=1)
+    extra = {k: v for k, v in sup.items() if k != "loss"}
+    return {"loss": sup["loss"] + f["loss"], "loss_sup": sup["loss"], **extra, "loss_pl": f["loss_pl"],
+            "loss_ring": f["loss_ring"], "teacher_conf": t["conf"].mean(), "mask_ratio": f["mask_ratio"],
+            "ring_ratio": f["ring_ratio"], "agreement": agreement}
+
+
+def after_step(model: FSAEModel, step: int, cfg: Mapping[str, Any]) -> None:
+    """EMA update after every optimizer step (§5)."""
+    s = fsae_settings(cfg)
+    if s["ema"]:
+        model.ema_update(s["ema_m"])
+
+
+def cam_logits(model: FSAEModel, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return base_method_of(model).cam_logits(model.student, images)
+
+
+def cam_forward(model: FSAEModel, images: torch.Tensor) -> torch.Tensor:
+    """The student's CAMs, as the base method computes them (§8: inference unchanged, no teacher)."""
+    return base_method_of(model).cam_forward(model.student, images)
+
+
+def base_method_of(model: FSAEModel):
+    name = getattr(model, "base_name", None)
+    if name is None:
+        raise ConfigError("FSAEModel without base_name; build it with fsae.build_model")
+    return importlib.import_module(name)
