@@ -19,7 +19,9 @@ include: "rules/saliency.smk"
 include: "rules/classifier.smk"
 include: "rules/cams.smk"
 include: "rules/refine.smk"
+include: "rules/affinity.smk"
 include: "rules/segmentation.smk"
+include: "rules/submission.smk"
 include: "rules/report.smk"
 
 

@@ -128,7 +128,21 @@ def all_cam_shards(wildcards):
     return [p for s in cam_splits(wildcards.dataset, wildcards.experiment) for p in cam_shards(wildcards.dataset, wildcards.experiment, s)]
 
 
+def uses_affinity(dataset, experiment):
+    return bool(scfg(dataset, experiment, "affinity").get("enabled"))
+
+
+def mask_stages(dataset, experiment):
+    """The stages that determine the pseudo-masks (for hashes downstream of them)."""
+    base = ("classifier", "cams", "eval", "crf")
+    return base + ("affinity",) if uses_affinity(dataset, experiment) else base
+
+
 def pseudo_mask_shards(dataset, experiment):
+    """Pseudo-mask shards: CRF-refined CAMs, or AffinityNet random walk when affinity.enabled."""
+    if uses_affinity(dataset, experiment):
+        n = n_shards(dataset, experiment, "affinity")
+        return [f"{R}/{dataset}/{experiment}/pseudo_masks_rw/{k}-of-{n}.h5" for k in range(n)]
     n = n_shards(dataset, experiment, "crf")
     return [f"{R}/{dataset}/{experiment}/pseudo_masks/{k}-of-{n}.h5" for k in range(n)]
 
@@ -181,7 +195,13 @@ def report_inputs(wildcards):
         "classifiers": [f"{R}/{ds}/{e}/classifier/model.pt" for e in exps],
         "segmenters": [f"{R}/{ds}/{e}/segmentation/model.pt" for e in exps],
         "saliency": sorted({p for e in exps for p in saliency_inputs(ds, e)}),
+        "submissions": [f"{R}/{ds}/{e}/submission/results.tar.gz" for e in exps] if has_test_split(ds) else [],
     }
+
+
+def has_test_split(dataset):
+    """Datasets with a `test` split role (e.g. VOC2012 test) get a submission archive per experiment."""
+    return bool(dataset_cfg(dataset)["splits"].get("test"))
 
 
 def experiment_label(experiment):

@@ -14,7 +14,8 @@ def _voc_tree(root: Path) -> Path:
     seg.mkdir(parents=True)
     for d in ("JPEGImages", "SegmentationClassAug", "Annotations"):
         (root / d).mkdir()
-    for src, dst in (("trainaug_voc.txt", "train_aug.txt"), ("train_voc.txt", "train.txt"), ("val_voc.txt", "val.txt")):
+    for src, dst in (("trainaug_voc.txt", "train_aug.txt"), ("train_voc.txt", "train.txt"), ("val_voc.txt", "val.txt"),
+                     ("test.txt", "test.txt")):
         (seg / dst).write_text((lists / src).read_text())
     return root
 
@@ -38,7 +39,8 @@ def test_voc_dry_run_on_real_id_lists_is_fast(tmp_path):
     assert counts["train_classifier"] == 1
     assert counts["infer_cams"] == 2 * shards  # train_aug and val
     assert counts["refine_crf"] == shards
-    assert counts["infer_segmentation"] == shards
+    assert counts["infer_segmentation"] == 2 * shards  # val and the VOC2012 test split
+    assert counts["test_submission"] == 1
     assert counts["fetch_weights"] == 2  # ResNet-50 (classifier) and ResNet-101 (DeepLab) ImageNet weights
     assert counts["report"] == 1
     assert "make_toy_dataset" not in counts
@@ -109,6 +111,7 @@ def test_voc_fsae_dag_shares_only_dataset_and_saliency_jobs(tmp_path):
     assert sorted(by_branch["ppc"]) == sorted(by_branch["ppc_fsae"])
     assert by_branch["ppc"].count("train_classifier") == 1
     assert by_branch["ppc"].count("infer_cams") == 16 and by_branch["ppc"].count("refine_crf") == 8
+    assert by_branch["ppc"].count("test_submission") == 1 and by_branch["ppc"].count("infer_segmentation") == 16
 
 
 def test_voc_fsae_without_saliency_folder_names_it(tmp_path):
@@ -119,3 +122,19 @@ def test_voc_fsae_without_saliency_folder_names_it(tmp_path):
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert str(missing) in out and "SALImages" in out
+
+
+def test_affinity_refinement_replaces_the_crf_jobs(tmp_path):
+    root = _voc_tree(tmp_path / "VOC2012")
+    sal = tmp_path / "SALImages"
+    sal.mkdir()
+    cfg = write_yaml(tmp_path / "voc.yaml", {
+        "datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}},
+        "experiments": {"ppc": {"stages": {"affinity": {"enabled": True}}}},
+    })
+    proc = run_snakemake(tmp_path, "-n", "voc_fsae_report", configfile=cfg)
+    jobs = _dry_run_jobs(proc.stdout)
+    ppc = [r for r, outs in jobs if any("/voc/ppc/" in o for o in outs)]
+    fsae = [r for r, outs in jobs if any("/voc/ppc_fsae/" in o for o in outs)]
+    assert ppc.count("train_affinity") == 1 and ppc.count("random_walk") == 8 and "refine_crf" not in ppc
+    assert "train_affinity" not in fsae and fsae.count("refine_crf") == 8

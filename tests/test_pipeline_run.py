@@ -91,3 +91,46 @@ def test_demo_end_to_end_and_noop_rerun(tmp_path):
     jobs = set(re.findall(r"^(\w+)\s+\d+$", table, re.M)) - {"total"}
     assert jobs == {"train_segmentation", "infer_segmentation", "eval_segmentation", "report", "toy_cam_report"}, jobs
 
+
+
+def test_toy_fsae_report_end_to_end_with_both_rows(tmp_path):
+    """The FSAE suite on a tiny toy dataset: both rows, stand-in saliency labelled, FSAE losses logged per step."""
+    tiny_stages = {"classifier": {"max_steps": 30, "checkpoint_every": 10, "batch_size": 4, "crop_size": 64,
+                                  "resize_long": [56, 72], "ppc": {"view2_size": 32}},
+                   "cams": {"scales": [1.0], "n_shards": 1},
+                   "crf": {"n_shards": 1},
+                   "segmentation": {"max_steps": 20, "crop_size": 64, "batch_size": 4, "n_shards": 1}}
+    cfg = write_yaml(tmp_path / "tiny.yaml", {
+        "datasets": {"toy": {"generator": {"n_train_aug": 24, "n_train": 12, "n_val": 12, "image_size": 64}}},
+        "experiments": {e: {"datasets": {"toy": {"stages": tiny_stages}}} for e in ("ppc", "ppc_fsae")},
+    })
+    # the PPC row takes its pseudo-masks from the AffinityNet random walk (the optional refinement)
+    tiny_aff = {"enabled": True, "backbone": {"width": 0.0625, "weights": None, "frozen_bn": False},
+                "batch_size": 4, "crop_size": 64, "max_steps": 10, "checkpoint_every": 5, "num_workers": 0,
+                "n_shards": 1}
+    import yaml
+    doc = yaml.safe_load(cfg.read_text())
+    doc["experiments"]["ppc"]["stages"] = {"affinity": tiny_aff}
+    cfg.write_text(yaml.safe_dump(doc))
+    run_snakemake(tmp_path, "--cores", "2", "toy_fsae_report", configfile=cfg)
+    md = (tmp_path / "results/toy/reports/fsae/report.md").read_text()
+    assert "`ppc` (PPC)" in md and "`ppc_fsae` (PPC + FSAE)" in md
+    assert "stand-in saliency" in md
+    rep = json.loads((tmp_path / "results/toy/reports/fsae/report.json").read_text())
+    assert [r["experiment"] for r in rep["rows"]] == ["ppc", "ppc_fsae"]
+    for r in rep["rows"]:
+        for col in ("cam", "pseudo_mask", "segmentation"):
+            assert 0.0 <= r[col]["miou"] <= 1.0
+    lines = (tmp_path / "results/toy/ppc_fsae/classifier/state/metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for key in ("loss_sup", "loss_pl", "teacher_conf", "mask_ratio", "ring_ratio", "agreement", "loss_sal"):
+        assert all(key in r for r in rows), key
+    base = [json.loads(x) for x in (tmp_path / "results/toy/ppc/classifier/state/metrics.jsonl").read_text().splitlines()]
+    assert "loss_pl" not in base[0] and "loss_nce" in base[0]
+    assert (tmp_path / "results/toy/ppc/affinity/model.pt").is_file()
+    assert list((tmp_path / "results/toy/ppc/pseudo_masks_rw").glob("*.h5"))
+    assert not (tmp_path / "results/toy/ppc/pseudo_masks").exists()
+    assert list((tmp_path / "results/toy/ppc_fsae/pseudo_masks").glob("*.h5"))
+    # the saliency artifact is made once and shared by both branches
+    assert len(list((tmp_path / "results/toy/saliency/maps").glob("*.png"))) == 24

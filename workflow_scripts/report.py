@@ -19,6 +19,7 @@ build_report(
     classifiers=i.classifiers,
     segmenters=i.segmenters,
     saliency=i.saliency,
+    submissions=i.submissions,
     out_md=o.md,
     out_json=o.json,
     out_curves=o.curves,

@@ -32,7 +32,9 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 VOC_HOWTO = ("Download VOCtrainval_11-May-2012.tar from the PASCAL VOC 2012 site and the SegmentationClassAug masks "
              "(SBD-augmented, e.g. the 'SegmentationClassAug.zip' distributed with DeepLab/PSA), extract them so that "
              "<root>/JPEGImages, <root>/SegmentationClassAug and <root>/ImageSets/Segmentation exist, add the "
-             "train_aug id list (10,582 ids), and set datasets.voc.root in config.yaml.")
+             "train_aug id list (10,582 ids), and set datasets.voc.root in config.yaml. For the test-set "
+             "submission, also extract VOC2012test.tar (1,456 images, registration on the VOC evaluation server) "
+             "into the same tree, or set datasets.voc.splits.test: null.")
 
 
 def _resolve(root: Path, p: str) -> Path:

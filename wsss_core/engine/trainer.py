@@ -238,3 +238,29 @@ def save_final(path: str | os.PathLike, model: nn.Module, meta: Mapping[str, Any
 
 def load_final(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def batch_to_device(batch: Mapping[str, Any], device: torch.device) -> dict:
+    """Move the tensors of a batch dict to ``device`` (other entries, e.g. ids, unchanged)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_stage(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[str, Any]], dataset,
+                optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], seed: int, ckpt_dir: str | os.PathLike,
+                metrics: str | os.PathLike, out_model: str | os.PathLike, meta: Mapping[str, Any],
+                config_hash: str = "", desc: str = "train",
+                after_step: Callable[[nn.Module, int], None] | None = None) -> TrainState:
+    """The common tail of every training stage: poly LR over ``cfg['max_steps']``, resumable :func:`fit` on
+    seeded batches of ``dataset`` (``batch_size``, ``num_workers``, ``checkpoint_every``, ``keep_checkpoints``,
+    ``poly_power`` from ``cfg``), then the final weights with ``meta`` (+ seed, config hash, steps, seconds)."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(cfg["max_steps"], cfg["poly_power"]))
+    t0 = time.time()
+    state = fit(model, step_fn,
+                lambda start: batch_stream(dataset, cfg["batch_size"], seed, start, cfg.get("num_workers", 0)),
+                optimizer, scheduler, cfg["max_steps"], ckpt_dir, cfg["checkpoint_every"],
+                cfg.get("keep_checkpoints", 2), identity={"seed": seed, "config_hash": config_hash},
+                metrics_path=metrics, desc=desc, after_step=after_step)
+    save_final(out_model, model, {**meta, "cfg": dict(cfg), "seed": seed, "steps": cfg["max_steps"],
+                                  "config_hash": config_hash, "train_seconds_this_run": time.time() - t0})
+    get_logger().info("wrote %s", out_model)
+    return state

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any, Mapping
 
 import torch
@@ -13,15 +12,11 @@ from ..data.io import read_image
 from ..data.prepare import DatasetInfo
 from ..engine.context import start_job
 from ..engine.logs import progress
-from ..engine.trainer import batch_stream, fit, load_final, poly_lambda, save_final
+from ..engine.trainer import batch_to_device, load_final, train_stage
 from ..errors import ConfigError
 from ..methods import get_method
 from ..methods.inference import multiscale_cams
 from ..store.shards import ShardWriter, shard_ids
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def train_classifier(prepared: str, split: str, method: str, cfg: Mapping[str, Any], out_model: str, ckpt_dir: str,
@@ -41,30 +36,20 @@ def train_classifier(prepared: str, split: str, method: str, cfg: Mapping[str, A
         job.logger.info("pretrained weights: %s", model.backbone.weights_info)
     optimizer = torch.optim.SGD(m.param_groups(model, cfg), lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(cfg["max_steps"], cfg["poly_power"]))
     data = training_data(m, cfg, info, ids, seed, saliency)
-    if hasattr(m, "after_step"):
-        after_step = lambda model, step: m.after_step(model, step, cfg)  # noqa: E731
-    else:
-        after_step = None
     amp = bool(cfg.get("amp")) and job.device.type == "cuda"
 
     def step_fn(model, batch, step):
-        batch = _to_device(batch, job.device)
+        batch = batch_to_device(batch, job.device)
         with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=amp):
             return m.training_step(model, batch, step, cfg)
 
+    after_step = (lambda model, step: m.after_step(model, step, cfg)) if hasattr(m, "after_step") else None
     job.logger.info("training %s on %s (%d images, %d classes) for %d steps", method, split, len(ids),
                     info.n_classes - 1, cfg["max_steps"])
-    t0 = time.time()
-    fit(model, step_fn, lambda start: batch_stream(data, cfg["batch_size"], seed, start, cfg.get("num_workers", 0)),
-        optimizer, scheduler, cfg["max_steps"], ckpt_dir, cfg["checkpoint_every"], cfg.get("keep_checkpoints", 2),
-        identity={"seed": seed, "config_hash": config_hash}, metrics_path=metrics, desc=f"train {method}",
-        after_step=after_step)
-    save_final(out_model, model, {"method": method, "cfg": dict(cfg), "classes": info.classes, "seed": seed,
-                                  "steps": cfg["max_steps"], "config_hash": config_hash,
-                                  "train_seconds_this_run": time.time() - t0})
-    job.logger.info("wrote %s", out_model)
+    train_stage(model, step_fn, data, optimizer, cfg, seed, ckpt_dir, metrics, out_model,
+                {"method": method, "classes": info.classes}, config_hash, desc=f"train {method}",
+                after_step=after_step)
 
 
 def training_data(m, cfg: Mapping[str, Any], info: DatasetInfo, ids: list[str], seed: int,

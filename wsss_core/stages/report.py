@@ -201,6 +201,12 @@ def _saliency_notes(manifests: Sequence[str] | str) -> list[str]:
     return notes
 
 
+def _submission_notes(experiments: Sequence[str], archives: Sequence[str] | str) -> list[str]:
+    return [f"Test-set submission archive of `{e}`: `{a}` (official format "
+            "`results/VOC2012/Segmentation/comp6_test_cls/<id>.png`; upload it to the PASCAL VOC evaluation "
+            "server for the test mIoU)." for e, a in zip(experiments, _as_list(archives))]
+
+
 def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepared: str, eval_split: str,
                  mask_split: str, methods: Mapping[str, str], config: Mapping[str, Any],
                  cam_evals: Sequence[str], mask_evals: Sequence[str], seg_evals: Sequence[str],
@@ -209,7 +215,7 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
                  out_md: str, out_json: str, out_curves: str, out_per_class: str, out_qualitative: str,
                  out_training: str, log: str | None = None, n_examples: int = 6, n_train_examples: int = 2,
                  repo: str | os.PathLike | None = None, saliency: Sequence[str] = (),
-                 notes: Sequence[str] = ()) -> dict:
+                 submissions: Sequence[str] = (), notes: Sequence[str] = ()) -> dict:
     """Write the suite report; returns the report dict (the content of ``out_json``).
 
     Args:
@@ -222,7 +228,8 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
         out_*: the Markdown, JSON and the four PNG plots. Nothing is written unless everything succeeded.
         repo: working tree whose git SHA is recorded (default: the current directory).
         saliency: saliency manifests used by the experiments (their kind is stated in the report's notes).
-        notes: further lines for the report's notes (e.g. test-set submission archives).
+        submissions: test-set submission archives (same order as ``experiments``), listed in the notes.
+        notes: further lines for the report's notes.
     """
     logger = setup_job_logging(log)
     experiments = list(experiments)
@@ -348,7 +355,7 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
     env = rb.environment(repo if repo is not None else Path.cwd())
     report = {
         "title": f"WSSS report: dataset {dataset}, suite {suite}",
-        "notes": _saliency_notes(saliency) + list(notes),
+        "notes": _saliency_notes(saliency) + _submission_notes(experiments, submissions) + list(notes),
         "dataset": dataset,
         "suite": suite,
         "synthetic": bool(info.manifest.get("synthetic", False)),

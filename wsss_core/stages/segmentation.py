@@ -14,8 +14,8 @@ from ..data.io import IGNORE_INDEX, read_image
 from ..data.prepare import DatasetInfo
 from ..data.transforms import normalize, to_tensor
 from ..engine.context import start_job
-from ..engine.logs import progress
-from ..engine.trainer import batch_stream, fit, load_final, poly_lambda, save_final
+from ..engine.logs import progress, setup_job_logging
+from ..engine.trainer import load_final, train_stage
 from ..models.deeplab import build_deeplabv2
 from ..refine.crf import PRESETS, dense_crf
 from ..store.shards import ShardWriter, shard_ids
@@ -34,7 +34,6 @@ def train_segmentation(prepared: str, split: str, mask_shards: Sequence[str], cf
         job.logger.info("pretrained weights: %s", model.backbone.weights_info)
     optimizer = torch.optim.SGD(model.param_groups(cfg["lr"], cfg["weight_decay"]), lr=cfg["lr"],
                                 momentum=cfg["momentum"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(cfg["max_steps"], cfg["poly_power"]))
     data = SegmentationDataset(info.image_dir, ids, mask_shards, cfg["crop_size"], cfg["scale_range"], seed)
     amp = bool(cfg.get("amp")) and job.device.type == "cuda"
 
@@ -50,10 +49,8 @@ def train_segmentation(prepared: str, split: str, mask_shards: Sequence[str], cf
 
     job.logger.info("training DeepLab-V2 (%s) on %d pseudo-masks of %s for %d steps", cfg["backbone"]["arch"],
                     len(ids), split, cfg["max_steps"])
-    fit(model, step_fn, lambda start: batch_stream(data, cfg["batch_size"], seed, start, cfg.get("num_workers", 0)),
-        optimizer, scheduler, cfg["max_steps"], ckpt_dir, cfg["checkpoint_every"], cfg.get("keep_checkpoints", 2),
-        identity={"seed": seed, "config_hash": config_hash}, metrics_path=metrics, desc="train deeplab")
-    save_final(out_model, model, {"cfg": dict(cfg), "classes": info.classes, "seed": seed, "config_hash": config_hash})
+    train_stage(model, step_fn, data, optimizer, cfg, seed, ckpt_dir, metrics, out_model,
+                {"classes": info.classes}, config_hash, desc="train deeplab")
 
 
 @torch.no_grad()
@@ -97,3 +94,14 @@ def infer_segmentation(prepared: str, split: str, shard: int, n_shards: int, mod
                 probs = dense_crf(image, probs, crf)
             writer.add_mask(image_id, probs.argmax(0).astype(np.uint8))
     job.logger.info("wrote %d predictions to %s", len(ids), out)
+
+
+def make_test_submission(prepared: str, split: str, pred_shards: Sequence[str], out: str, comp: str = "comp6",
+                         log: str | None = None) -> None:
+    """Stage: the VOC evaluation-server archive of the segmentation predictions of ``split`` (the test set)."""
+    from ..report.submission import member_name, write_voc_submission
+
+    logger = setup_job_logging(log)
+    info = DatasetInfo(prepared)
+    n = write_voc_submission(pred_shards, info.ids(split), out, n_classes=info.n_classes, comp=comp)
+    logger.info("wrote %s: %d PNGs as %s", out, n, member_name("<id>", comp))

@@ -1,0 +1,158 @@
+"""AffinityNet (PSA, Ahn & Kwak 2018) and random-walk refinement, as used by SEAM-PPC (``ppc.md`` §9) and
+MCTformer (``psa_and_deeplab.md`` part A).
+
+Pieces (pure torch / numpy; devices follow the inputs):
+
+- :func:`pair_offsets` / :func:`pair_indices`: the radius-r "forward" neighbour pairs (34 offsets at r = 5);
+- :func:`affinity_label_map`: confident fg from the low-alpha CRF, confident bg from the high-alpha CRF,
+  everything else ignored (255); :func:`pair_labels`: bg-pos / fg-pos / neg pair masks;
+- :class:`AffinityNet`: ResNet-38 + ELU branches (conv4, conv5, conv6) -> 448-d features;
+  :func:`pair_affinities` ``a_ij = exp(-mean_c |f_i - f_j|)``; :func:`affinity_loss` ``bg/4 + fg/4 + neg/2``;
+- :func:`dense_affinity`, :func:`transition_matrix` (``A^beta``, column-normalised, squared ``logt`` times)
+  and :func:`random_walk` (``cam . T``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.io import IGNORE_INDEX
+from ..models.resnet38 import build_resnet38
+
+EPS = 1e-5
+
+
+def pair_offsets(radius: int = 5) -> list[tuple[int, int]]:
+    """(dy, dx) offsets: (0, 1..r-1), then for dy = 1..r-1 every dx in -(r-1)..r-1 with dx² + dy² < r²."""
+    out = [(0, dx) for dx in range(1, radius)]
+    for dy in range(1, radius):
+        for dx in range(-radius + 1, radius):
+            if dx * dx + dy * dy < radius * radius:
+                out.append((dy, dx))
+    return out
+
+
+def pair_indices(h: int, w: int, radius: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the pairs on an h x w grid: ``from`` (n_from,) and ``to`` (n_offsets, n_from).
+
+    "From" pixels are rows 0..h-r and columns r-1..w-r (so every offset stays inside the grid); a grid smaller
+    than that (h < r or w < 2r - 1) has no pairs, and the random walk leaves its scores unchanged.
+    """
+    r = radius
+    ys, xs = torch.meshgrid(torch.arange(0, max(h - r + 1, 0)), torch.arange(r - 1, max(w - r + 1, r - 1)),
+                            indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    frm = ys * w + xs
+    to = torch.stack([(ys + dy) * w + (xs + dx) for dy, dx in pair_offsets(radius)])
+    return frm, to
+
+
+def affinity_label_map(la: np.ndarray, ha: np.ndarray) -> np.ndarray:
+    """Label map for affinity training from the low-alpha and high-alpha CRF label maps (compact labels,
+    0 = bg): fg where ``la`` says a class (unless ``ha`` says bg), bg where ``ha`` says bg, else 255."""
+    out = la.astype(np.uint8).copy()
+    out[la == 0] = IGNORE_INDEX
+    out[ha == 0] = 0
+    return out
+
+
+def pair_labels(labels: torch.Tensor, radius: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, h, w) int labels (255 ignored) -> ``bg_pos``, ``fg_pos``, ``neg`` float masks (B, n_offsets, n_from)."""
+    b, h, w = labels.shape
+    frm, to = pair_indices(h, w, radius)
+    flat = labels.reshape(b, -1)
+    lf = flat[:, frm.to(flat.device)][:, None, :]
+    lt = flat[:, to.to(flat.device)]
+    valid = (lf != IGNORE_INDEX) & (lt != IGNORE_INDEX)
+    bg_pos = (lf == 0) & (lt == 0)
+    fg_pos = (lf == lt) & (lf != 0) & valid
+    neg = (lf != lt) & valid
+    return bg_pos.float(), fg_pos.float(), neg.float()
+
+
+class AffinityNet(nn.Module):
+    """ResNet-38 trunk + affinity head. forward: (B, 3, H, W) -> features (B, 448, H/8, W/8).
+
+    Head: ELU(f8_3(conv4) -> 64), ELU(f8_4(conv5) -> 128), ELU(f8_5(conv6) -> 256), concatenated (448),
+    ELU(f9 448 -> 448). All 1x1, bias-free; Kaiming init, f9 Xavier gain 4 (spec A4). Scaled with the
+    backbone width for narrow toy networks.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        t = backbone.tap_channels
+        self.f8_3 = nn.Conv2d(t["conv4"], 64, 1, bias=False)
+        self.f8_4 = nn.Conv2d(t["conv5"], 128, 1, bias=False)
+        self.f8_5 = nn.Conv2d(backbone.out_channels, 256, 1, bias=False)
+        self.f9 = nn.Conv2d(448, 448, 1, bias=False)
+        for conv in (self.f8_3, self.f8_4, self.f8_5):
+            nn.init.kaiming_normal_(conv.weight)
+        nn.init.xavier_uniform_(self.f9.weight, gain=4)
+
+    @property
+    def new_layers(self) -> list[nn.Module]:
+        return [self.f8_3, self.f8_4, self.f8_5, self.f9]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.backbone.forward_features(x)
+        cat = torch.cat([F.elu(self.f8_3(f["conv4"])), F.elu(self.f8_4(f["conv5"])), F.elu(self.f8_5(f["conv6"]))], 1)
+        return F.elu(self.f9(cat))
+
+
+def build_affinity_net(cfg: Mapping[str, Any], cache_dir: str = "weights") -> AffinityNet:
+    bb = cfg["backbone"]
+    return AffinityNet(build_resnet38(weights=bb.get("weights"), cache_dir=cache_dir,
+                                      frozen_bn=bb.get("frozen_bn", True), frozen_stem=bb.get("frozen_stem", True),
+                                      width=bb.get("width", 1.0)))
+
+
+def pair_affinities(feat: torch.Tensor, radius: int = 5) -> torch.Tensor:
+    """(B, D, h, w) -> a_ij = exp(-mean_c |f_i - f_j|) for the radius pairs, (B, n_offsets, n_from) in (0, 1]."""
+    b, d, h, w = feat.shape
+    frm, to = pair_indices(h, w, radius)
+    flat = feat.reshape(b, d, -1)
+    ff = flat[:, :, frm.to(feat.device)][:, :, None, :]
+    ft = flat[:, :, to.to(feat.device)]
+    return torch.exp(-(ff - ft).abs().mean(1))
+
+
+def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor) -> dict:
+    """Spec A5: ``L = bg/4 + fg/4 + neg/2`` with counts summed over the batch (eps 1e-5)."""
+    bg = -(bg_pos * torch.log(aff + EPS)).sum() / (bg_pos.sum() + EPS)
+    fg = -(fg_pos * torch.log(aff + EPS)).sum() / (fg_pos.sum() + EPS)
+    ng = -(neg * torch.log(1 + EPS - aff)).sum() / (neg.sum() + EPS)
+    return {"loss": bg / 4 + fg / 4 + ng / 2, "loss_bg": bg, "loss_fg": fg, "loss_neg": ng}
+
+
+def dense_affinity(aff: torch.Tensor, h: int, w: int, radius: int = 5) -> torch.Tensor:
+    """(n_offsets, n_from) pair affinities of one image -> symmetric (hw, hw) matrix with 1 on the diagonal."""
+    frm, to = pair_indices(h, w, radius)
+    n = h * w
+    a = torch.zeros(n, n, dtype=aff.dtype, device=aff.device)
+    rows = frm[None].expand_as(to).reshape(-1).to(aff.device)
+    cols = to.reshape(-1).to(aff.device)
+    a[rows, cols] = aff.reshape(-1)
+    a[cols, rows] = aff.reshape(-1)
+    a.fill_diagonal_(1.0)
+    return a
+
+
+def transition_matrix(a: torch.Tensor, beta: float = 8.0, logt: int = 6) -> torch.Tensor:
+    """``T = (A^beta / column sums)^(2^logt)``: every column sums to 1."""
+    t = a.pow(beta)
+    t = t / t.sum(0, keepdim=True)
+    for _ in range(int(logt)):
+        t = t @ t
+    return t
+
+
+def random_walk(cams: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+    """(C, h, w) scores (bg included) -> propagated scores ``cam . T`` (C, h, w)."""
+    c, h, w = cams.shape
+    return (cams.reshape(c, -1) @ trans).reshape(c, h, w)
