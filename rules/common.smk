@@ -8,7 +8,8 @@ from snakemake.utils import validate
 
 from wsss_core.config import config_hash, stage_config
 from wsss_core.data.prepare import VOC_HOWTO, voc_layout_problems
-from wsss_core.data.saliency import SALIENCY_HOWTO
+from wsss_core.data.prepare import SALIENCY_HOWTO
+from wsss_core.errors import missing_weights_message
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -174,8 +175,10 @@ def suite_experiments(suite):
 
 
 def weights_inputs(cfg):
-    """torchvision weights files a stage needs (fetched by fetch_weights); local paths are not inputs."""
+    """torchvision weights files a stage needs (fetched by fetch_weights); a local path is checked now (DAG build)."""
     w = cfg["backbone"].get("weights")
+    if w and w.get("path") and not Path(w["path"]).expanduser().is_file():
+        raise WorkflowError(missing_weights_message(w["path"]))
     if w and w.get("torchvision") and not w.get("path"):
         return [f"{config['weights_dir']}/{w['torchvision']}.pth"]
     return []

@@ -20,6 +20,12 @@ def _voc_tree(root: Path) -> Path:
     return root
 
 
+def _resnet38_weights(workdir: Path) -> None:
+    """A stand-in for the ResNet-38 ImageNet file at its configured (relative) path; a dry run only checks it exists."""
+    (workdir / "weights").mkdir(exist_ok=True)
+    (workdir / "weights" / "ilsvrc-cls_rna-a1_cls1000_ep-0001.params").write_bytes(b"")
+
+
 def _job_counts(stdout: str) -> dict[str, int]:
     table = stdout[stdout.index("Job stats:"):]
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
@@ -96,6 +102,10 @@ def test_voc_fsae_dag_shares_only_dataset_and_saliency_jobs(tmp_path):
     sal = tmp_path / "SALImages"
     sal.mkdir()
     cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}}})
+    proc = run_snakemake(tmp_path, "-n", "voc_fsae_report", configfile=cfg, check=False)
+    assert proc.returncode != 0 and "ilsvrc-cls_rna-a1_cls1000_ep-0001.params" in proc.stdout + proc.stderr
+    assert "github.com/jiwoon-ahn/psa" in proc.stdout + proc.stderr  # says how to get it
+    _resnet38_weights(tmp_path)
     proc = run_snakemake(tmp_path, "-n", "voc_fsae_report", configfile=cfg)
     assert proc.elapsed < 10, f"DAG took {proc.elapsed:.1f} s"
     jobs = _dry_run_jobs(proc.stdout)
@@ -132,6 +142,7 @@ def test_affinity_refinement_replaces_the_crf_jobs(tmp_path):
         "datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}},
         "experiments": {"ppc": {"stages": {"affinity": {"enabled": True}}}},
     })
+    _resnet38_weights(tmp_path)
     proc = run_snakemake(tmp_path, "-n", "voc_fsae_report", configfile=cfg)
     jobs = _dry_run_jobs(proc.stdout)
     ppc = [r for r, outs in jobs if any("/voc/ppc/" in o for o in outs)]

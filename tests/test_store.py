@@ -248,3 +248,19 @@ def test_write_json_and_text(tmp_path):
         write_json(tmp_path / "z.json", {"bad": object()})
     assert not (tmp_path / "z.json").exists()
     assert sorted(x.name for x in tmp_path.iterdir()) == ["x.json", "y.txt"]
+
+
+def test_atomic_outputs_get_normal_permissions_not_mkstemps_0600(tmp_path):
+    import os
+
+    from wsss_core.store.atomic import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        with ShardWriter(tmp_path / "s.h5", "masks", {}) as w:
+            w.add_mask("i", np.zeros((2, 2), np.uint8))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "s.h5").stat().st_mode & 0o777 == 0o644

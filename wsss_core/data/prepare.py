@@ -36,6 +36,12 @@ VOC_HOWTO = ("Download VOCtrainval_11-May-2012.tar from the PASCAL VOC 2012 site
              "submission, also extract VOC2012test.tar (1,456 images, registration on the VOC evaluation server) "
              "into the same tree, or set datasets.voc.splits.test: null.")
 
+SALIENCY_HOWTO = (
+    "Saliency maps are off-the-shelf salient-object maps, one <id>.png per training image. For PASCAL VOC, "
+    "EPS/PPC use the PFAN/PoolNet maps distributed by the EPS authors (github.com/PengtaoJiang/EPS, "
+    "'SALImages'): download and unpack them, then set datasets.<name>.saliency.dir to that folder."
+)
+
 
 def _resolve(root: Path, p: str) -> Path:
     q = Path(p).expanduser()

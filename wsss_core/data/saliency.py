@@ -23,14 +23,7 @@ import numpy as np
 from ..errors import DatasetError
 from ..store.atomic import write_json
 from .io import IGNORE_INDEX, read_label_png, write_image
-from .prepare import DatasetInfo
-
-SALIENCY_HOWTO = (
-    "Saliency maps are off-the-shelf salient-object maps, one <id>.png per training image. For PASCAL VOC, "
-    "EPS/PPC use the PFAN/PoolNet maps distributed by the EPS authors (github.com/PengtaoJiang/EPS, "
-    "'SALImages'): download and unpack them, then set datasets.<name>.saliency.dir to that folder."
-)
-
+from .prepare import SALIENCY_HOWTO, DatasetInfo
 
 def standin_saliency(mask: np.ndarray, rng: np.random.Generator, blur_sigma: float = 2.0,
                      noise: float = 0.15) -> np.ndarray:

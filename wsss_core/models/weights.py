@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import WeightsError
+from ..errors import WeightsError, missing_weights_message
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -77,8 +77,7 @@ def load_state_dict_file(path: str | os.PathLike, sha256: str | None = None) -> 
     """Load a state dict from ``path`` (verifying ``sha256`` if given), unwrapping common nestings."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"pretrained weights not found: {path}. Put the file there, set its path in "
-                           "config.yaml, or (online) run the fetch_weights rule for torchvision weights.")
+        raise WeightsError(missing_weights_message(path))
     if sha256:
         got = sha256_file(path)
         if got != sha256:

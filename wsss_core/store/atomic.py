@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _default_mode() -> int:
+    """Permissions of a newly created file under the current umask (``mkstemp`` would leave 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed to ``path``.
@@ -31,6 +38,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp_path
         with open(tmp_path, "rb+") as fh:  # make the bytes durable before the rename
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, _default_mode())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
