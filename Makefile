@@ -1,5 +1,5 @@
 # wsss-flow: the two commands of the README.
-#   make demo   set up .venv and run the toy pipeline end to end (report in results/toy/reports/cam/)
+#   make demo   set up .venv and run the toy pipeline end to end (reports in results/toy/reports/{cam,fsae}/)
 #   make test   set up .venv and run the test suite
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(SNAKEMAKE) --cores $(CORES) toy_cam_report
-	@echo "report: results/toy/reports/cam/report.md"
+	$(SNAKEMAKE) --cores $(CORES) all
+	@echo "reports: results/toy/reports/cam/report.md results/toy/reports/fsae/report.md"
 
 test: setup
 	$(PY) -m pytest -q -rs tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -28,6 +28,7 @@ include: "rules/report.smk"
 rule all:
     input:
         report_md("toy", "cam"),
+        report_md("toy", "fsae"),
     default_target: True
 
 
