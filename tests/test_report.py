@@ -429,7 +429,8 @@ def test_workflow_script_passes_the_rule_names(monkeypatch):
     seen = {}
     monkeypatch.setattr(stage, "build_report", lambda **kw: seen.update(kw))
     inp = SimpleNamespace(manifest="m", cam_evals=["c"], mask_evals=["m"], seg_evals=["s"], cams=["x.h5"],
-                          masks=["y.h5"], preds=["z.h5"], classifiers=["a.pt"], segmenters=["b.pt"])
+                          masks=["y.h5"], preds=["z.h5"], classifiers=["a.pt"], segmenters=["b.pt"],
+                          saliency=["sal.json"], submissions=["results.tar.gz"])
     out = SimpleNamespace(md="r.md", json="r.json", curves="c.png", per_class="p.png", qualitative="q.png",
                           training="t.png")
     params = SimpleNamespace(experiments=["cam"], suite="cam", dataset="toy", prepared="d", eval_split="val",
@@ -439,5 +440,6 @@ def test_workflow_script_passes_the_rule_names(monkeypatch):
     assert seen["out_md"] == "r.md" and seen["out_json"] == "r.json" and seen["out_training"] == "t.png"
     assert seen["cams"] == ["x.h5"] and seen["segmenters"] == ["b.pt"] and seen["log"] == "l.log"
     assert seen["methods"] == {"cam": "cam"} and seen["config"] == {"seed": 0}
+    assert seen["saliency"] == ["sal.json"] and seen["submissions"] == ["results.tar.gz"]
     monkeypatch.undo()
     assert set(seen) <= set(inspect.signature(stage.build_report).parameters)
