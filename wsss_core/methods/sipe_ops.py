@@ -1,0 +1,82 @@
+"""SIPE (Chen et al., CVPR 2022) op core, groundwork for its method module (spec: ``sipe.md``).
+
+Shapes: N batch, C classes incl. background (channel 0), h x w the OS16 map, D feature channels.
+Everything is pure torch on the inputs' device/dtype.
+
+- :func:`norm_cam` (§3): ReLU'd CAM logits max-normalised per channel, bg = 1 - max fg, optional mask;
+- :func:`seed_iou` / :func:`structure_seeds` (§4a): soft IoU between each pixel's (ReLU'd cosine)
+  correlation row and each class map, bg x 0.5, one-hot argmax, then masked;
+- :func:`prototypes` (§4b): per-image, per-class seed-masked feature sums / (h·w);
+- :func:`is_cam` (§4c): ReLU(cos(feature, prototype));
+- :func:`gsc_loss` (§5): mean |norm_cam - IS_cam / (max + 1e-5)|.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-5
+BG_SEED_SCALE = 0.5  # §4a step 3
+
+
+def norm_cam(cam: torch.Tensor, mask: torch.Tensor | None = None, eps: float = EPS) -> torch.Tensor:
+    """§3: (N, C-1, h, w) fg CAM logits -> (N, C, h, w) [bg, fg] in [0, 1].
+
+    ``relu(cam) / (max_hw + eps)`` per channel; bg = 1 - max over *all* fg channels (before masking); then
+    multiplied by ``mask`` ((N, C, h, w) or broadcastable: training's valid_mask_lowres) if given.
+    """
+    n, k = cam.shape[:2]
+    x = F.relu(cam)
+    x = x / (x.reshape(n, k, -1).amax(-1).view(n, k, 1, 1) + eps)
+    out = torch.cat([1 - x.amax(1, keepdim=True), x], 1)
+    return out * mask if mask is not None else out
+
+
+def _l2n(feat: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    return feat / (feat.norm(dim=1, keepdim=True) + eps)
+
+
+def seed_iou(cams: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+    """§4a steps 1-3: soft IoU (N, C, h, w) of each pixel's correlation row with each class map (bg x 0.5).
+
+    cams (N, C, h, w), feat (N, D, h, w). ``S = relu(F^T F)`` of per-pixel l2-normalised features;
+    ``inter_c(i) = sum_j S(i, j) M_c(j)`` computed as a matmul (S is symmetric), ``union = sum_j S(i, j) +
+    sum_j M_c(j) - inter``; no epsilon, as in the reference.
+    """
+    n, c, h, w = cams.shape
+    f = _l2n(feat).reshape(n, feat.shape[1], h * w)
+    s = F.relu(torch.bmm(f.transpose(1, 2), f))                         # (N, hw, hw)
+    m = cams.reshape(n, c, h * w)
+    inter = torch.bmm(m, s)                                              # (N, C, hw): S symmetric
+    union = s.sum(1)[:, None, :] + m.sum(-1, keepdim=True) - inter
+    iou = (inter / union).reshape(n, c, h, w)
+    scale = torch.ones(c, device=iou.device, dtype=iou.dtype)
+    scale[0] = BG_SEED_SCALE
+    return iou * scale.view(1, c, 1, 1)
+
+
+def structure_seeds(cams: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """§4a: one-hot argmax of :func:`seed_iou` (N, C, h, w), times ``mask`` (argmax taken before masking, so a
+    pixel whose best class is absent gets no seed)."""
+    iou = seed_iou(cams, feat)
+    seeds = F.one_hot(iou.argmax(1), cams.shape[1]).permute(0, 3, 1, 2).to(cams.dtype)
+    return seeds * mask
+
+
+def prototypes(seeds: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+    """§4b: (N, C, h, w) seeds, (N, D, h, w) features -> (N, C, D) ``sum_j seed_c(j) f(j) / (h w)``."""
+    n, c, h, w = seeds.shape
+    return torch.einsum("nchw,ndhw->ncd", seeds, feat) / (h * w)
+
+
+def is_cam(feat: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """§4c: ReLU(cosine(f(i), p_c)) (N, C, h, w) with torch's cosine eps 1e-8 (zero prototype -> 0)."""
+    return F.relu(F.cosine_similarity(feat[:, None], protos[:, :, :, None, None], dim=2, eps=1e-8))
+
+
+def gsc_loss(ncam: torch.Tensor, iscam: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """§5: mean over (N, C, h, w) of ``|norm_cam - IS_cam / (max_hw IS_cam + eps)|``; both sides get gradients."""
+    n, c = iscam.shape[:2]
+    target = iscam / (iscam.reshape(n, c, -1).amax(-1).view(n, c, 1, 1) + eps)
+    return (ncam - target).abs().mean()
