@@ -37,9 +37,11 @@ def pair_offsets(radius: int = 5) -> list[tuple[int, int]]:
     return out
 
 
-def pair_indices(h: int, w: int, radius: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_indices(h: int, w: int, radius: int = 5,
+                 offsets: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices of the pairs on an h x w grid: ``from`` (n_from,) and ``to`` (n_offsets, n_from).
 
+    ``offsets`` (default :func:`pair_offsets`) sets the direction order (IRN orders them by path length).
     "From" pixels are rows 0..h-r and columns r-1..w-r (so every offset stays inside the grid); a grid smaller
     than that (h < r or w < 2r - 1) has no pairs, and the random walk leaves its scores unchanged.
     """
@@ -48,7 +50,8 @@ def pair_indices(h: int, w: int, radius: int = 5) -> tuple[torch.Tensor, torch.T
                             indexing="ij")
     ys, xs = ys.reshape(-1), xs.reshape(-1)
     frm = ys * w + xs
-    to = torch.stack([(ys + dy) * w + (xs + dx) for dy, dx in pair_offsets(radius)])
+    offsets = pair_offsets(radius) if offsets is None else offsets
+    to = torch.stack([(ys + dy) * w + (xs + dx) for dy, dx in offsets])
     return frm, to
 
 
@@ -61,14 +64,17 @@ def affinity_label_map(la: np.ndarray, ha: np.ndarray) -> np.ndarray:
     return out
 
 
-def pair_labels(labels: torch.Tensor, radius: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, h, w) int labels (255 ignored) -> ``bg_pos``, ``fg_pos``, ``neg`` float masks (B, n_offsets, n_from)."""
+def pair_labels(labels: torch.Tensor, radius: int = 5, offsets: list[tuple[int, int]] | None = None,
+                ignore_at_least: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, h, w) int labels -> ``bg_pos``, ``fg_pos``, ``neg`` float masks (B, n_offsets, n_from).
+
+    Labels >= ``ignore_at_least`` are ignored (255 here; IRN treats every value >= C as invalid)."""
     b, h, w = labels.shape
-    frm, to = pair_indices(h, w, radius)
+    frm, to = pair_indices(h, w, radius, offsets)
     flat = labels.reshape(b, -1)
     lf = flat[:, frm.to(flat.device)][:, None, :]
     lt = flat[:, to.to(flat.device)]
-    valid = (lf != IGNORE_INDEX) & (lt != IGNORE_INDEX)
+    valid = (lf < ignore_at_least) & (lt < ignore_at_least)
     bg_pos = (lf == 0) & (lt == 0)
     fg_pos = (lf == lt) & (lf != 0) & valid
     neg = (lf != lt) & valid
