@@ -273,3 +273,22 @@ def test_non_finite_loss_raises(tmp_path, bad):
     with pytest.raises(FloatingPointError, match="step 2"):
         fit(model, step_fn, lambda s: batch_stream(TinyData(), BATCH, SEED, s), opt, None, 10, tmp_path, 100)
     assert torch.equal(model[0].weight, before)  # zero loss = zero gradient; the bad step never stepped
+
+
+def test_max_grad_norm_clips_the_update_and_logs_the_norm(tmp_path):
+    """One plain-SGD step with lr 1: the parameter change is the clipped gradient, so its norm is <= the limit."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    data = TinyData()
+
+    def step_fn(m, batch, step):
+        return {"loss": 100.0 * nn.functional.mse_loss(m(batch["x"]), batch["y"])}
+
+    fit(model, step_fn, lambda start: batch_stream(data, BATCH, SEED, start), opt, None, 1, tmp_path / "c", 10,
+        metrics_path=tmp_path / "m.jsonl", max_grad_norm=0.01)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert (after - before).norm() <= 0.01 + 1e-6
+    row = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])
+    assert row["grad_norm"] > 0.01  # the pre-clip norm, logged

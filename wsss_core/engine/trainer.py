@@ -144,8 +144,12 @@ def fit(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[str, Any
         optimizer: torch.optim.Optimizer, scheduler, max_steps: int, ckpt_dir: str | os.PathLike,
         checkpoint_every: int, keep_checkpoints: int = 2, identity: Mapping[str, Any] | None = None,
         metrics_path: str | os.PathLike | None = None, desc: str = "train",
-        after_step: Callable[[nn.Module, int], None] | None = None) -> TrainState:
+        after_step: Callable[[nn.Module, int], None] | None = None,
+        max_grad_norm: float | None = None) -> TrainState:
     """Run ``step_fn(model, batch, step) -> {"loss": tensor, **scalars}`` until ``max_steps``, resumably.
+
+    ``max_grad_norm``: clip the global L2 norm of the gradients before each step (SIPE/SFC clip at 1); the
+    pre-clip norm is logged as ``grad_norm``.
 
     ``batches_from(start_step)`` returns the batch iterator starting at ``start_step``. ``identity``
     (e.g. seed and config hash) is stored in checkpoints and must match for a checkpoint to be resumed.
@@ -179,6 +183,9 @@ def fit(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[str, Any
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if max_grad_norm is not None:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                out = {**out, "grad_norm": torch.nn.utils.clip_grad_norm_(params, max_grad_norm)}
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -252,14 +259,16 @@ def train_stage(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[
                 after_step: Callable[[nn.Module, int], None] | None = None) -> TrainState:
     """The common tail of every training stage: poly LR over ``cfg['max_steps']``, resumable :func:`fit` on
     seeded batches of ``dataset`` (``batch_size``, ``num_workers``, ``checkpoint_every``, ``keep_checkpoints``,
-    ``poly_power`` from ``cfg``), then the final weights with ``meta`` (+ seed, config hash, steps, seconds)."""
+    ``poly_power``, optional ``max_grad_norm`` from ``cfg``), then the final weights with ``meta`` (+ seed, config
+    hash, steps, seconds)."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(cfg["max_steps"], cfg["poly_power"]))
     t0 = time.time()
     state = fit(model, step_fn,
                 lambda start: batch_stream(dataset, cfg["batch_size"], seed, start, cfg.get("num_workers", 0)),
                 optimizer, scheduler, cfg["max_steps"], ckpt_dir, cfg["checkpoint_every"],
                 cfg.get("keep_checkpoints", 2), identity={"seed": seed, "config_hash": config_hash},
-                metrics_path=metrics, desc=desc, after_step=after_step)
+                metrics_path=metrics, desc=desc, after_step=after_step,
+                max_grad_norm=cfg.get("max_grad_norm"))
     save_final(out_model, model, {**meta, "cfg": dict(cfg), "seed": seed, "steps": cfg["max_steps"],
                                   "config_hash": config_hash, "train_seconds_this_run": time.time() - t0})
     get_logger().info("wrote %s", out_model)
