@@ -8,7 +8,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..methods.fsae_ops import make_weak_strong_views
 from .io import IGNORE_INDEX, read_image
+from .saliency import read_saliency
 from .transforms import color_jitter, normalize, random_crop, random_resize_long, resize, to_tensor
 
 
@@ -115,9 +117,6 @@ class ViewsDataset(_Seeded, torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
-        from ..methods.fsae_ops import make_weak_strong_views
-        from .saliency import read_saliency
-
         rng = self.rng(i)
         image_id = self.ids[i]
         img = read_image(self.image_dir / f"{image_id}{self.ext}")

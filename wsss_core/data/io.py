@@ -6,6 +6,8 @@ Label maps are single-channel index PNGs (VOC convention: 0 = background, 1..C-1
 
 from __future__ import annotations
 
+import io
+
 import os
 from pathlib import Path
 
@@ -99,15 +101,23 @@ def read_label_png(path: str | os.PathLike, n_classes: int | None = None) -> np.
     return arr
 
 
-def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
-    """Atomically write a uint8 (H, W) label map as a VOC-palette ("P" mode) PNG."""
+def label_png_bytes(labels: np.ndarray) -> bytes:
+    """A uint8 (H, W) label map encoded as a VOC-palette ("P" mode) PNG."""
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"label map must be 2-D, got shape {labels.shape}")
     im = Image.fromarray(labels.astype(np.uint8), mode="P")
     im.putpalette(_PALETTE_FLAT)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """Atomically write a uint8 (H, W) label map as a VOC-palette ("P" mode) PNG."""
+    data = label_png_bytes(labels)
     with atomic_path(path, suffix=".png") as tmp:
-        im.save(tmp, format="PNG")
+        tmp.write_bytes(data)
 
 
 def write_image(path: str | os.PathLike, img: np.ndarray, quality: int = 92) -> None:

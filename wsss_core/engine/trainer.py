@@ -260,7 +260,10 @@ def train_stage(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[
     """The common tail of every training stage: poly LR over ``cfg['max_steps']``, resumable :func:`fit` on
     seeded batches of ``dataset`` (``batch_size``, ``num_workers``, ``checkpoint_every``, ``keep_checkpoints``,
     ``poly_power``, optional ``max_grad_norm`` from ``cfg``), then the final weights with ``meta`` (+ seed, config
-    hash, steps, seconds)."""
+    hash, steps, seconds). Logs the pretrained-weights report of ``model.backbone`` if it has one."""
+    info = getattr(getattr(model, "backbone", None), "weights_info", None)
+    if info:
+        get_logger().info("pretrained weights: %s", info)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(cfg["max_steps"], cfg["poly_power"]))
     t0 = time.time()
     state = fit(model, step_fn,

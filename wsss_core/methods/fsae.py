@@ -20,7 +20,6 @@ Inference uses the student (saved checkpoints hold both; the reference saves onl
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import Any, Mapping
 
 import torch
@@ -60,13 +59,18 @@ def fsae_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def base_method(cfg: Mapping[str, Any]):
-    from .base import get_method
+def _base(name: str):
+    from .base import get_method  # base.py registers this module: import on use
 
-    m = get_method(fsae_settings(cfg)["base"])
+    m = get_method(name)
     if not hasattr(m, "cam_logits"):
-        raise ConfigError(f"method {fsae_settings(cfg)['base']!r} exposes no cam_logits; FSAE cannot wrap it")
+        raise ConfigError(f"method {name!r} exposes no cam_logits; FSAE cannot wrap it")
     return m
+
+
+def base_method(cfg: Mapping[str, Any]):
+    """The wrapped method module named by ``classifier.fsae.base``."""
+    return _base(fsae_settings(cfg)["base"])
 
 
 class FSAEModel(nn.Module):
@@ -98,9 +102,9 @@ class FSAEModel(nn.Module):
 
 
 def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weights") -> FSAEModel:
-    m = base_method(cfg)
-    model = FSAEModel(m.build_model(cfg, n_classes, cache_dir=cache_dir))
-    model.base_name = m.__name__  # cam_forward / cam_logits need the base method without the config
+    name = fsae_settings(cfg)["base"]
+    model = FSAEModel(_base(name).build_model(cfg, n_classes, cache_dir=cache_dir))
+    model.base_name = name  # cam_forward / cam_logits need the base method without the config
     return model
 
 
@@ -172,4 +176,4 @@ def base_method_of(model: FSAEModel):
     name = getattr(model, "base_name", None)
     if name is None:
         raise ConfigError("FSAEModel without base_name; build it with fsae.build_model")
-    return importlib.import_module(name)
+    return _base(name)

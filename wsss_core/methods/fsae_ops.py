@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.io import IGNORE_INDEX
 from ..data.transforms import crop_with_box, normalize, resize, to_tensor
-
-IGNORE_INDEX = 255
 
 # ---- hyperparameter defaults (§7, final VOC script `script/voc_ppc0.sh` unless noted) ----
 CROP_SIZE = 448                 # --crop_size 448

@@ -103,10 +103,6 @@ def param_groups(model: PPCNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
                                 bool(cfg.get("fix_quirk", False)), cfg.get("momentum", 0.9))
 
 
-def _view2(img: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(img, size=(size, size), mode="bilinear", align_corners=True)
-
-
 def supervised_loss(model: PPCNet, batch: Mapping[str, torch.Tensor], step: int, cfg: Mapping[str, Any],
                     sal_view2: str | None = None) -> dict[str, torch.Tensor]:
     """The full PPC loss on the weak view and its rescaled copy (§3 second view, §4, §5).
@@ -117,7 +113,8 @@ def supervised_loss(model: PPCNet, batch: Mapping[str, torch.Tensor], step: int,
     p = ppc_settings(cfg)
     bg = model.bg_index
     img1, label = batch["image"], batch["label"]
-    img2 = _view2(img1, int(p["view2_size"]))
+    size2 = (int(p["view2_size"]),) * 2
+    img2 = ops.resize(img1, size2)
     o1, o2 = model(img1), model(img2)
     if p["variant"] == "seam":  # §2a: cam and cam_rv upsampled to the input size
         up = [ops.resize(o[k], i.shape[-2:]) for o, i in ((o1, img1), (o2, img2)) for k in ("cam", "cam_rv")]
@@ -138,7 +135,7 @@ def supervised_loss(model: PPCNet, batch: Mapping[str, torch.Tensor], step: int,
                               "saliency source)")
         sal1 = batch["saliency"]
         mode = sal_view2 or p["sal_view2"]
-        sal2 = _view2(sal1, int(p["view2_size"])) if mode == "resize" else sal1
+        sal2 = ops.resize(sal1, size2) if mode == "resize" else sal1
         s = lambda cam, sal: ops.eps_saliency_loss(cam, sal, label, p["eps_tau"], p["eps_alpha"], bg)  # noqa: E731
         l_sal = 0.5 * (s(cam1, sal1) + s(cam2, sal2)) + 0.5 * (s(cam_rv1, sal1) + s(cam_rv2, sal2))
         out["loss_sal"] = l_sal

@@ -14,6 +14,7 @@ Pieces (pure torch / numpy; devices follow the inputs):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import numpy as np
@@ -44,7 +45,14 @@ def pair_indices(h: int, w: int, radius: int = 5,
     ``offsets`` (default :func:`pair_offsets`) sets the direction order (IRN orders them by path length).
     "From" pixels are rows 0..h-r and columns r-1..w-r (so every offset stays inside the grid); a grid smaller
     than that (h < r or w < 2r - 1) has no pairs, and the random walk leaves its scores unchanged.
+    The tables are computed once per (h, w, radius, offsets) and shared (callers must not modify them).
     """
+    return _pair_indices(int(h), int(w), int(radius), None if offsets is None else tuple(map(tuple, offsets)))
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_indices(h: int, w: int, radius: int,
+                  offsets: tuple[tuple[int, int], ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
     r = radius
     ys, xs = torch.meshgrid(torch.arange(0, max(h - r + 1, 0)), torch.arange(r - 1, max(w - r + 1, r - 1)),
                             indexing="ij")

@@ -194,12 +194,15 @@ def bg_power(cams: np.ndarray, alpha: float) -> np.ndarray:
     """PSA-style background score ``(1 - max_k cams) ** alpha``: float (K, H, W) -> (H, W).
 
     CAMs are expected max-normalised to [0, 1]. A smaller alpha gives a larger bg score (more bg).
+    An image without foreground classes (K = 0) is all background: ones.
     """
     cams = np.asarray(cams)
-    if cams.ndim != 3 or cams.shape[0] == 0:
-        raise ValueError(f"cams must have shape (K, H, W) with K >= 1, got {cams.shape}")
+    if cams.ndim != 3:
+        raise ValueError(f"cams must have shape (K, H, W), got {cams.shape}")
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
+    if cams.shape[0] == 0:
+        return np.ones(cams.shape[1:], dtype=cams.dtype if np.issubdtype(cams.dtype, np.floating) else np.float64)
     return np.power(np.clip(1.0 - cams.max(axis=0), 0.0, None), alpha)
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,14 +26,16 @@ def path_of(dy: int, dx: int) -> list[tuple[int, int]]:
     return sorted(pts, key=lambda p: -(abs(p[0]) + abs(p[1])))
 
 
-def search_directions(radius: float = 10) -> list[tuple[tuple[int, int], list[tuple[int, int]]]]:
-    """``[((dy, dx), path), ...]``: (0, x) for 1 <= x < R, then (y, x) for 1 <= y < R, -R < x < R with
-    x² + y² < R², grouped by path length (stable, so generation order within a group)."""
+@functools.lru_cache(maxsize=8)
+def search_directions(radius: float = 10) -> tuple[tuple[tuple[int, int], tuple[tuple[int, int], ...]], ...]:
+    """``((dy, dx), path)`` pairs: (0, x) for 1 <= x < R, then (y, x) for 1 <= y < R, -R < x < R with
+    x² + y² < R², grouped by path length (stable, so generation order within a group). Computed once per
+    radius; the result is an immutable shared table."""
     r = int(math.ceil(radius))
     dirs = [(0, x) for x in range(1, r)]
     dirs += [(y, x) for y in range(1, r) for x in range(-r + 1, r) if x * x + y * y < radius * radius]
-    with_paths = [(d, path_of(*d)) for d in dirs]
-    return sorted(with_paths, key=lambda dp: len(dp[1]))
+    with_paths = [(d, tuple(path_of(*d))) for d in dirs]
+    return tuple(sorted(with_paths, key=lambda dp: len(dp[1])))
 
 
 def edge_to_affinity(edge: torch.Tensor, radius: float = 10) -> torch.Tensor:

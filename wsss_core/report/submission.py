@@ -15,26 +15,14 @@ import time
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
-from ..data.io import voc_palette
+from ..data.io import label_png_bytes
 from ..errors import DataError
 from ..store.atomic import atomic_path
 from ..store.shards import ShardedStore
 
-_PALETTE = voc_palette(256).reshape(-1).tolist()
-
-
 def member_name(image_id: str, comp: str = "comp6", year: str = "VOC2012") -> str:
     return f"results/{year}/Segmentation/{comp}_test_cls/{image_id}.png"
-
-
-def _png_bytes(mask: np.ndarray) -> bytes:
-    im = Image.fromarray(mask, mode="P")
-    im.putpalette(_PALETTE)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def write_voc_submission(pred_shards: Sequence[str | os.PathLike], ids: Sequence[str], out: str | os.PathLike,
@@ -53,7 +41,7 @@ def write_voc_submission(pred_shards: Sequence[str | os.PathLike], ids: Sequence
                 mask = np.asarray(store[image_id], dtype=np.uint8)
                 if mask.max(initial=0) >= n_classes:
                     raise DataError(f"prediction of {image_id} has value {int(mask.max())} >= {n_classes}")
-                data = _png_bytes(mask)
+                data = label_png_bytes(mask)
                 info = tarfile.TarInfo(member_name(image_id, comp, year))
                 info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
                 tar.addfile(info, io.BytesIO(data))

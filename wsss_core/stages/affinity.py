@@ -34,8 +34,6 @@ AFF_CRF = CRFParams("labels", 3, 3, 80, 13, 10, 10, 0.7)
 def confident_labels(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, la: float, ha: float,
                      crf: CRFParams = AFF_CRF) -> np.ndarray:
     """uint8 (H, W) affinity training labels: CRF at bg = (1 - max)^la (confident fg) and ^ha (confident bg)."""
-    if len(keys) == 0:
-        return np.zeros(image.shape[:2], np.uint8)
     lab_la = crf_refine_cams(image, cams, keys, bg_power(cams, la), crf)
     lab_ha = crf_refine_cams(image, cams, keys, bg_power(cams, ha), crf)
     return aff.affinity_label_map(lab_la, lab_ha)
@@ -83,8 +81,6 @@ def train_affinity(prepared: str, split: str, cam_shards: Sequence[str], cfg: Ma
     job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
     info = DatasetInfo(prepared)
     model = aff.build_affinity_net(cfg, cache_dir=weights_dir).to(job.device)
-    if getattr(model.backbone, "weights_info", None):
-        job.logger.info("pretrained weights: %s", model.backbone.weights_info)
     groups = ppc_param_groups(model, model.new_layers, cfg["lr"], cfg.get("weight_decay", 5e-4),
                               bool(cfg.get("fix_quirk", False)), cfg.get("momentum", 0.9))
     optimizer = torch.optim.SGD(groups, lr=cfg["lr"])

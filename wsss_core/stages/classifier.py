@@ -16,6 +16,7 @@ from ..engine.trainer import batch_to_device, load_final, train_stage
 from ..errors import ConfigError
 from ..methods import get_method
 from ..methods.inference import multiscale_cams
+from ..store.atomic import read_json
 from ..store.shards import ShardWriter, shard_ids
 
 
@@ -32,8 +33,6 @@ def train_classifier(prepared: str, split: str, method: str, cfg: Mapping[str, A
     ids = info.ids(split)
     m = get_method(method)
     model = m.build_model(cfg, info.n_classes - 1, cache_dir=weights_dir).to(job.device)
-    if getattr(model.backbone, "weights_info", None):
-        job.logger.info("pretrained weights: %s", model.backbone.weights_info)
     optimizer = torch.optim.SGD(m.param_groups(model, cfg), lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
     data = training_data(m, cfg, info, ids, seed, saliency)
@@ -64,8 +63,6 @@ def training_data(m, cfg: Mapping[str, Any], info: DatasetInfo, ids: list[str], 
         if not saliency:
             raise ConfigError("this method trains with saliency maps: set classifier.saliency: true for the "
                               "experiment so the saliency stage runs")
-        from ..store.atomic import read_json
-
         man = read_json(saliency)
         sal_dir, sal_ext = man["dir"], man.get("ext", ".png")
     strong_cfg = m.strong_view_settings(cfg) if needs.get("strong") else None

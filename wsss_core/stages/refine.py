@@ -28,7 +28,7 @@ def _refine_one(image_id: str) -> tuple[str, np.ndarray]:
     image = read_image(w["info"].image_path(image_id))
     bg = w["bg"]
     if isinstance(bg, tuple):  # ("alpha", a): PSA-style (1 - max_k cam_k) ** a
-        bg = bg_power(cams, bg[1]) if len(keys) else 1.0
+        bg = bg_power(cams, bg[1])
     return image_id, crf_refine_cams(image, cams, keys, bg, w["params"])
 
 

@@ -30,8 +30,6 @@ def train_segmentation(prepared: str, split: str, mask_shards: Sequence[str], cf
     info = DatasetInfo(prepared)
     ids = info.ids(split)
     model = build_deeplabv2(info.n_classes, cfg["backbone"], cfg["aspp_rates"], cache_dir=weights_dir).to(job.device)
-    if getattr(model.backbone, "weights_info", None):
-        job.logger.info("pretrained weights: %s", model.backbone.weights_info)
     optimizer = torch.optim.SGD(model.param_groups(cfg["lr"], cfg["weight_decay"]), lr=cfg["lr"],
                                 momentum=cfg["momentum"])
     data = SegmentationDataset(info.image_dir, ids, mask_shards, cfg["crop_size"], cfg["scale_range"], seed)
