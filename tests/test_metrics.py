@@ -196,7 +196,10 @@ def test_cam_to_labels_tie_goes_to_background():
     lab = cam_to_labels(two, np.array([3, 9]), 0.2)
     assert lab[0, 0] == 9 and lab[1, 1] == 3
     with pytest.raises(ValueError):
-        cam_to_labels(two, np.array([0, 9]), 0.2)   # key 0 is background
+        cam_to_labels(two, np.array([9, 0]), 0.2)   # key 0 (a background map) may only come first
+    # a leading background map (SIPE/SFC IS-CAM): at t = 0 the label is keys[argmax], bg included
+    bg_first = cam_to_labels(two, np.array([0, 9]), 0.0)
+    assert bg_first[0, 0] == 9 and bg_first[1, 1] == 0
     with pytest.raises(ValueError):
         cam_to_labels(two, np.array([3]), 0.2)
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any, Mapping
 
-STAGES = ("classifier", "cams", "eval", "crf", "affinity", "segmentation")
+STAGES = ("classifier", "cams", "eval", "crf", "affinity", "irn", "segmentation")
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..methods.fsae_ops import make_weak_strong_views
+from ..methods.fsae_ops import apply_geometry, make_weak_strong_views
 from .io import IGNORE_INDEX, read_image
 from .saliency import read_saliency
 from .transforms import color_jitter, normalize, random_crop, random_resize_long, resize, to_tensor
@@ -31,14 +31,17 @@ class ClassificationDataset(_Seeded, torch.utils.data.Dataset):
     """Training images with multi-hot labels.
 
     item: ``{"image": float32 (3, crop, crop), "label": float32 (C,), "id": str}`` where C is the number
-    of foreground classes (background excluded). Augmentation: random long side in ``resize_long``,
-    colour jitter, h-flip, normalise, random crop (zero pad after normalisation).
+    of foreground classes (background excluded), plus ``"valid": float32 (1, crop, crop)`` (1 on image pixels,
+    0 on padding) when ``valid``. Augmentation: random long side in ``resize_long``, colour jitter (unless
+    ``jitter=False``, e.g. SIPE §6), h-flip, normalise, random crop (zero pad after normalisation).
     """
 
     def __init__(self, image_dir: str | Path, ids: Sequence[str], labels: np.ndarray, crop_size: int,
-                 resize_long: Sequence[int], seed: int = 0, ext: str = ".jpg"):
+                 resize_long: Sequence[int], seed: int = 0, ext: str = ".jpg", jitter: bool = True,
+                 valid: bool = False):
         self.image_dir, self.ids, self.labels = Path(image_dir), list(ids), np.asarray(labels, dtype=np.float32)
         self.crop, self.resize_long, self.seed, self.ext = int(crop_size), resize_long, int(seed), ext
+        self.jitter, self.valid = bool(jitter), bool(valid)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -47,11 +50,16 @@ class ClassificationDataset(_Seeded, torch.utils.data.Dataset):
         rng = self.rng(i)
         img = read_image(self.image_dir / f"{self.ids[i]}{self.ext}")
         img = random_resize_long(img, rng, *self.resize_long)
-        img = color_jitter(img, rng)
+        if self.jitter:
+            img = color_jitter(img, rng)
         if rng.random() < 0.5:
             img = img[:, ::-1]
-        (img,) = random_crop([normalize(img)], [0.0], self.crop, rng)
-        return {"image": to_tensor(img), "label": torch.from_numpy(self.labels[i]), "id": self.ids[i]}
+        ones = np.ones(img.shape[:2], np.float32)
+        img, valid = random_crop([normalize(img), ones], [0.0, 0.0], self.crop, rng)
+        item = {"image": to_tensor(img), "label": torch.from_numpy(self.labels[i]), "id": self.ids[i]}
+        if self.valid:
+            item["valid"] = torch.from_numpy(valid[None])
+        return item
 
 
 class SegmentationDataset(_Seeded, torch.utils.data.Dataset):
@@ -101,17 +109,19 @@ class ViewsDataset(_Seeded, torch.utils.data.Dataset):
 
     item: ``{"image": float32 (3, crop, crop), "label": float32 (C,), "id": str}`` plus
     ``"saliency": float32 (1, crop, crop)`` in [0, 1] when ``saliency_dir`` is given and
-    ``"image_strong": float32 (3, crop, crop)`` when ``strong``.
+    ``"image_strong": float32 (3, crop, crop)`` when ``strong`` and ``"valid": float32 (1, crop, crop)`` (1 on image
+    pixels, 0 on the crop's padding) when ``valid``.
     """
 
     def __init__(self, image_dir: str | Path, ids: Sequence[str], labels: np.ndarray, crop_size: int,
                  resize_long: Sequence[int], seed: int = 0, saliency_dir: str | Path | None = None,
                  saliency_ext: str = ".png", strong: bool = False, strong_cfg: dict | None = None,
-                 ext: str = ".jpg"):
+                 ext: str = ".jpg", valid: bool = False):
         self.image_dir, self.ids, self.labels = Path(image_dir), list(ids), np.asarray(labels, dtype=np.float32)
         self.crop, self.resize_long, self.seed, self.ext = int(crop_size), tuple(resize_long), int(seed), ext
         self.saliency_dir, self.saliency_ext = saliency_dir, saliency_ext
         self.strong, self.strong_cfg = bool(strong), dict(strong_cfg or {})
+        self.valid = bool(valid)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -134,4 +144,8 @@ class ViewsDataset(_Seeded, torch.utils.data.Dataset):
             item["saliency"] = v["saliency"]
         if self.strong:
             item["image_strong"] = v["img_s"]
+        if self.valid:
+            ones = np.ones(img.shape[:2], np.uint8)
+            item["valid"] = torch.from_numpy(apply_geometry(ones, v["geometry_w"], label=True, pad=0)[None]
+                                              .astype(np.float32))
         return item

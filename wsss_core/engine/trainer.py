@@ -256,11 +256,16 @@ def train_stage(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[
                 optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], seed: int, ckpt_dir: str | os.PathLike,
                 metrics: str | os.PathLike, out_model: str | os.PathLike, meta: Mapping[str, Any],
                 config_hash: str = "", desc: str = "train",
-                after_step: Callable[[nn.Module, int], None] | None = None) -> TrainState:
+                after_step: Callable[[nn.Module, int], None] | None = None,
+                before_save: Callable[[nn.Module], Mapping[str, Any] | None] | None = None) -> TrainState:
     """The common tail of every training stage: poly LR over ``cfg['max_steps']``, resumable :func:`fit` on
     seeded batches of ``dataset`` (``batch_size``, ``num_workers``, ``checkpoint_every``, ``keep_checkpoints``,
     ``poly_power``, optional ``max_grad_norm`` from ``cfg``), then the final weights with ``meta`` (+ seed, config
-    hash, steps, seconds). Logs the pretrained-weights report of ``model.backbone`` if it has one."""
+    hash, steps, seconds). Logs the pretrained-weights report of ``model.backbone`` if it has one.
+
+    ``before_save(model)``, if given, runs after the last step and before the final weights are written (e.g. to
+    fill a buffer computed from the trained model, IRN's mean shift); a mapping it returns is added to ``meta``.
+    The final file is written once, atomically, after it."""
     info = getattr(getattr(model, "backbone", None), "weights_info", None)
     if info:
         get_logger().info("pretrained weights: %s", info)
@@ -272,6 +277,8 @@ def train_stage(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[
                 cfg.get("keep_checkpoints", 2), identity={"seed": seed, "config_hash": config_hash},
                 metrics_path=metrics, desc=desc, after_step=after_step,
                 max_grad_norm=cfg.get("max_grad_norm"))
+    if before_save is not None:
+        meta = {**meta, **dict(before_save(model) or {})}
     save_final(out_model, model, {**meta, "cfg": dict(cfg), "seed": seed, "steps": cfg["max_steps"],
                                   "config_hash": config_hash, "train_seconds_this_run": time.time() - t0})
     get_logger().info("wrote %s", out_model)

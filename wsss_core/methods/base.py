@@ -11,12 +11,20 @@ A method module exposes:
 
 Optional:
 
-- ``data_needs(cfg) -> {"views": bool, "saliency": bool, "strong": bool}`` — the training batch pipeline
+- ``data_needs(cfg) -> {"views": bool, "saliency": bool, "strong": bool, "valid": bool, "jitter": bool}`` — the
+  training batch pipeline (``valid``: a (1, H, W) crop-validity map ``valid``; ``jitter``: colour jitter of the
+  classic crops, default True)
   (``views``: :class:`~wsss_core.data.datasets.ViewsDataset` with the weak view; ``saliency``: the dataset's
   saliency maps; ``strong``: a pixel-aligned strong view ``image_strong``); default: the classic pipeline;
 - ``after_step(model, step, cfg)`` — called after each optimizer step (e.g. an EMA teacher update);
-- ``cam_logits(model, images) -> (logits (B, C+1, h, w), bg_index)`` — raw CAM logits with an explicit
-  background channel; needed by wrappers such as FSAE.
+- ``cam_logits(model, images, label=None, valid=None) -> (logits (B, C+1, h, w), bg_index)`` — CAM logits with
+  an explicit background channel; needed by wrappers such as FSAE (``label`` (B, C) and ``valid`` (B, 1, H, W)
+  for methods whose maps depend on the image labels, e.g. SIPE's seeds);
+- ``infer_cams(model, image, keys, scales, flip, device) -> (keys_out, cams, aux)`` — the method's own
+  multi-scale inference of one uint8 image (default: :func:`wsss_core.methods.inference.multiscale_cams` over
+  ``cam_forward``); ``keys_out`` may start with 0 (a background map), ``aux`` is an optional second stack;
+- ``setup(model, labels, cfg)`` — called once before training with the training list's (N, C) multi-hot
+  labels (e.g. SFC's class-occurrence weights).
 
 Wrappers (e.g. FSAE) take a base method module and implement the same interface.
 """
@@ -26,7 +34,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-METHODS = {"cam": "wsss_core.methods.cam", "ppc": "wsss_core.methods.ppc", "fsae": "wsss_core.methods.fsae"}
+METHODS = {"cam": "wsss_core.methods.cam", "ppc": "wsss_core.methods.ppc", "sipe": "wsss_core.methods.sipe",
+           "sfc": "wsss_core.methods.sfc", "fsae": "wsss_core.methods.fsae"}
 
 
 def get_method(name: str) -> ModuleType:

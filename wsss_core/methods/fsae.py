@@ -139,11 +139,12 @@ def training_step(model: FSAEModel, batch: Mapping[str, torch.Tensor], step: int
         sup = m.training_step(model.student, batch, step, cfg)
     label = batch["label"]
     teacher = model.teacher if s["ema"] else model.student
+    valid = batch.get("valid")
     with torch.no_grad():
-        z_w, bg = m.cam_logits(teacher, batch["image"])
+        z_w, bg = m.cam_logits(teacher, batch["image"], label=label, valid=valid)
         t = ops.teacher_pseudo_labels(z_w.float(), label, s["p_cutoff"], s["bdry"], s["bdry_size"],
                                       s["bdry_cutoff"], bg_index=bg, absent=s["absent"])
-    z_s, _ = m.cam_logits(model.student, batch["image_strong"])
+    z_s, _ = m.cam_logits(model.student, batch["image_strong"], label=label, valid=valid)
     f = ops.fsae_loss(z_s.float(), label, t, s["variant"], s["bdry_lambda"], s["pl_weight"], bg_index=bg,
                       absent=s["absent"])
     with torch.no_grad():
@@ -163,8 +164,29 @@ def after_step(model: FSAEModel, step: int, cfg: Mapping[str, Any]) -> None:
         model.ema_update(s["ema_m"])
 
 
-def cam_logits(model: FSAEModel, images: torch.Tensor) -> tuple[torch.Tensor, int]:
-    return base_method_of(model).cam_logits(model.student, images)
+def cam_logits(model: FSAEModel, images: torch.Tensor, label: torch.Tensor | None = None,
+               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    return base_method_of(model).cam_logits(model.student, images, label=label, valid=valid)
+
+
+def setup(model: FSAEModel, labels, cfg: Mapping[str, Any]) -> None:
+    """The base method's one-off setup (e.g. SFC's class weights), on the student and the teacher."""
+    m = base_method(cfg)
+    if hasattr(m, "setup"):
+        m.setup(model.student, labels, cfg)
+        m.setup(model.teacher, labels, cfg)
+
+
+def infer_cams(model: FSAEModel, image, keys, scales, flip, device):
+    """The base method's own inference on the student (generic multi-scale CAMs when it has none)."""
+    m = base_method_of(model)
+    if hasattr(m, "infer_cams"):
+        return m.infer_cams(model.student, image, keys, scales, flip, device)
+    from .inference import multiscale_cams
+
+    cams = multiscale_cams(lambda x: m.cam_forward(model.student, x), image, scales, flip, device,
+                           classes=[k - 1 for k in keys])
+    return keys, cams, None
 
 
 def cam_forward(model: FSAEModel, images: torch.Tensor) -> torch.Tensor:

@@ -147,8 +147,10 @@ def training_step(model: PPCNet, batch: Mapping[str, torch.Tensor], step: int, c
     return supervised_loss(model, batch, step, cfg)
 
 
-def cam_logits(model: PPCNet, images: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(N, 3, H, W) -> (raw CAM logits (N, C+1, h, w) with an explicit bg channel, bg index) for wrappers."""
+def cam_logits(model: PPCNet, images: torch.Tensor, label: torch.Tensor | None = None,
+               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(N, 3, H, W) -> (raw CAM logits (N, C+1, h, w) with an explicit bg channel, bg index) for wrappers.
+    ``label`` / ``valid`` are not used: PPC's logits do not depend on them."""
     return model.logits(images), model.bg_index
 
 

@@ -236,8 +236,10 @@ def _check_cams_keys(cams: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np
     if keys.size:
         if not np.issubdtype(keys.dtype, np.integer):
             raise ValueError(f"keys must be integer class labels, got dtype {keys.dtype}")
-        if keys.min() < 1 or keys.max() > 254:
-            raise ValueError(f"keys must be foreground class labels in 1..254 (0 is background), got {keys.tolist()}")
+        fg = keys[1:] if keys[0] == 0 else keys  # a background map may come first (key 0; SIPE/SFC IS-CAM)
+        if (fg.size and fg.min() < 1) or keys.max() > 254:
+            raise ValueError(f"keys must be class labels in 1..254, optionally after one leading 0 (a background "
+                             f"map), got {keys.tolist()}")
     return cams, keys.astype(np.int64)
 
 
@@ -255,7 +257,8 @@ def cam_to_labels(cams: np.ndarray, keys: np.ndarray, threshold: float) -> np.nd
 
     Args:
         cams: float (K, H, W) scores of the image's foreground classes.
-        keys: int (K,) class label of each channel, in 1..C-1.
+        keys: int (K,) class label of each channel, in 1..C-1; a leading 0 marks a background map (then the
+            result at t = 0 is ``keys[argmax]``, the SIPE/SFC protocol).
         threshold: the background score t.
 
     Returns:

@@ -63,13 +63,15 @@ def _dilate_layer(layer: nn.Sequential, dilation: int) -> None:
 
 def build_resnet(arch: str = "resnet50", layers: Sequence[int] | None = None, width_per_group: int = 64,
                  output_stride: int = 16, weights: Mapping[str, Any] | None = None,
-                 cache_dir: str = "weights", frozen_bn: bool = False) -> ResNetBackbone:
+                 cache_dir: str = "weights", frozen_bn: bool = False, dilated: bool = True) -> ResNetBackbone:
     """Build a ResNet backbone.
 
     arch: one of resnet18/34/50/101/152; ``layers`` overrides the blocks per stage (e.g. [1, 1, 1, 1]);
     ``width_per_group`` scales the bottleneck width (64 = standard); ``output_stride`` in {8, 16, 32}.
     ``weights``: a weights spec (see :mod:`wsss_core.models.weights`); ``None`` = random init.
     ``frozen_bn``: put BatchNorm layers in eval mode permanently with frozen affine parameters.
+    ``dilated=False`` (SIPE / IRN, ``output_stride`` 16 only): layer4 keeps stride 1 with **no** dilation, i.e.
+    the strides (2, 2, 2, 1) of the IRN-family ResNet-50 (a 512 crop gives 32 x 32).
     """
     if arch not in _ARCHS:
         raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(_ARCHS)}")
@@ -77,7 +79,11 @@ def build_resnet(arch: str = "resnet50", layers: Sequence[int] | None = None, wi
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
     block, default_layers = _ARCHS[arch]
     layers = list(layers or default_layers)
+    if not dilated and output_stride != 16:
+        raise ValueError("dilated=False is defined for output_stride 16 only (strides 2, 2, 2, 1)")
     dil = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}[output_stride]
+    if not dilated:
+        dil = [False, False, False]
     if block is tv_resnet.Bottleneck:
         net = tv_resnet.ResNet(block, layers, width_per_group=width_per_group, replace_stride_with_dilation=dil)
     else:
@@ -87,6 +93,10 @@ def build_resnet(arch: str = "resnet50", layers: Sequence[int] | None = None, wi
             if flag:
                 d *= 2
                 _dilate_layer(layer, d)
+    if not dilated:  # drop layer4's stride (3x3 conv of v1.5 blocks, and the projection shortcut), no dilation
+        for m in net.layer4[0].modules():
+            if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
+                m.stride = (1, 1)
     backbone = ResNetBackbone(net, output_stride)
     if weights:
         from .weights import load_weights

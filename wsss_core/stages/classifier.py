@@ -36,6 +36,8 @@ def train_classifier(prepared: str, split: str, method: str, cfg: Mapping[str, A
     optimizer = torch.optim.SGD(m.param_groups(model, cfg), lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
     data = training_data(m, cfg, info, ids, seed, saliency)
+    if hasattr(m, "setup"):
+        m.setup(model, info.multi_hot(ids), cfg)
     amp = bool(cfg.get("amp")) and job.device.type == "cuda"
 
     def step_fn(model, batch, step):
@@ -57,7 +59,8 @@ def training_data(m, cfg: Mapping[str, Any], info: DatasetInfo, ids: list[str], 
     needs = m.data_needs(cfg) if hasattr(m, "data_needs") else {}
     labels = info.multi_hot(ids)
     if not needs.get("views"):
-        return ClassificationDataset(info.image_dir, ids, labels, cfg["crop_size"], cfg["resize_long"], seed)
+        return ClassificationDataset(info.image_dir, ids, labels, cfg["crop_size"], cfg["resize_long"], seed,
+                                     jitter=needs.get("jitter", True), valid=bool(needs.get("valid")))
     sal_dir, sal_ext = None, ".png"
     if needs.get("saliency"):
         if not saliency:
@@ -68,7 +71,7 @@ def training_data(m, cfg: Mapping[str, Any], info: DatasetInfo, ids: list[str], 
     strong_cfg = m.strong_view_settings(cfg) if needs.get("strong") else None
     return ViewsDataset(info.image_dir, ids, labels, cfg["crop_size"], cfg["resize_long"], seed,
                         saliency_dir=sal_dir, saliency_ext=sal_ext, strong=bool(needs.get("strong")),
-                        strong_cfg=strong_cfg)
+                        strong_cfg=strong_cfg, valid=bool(needs.get("valid")))
 
 
 def load_method_model(path: str, device: torch.device, weights_dir: str = "weights"):
@@ -98,7 +101,10 @@ def infer_cams(prepared: str, split: str, shard: int, n_shards: int, model_path:
         for image_id in progress(ids, desc=f"cams {split} {shard + 1}/{n_shards}"):
             keys = info.labels(image_id)
             image = read_image(info.image_path(image_id))
-            cams = multiscale_cams(lambda x: m.cam_forward(model, x), image, cfg["scales"], cfg["flip"], job.device,
-                                   classes=[k - 1 for k in keys])
-            writer.add_cams(image_id, keys, cams)
+            if hasattr(m, "infer_cams"):  # the method's own inference (e.g. SIPE: IS-CAM with a bg channel)
+                keys, cams, aux = m.infer_cams(model, image, keys, cfg["scales"], cfg["flip"], job.device)
+            else:
+                cams, aux = multiscale_cams(lambda x: m.cam_forward(model, x), image, cfg["scales"], cfg["flip"],
+                                            job.device, classes=[k - 1 for k in keys]), None
+            writer.add_cams(image_id, keys, cams, aux)
     job.logger.info("wrote %d CAMs to %s", len(ids), out)

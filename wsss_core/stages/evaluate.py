@@ -32,6 +32,15 @@ def _curve(store: ShardedStore, info: DatasetInfo, ids: Sequence[str], threshold
     return curve
 
 
+def has_bg_maps(store: ShardedStore) -> bool:
+    """Whether a CAM store holds background maps (keys start with 0, e.g. SIPE's IS-CAM); checks one image."""
+    for image_id in store.ids()[:16]:
+        keys = store[image_id][0]
+        if keys.size:
+            return int(keys[0]) == 0
+    return False
+
+
 def eval_cams(prepared: str, cam_shards: Sequence[str], threshold_split: str, eval_split: str,
               cfg: Mapping[str, Any], out: str, log: str | None = None) -> dict:
     """Background-threshold curve on ``threshold_split`` (the chosen t is its argmax), scores on ``eval_split`` at t.
@@ -41,9 +50,12 @@ def eval_cams(prepared: str, cam_shards: Sequence[str], threshold_split: str, ev
     logger = setup_job_logging(log)
     info = DatasetInfo(prepared)
     strict = cfg.get("mean", "present") == "strict"
-    thresholds = _thresholds(cfg)
     result: dict[str, Any] = {"classes": info.classes, "mean": cfg.get("mean", "present"), "curves": {}, "scores": {}}
     with ShardedStore(cam_shards) as store:
+        own_bg = has_bg_maps(store)
+        # CAMs with their own background map (SIPE/SFC IS-CAM, key 0): pred = keys[argmax], which is the
+        # t = 0 point of the curve (a pixel is labelled by its strongest map, bg included); no sweep.
+        thresholds = np.array([0.0]) if own_bg else _thresholds(cfg)
         curves = {}
         for split in dict.fromkeys([threshold_split, eval_split]):
             ids = [i for i in info.ids(split) if i in store]
@@ -54,18 +66,19 @@ def eval_cams(prepared: str, cam_shards: Sequence[str], threshold_split: str, ev
             result["curves"][split]["n_images"] = len(ids)
         chosen = result["curves"][threshold_split]
         t_best = chosen["best_t"]
-        result["threshold"] = {
-            "value": t_best,
-            "source": {"split": threshold_split, "criterion": f"argmax of {'strict' if strict else 'present-class'} "
-                       f"mIoU over {len(thresholds)} thresholds {thresholds[0]:g}..{thresholds[-1]:g}",
-                       "miou_at_value": chosen["best_miou"]},
-        }
+        criterion = (f"argmax of {'strict' if strict else 'present-class'} mIoU over {len(thresholds)} thresholds "
+                     f"{thresholds[0]:g}..{thresholds[-1]:g}")
+        if own_bg:
+            criterion = "none: the CAMs carry their own background map (pred = argmax over [bg, classes])"
+        result["threshold"] = {"value": t_best, "own_bg": own_bg,
+                               "source": {"split": threshold_split, "criterion": criterion,
+                                          "miou_at_value": chosen["best_miou"]}}
         j = int(np.flatnonzero(np.isclose(thresholds, t_best))[0])
         for split, curve in curves.items():
             result["scores"][split] = scores_from_confusion(curve.confusion_at(j), info.classes)
     write_json(out, result)
-    logger.info("chosen background threshold %.2f on %s (mIoU %.4f); %s mIoU at t: %.4f", t_best, threshold_split,
-                chosen["best_miou"], eval_split, result["scores"][eval_split]["miou"])
+    logger.info("background: %s; threshold %.2f on %s (mIoU %.4f); %s mIoU at t: %.4f", criterion, t_best,
+                threshold_split, chosen["best_miou"], eval_split, result["scores"][eval_split]["miou"])
     return result
 
 

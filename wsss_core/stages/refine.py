@@ -27,7 +27,9 @@ def _refine_one(image_id: str) -> tuple[str, np.ndarray]:
     keys, cams = w["store"][image_id]
     image = read_image(w["info"].image_path(image_id))
     bg = w["bg"]
-    if isinstance(bg, tuple):  # ("alpha", a): PSA-style (1 - max_k cam_k) ** a
+    if keys.size and keys[0] == 0:  # the CAMs carry their own background map (SIPE / SFC): use it
+        bg, cams, keys = cams[0], cams[1:], keys[1:]
+    elif isinstance(bg, tuple):  # ("alpha", a): PSA-style (1 - max_k cam_k) ** a
         bg = bg_power(cams, bg[1])
     return image_id, crf_refine_cams(image, cams, keys, bg, w["params"])
 

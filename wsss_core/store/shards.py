@@ -6,8 +6,11 @@ is one HDF5 file, written under a temporary name and renamed when complete (``Sh
 Layout of one shard file::
 
     /<image id>/            group per image
-        keys   int16 (K,)   class labels (1..C-1) of the K maps       (CAM shards)
+        keys   int16 (K,)   class labels of the K maps: 1..C-1, or 0 (bg map, first) then 1..C-1 for methods
+                            whose CAMs carry their own background (SIPE, SFC)           (CAM shards)
         cams   float16 (K, H, W), gzip                                 (CAM shards)
+        aux    float16 (K, H, W), gzip, optional: a second map stack of the same keys (SFC: the PCM
+               classifier CAM ``IS_CAM1`` beside the prototype CAM ``IS_CAM``)  (CAM shards)
         mask   uint8 (H, W), gzip, values 0..C-1 and 255               (mask shards)
     attrs: kind ("cams" | "masks"), shard, n_shards, split, n_images, and any caller metadata
            (config hash, scales, model, ...). ``complete`` = True is set last.
@@ -64,16 +67,21 @@ class ShardWriter:
             self._fh.attrs[k] = v if isinstance(v, (int, float, str, bool, np.ndarray)) else json.dumps(v, default=str)
         return self
 
-    def add_cams(self, image_id: str, keys: np.ndarray, cams: np.ndarray) -> None:
-        """keys: (K,) class labels 1..C-1; cams: (K, H, W) float, stored as float16."""
+    def add_cams(self, image_id: str, keys: np.ndarray, cams: np.ndarray, aux: np.ndarray | None = None) -> None:
+        """keys: (K,) class labels (0 = a bg map, first); cams and optional aux: (K, H, W) float, stored as float16."""
         keys = np.asarray(keys, dtype=np.int16).reshape(-1)
-        cams = np.asarray(cams)
-        if cams.ndim != 3 or cams.shape[0] != keys.shape[0]:
-            raise ValueError(f"{image_id}: cams shape {cams.shape} does not match {keys.shape[0]} keys")
+        if (keys == 0).any() and keys[0] != 0:
+            raise ValueError(f"{image_id}: a background map (key 0) must come first, got keys {keys.tolist()}")
         g = self._fh.create_group(image_id)
         g.create_dataset("keys", data=keys)
-        g.create_dataset("cams", data=cams.astype(np.float16), compression="gzip",
-                         compression_opts=self.compression, chunks=True if cams.size else None)
+        for name, maps in (("cams", cams), ("aux", aux)):
+            if maps is None:
+                continue
+            maps = np.asarray(maps)
+            if maps.ndim != 3 or maps.shape[0] != keys.shape[0]:
+                raise ValueError(f"{image_id}: {name} shape {maps.shape} does not match {keys.shape[0]} keys")
+            g.create_dataset(name, data=maps.astype(np.float16), compression="gzip",
+                             compression_opts=self.compression, chunks=True if maps.size else None)
         self.n += 1
 
     def add_mask(self, image_id: str, mask: np.ndarray) -> None:
@@ -140,6 +148,11 @@ class ShardedStore:
         if self.kind == "cams":
             return np.asarray(g["keys"][()], dtype=np.int64), np.asarray(g["cams"][()], dtype=np.float32)
         return np.asarray(g["mask"][()], dtype=np.uint8)
+
+    def aux(self, image_id: str) -> np.ndarray | None:
+        """The optional second CAM stack of ``image_id`` (float32 (K, H, W), same keys), or None."""
+        g = self._files[self._index[image_id]][image_id]
+        return np.asarray(g["aux"][()], dtype=np.float32) if "aux" in g else None
 
     def items(self, ids: Iterable[str] | None = None) -> Iterator[tuple[str, Any]]:
         for image_id in (self.ids() if ids is None else ids):

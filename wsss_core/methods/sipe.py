@@ -1,0 +1,260 @@
+"""SIPE (self-supervised image-specific prototype exploration, Chen et al. CVPR 2022) on ResNet-50.
+
+Spec: ``sipe.md`` (sections cited below). The op core lives in :mod:`wsss_core.methods.sipe_ops`; this module
+is the method interface of :mod:`wsss_core.methods.base` plus :func:`infer_cams` (the method's own
+multi-scale inference: flip fusion inside the net, IS-CAM with a background channel) and :func:`cam_logits`
+(for wrappers such as FSAE). SFC (:mod:`wsss_core.methods.sfc`) builds on :class:`SIPENet`.
+
+Stage config keys (``classifier``): ``backbone`` (``arch: resnet50``, ``layers``, ``width_per_group``,
+``weights``, ``frozen_bn`` (True, §1: BN normalises with its running statistics, affine trainable) and
+``frozen_stem`` (True, §1: conv1/bn1 frozen, stem-layer2 output detached); the toy data, with nothing
+pretrained, turns both off), ``lr`` (backbone; new layers get ``lr * head_lr_mult``), ``weight_decay``, ``fix_quirk`` (False
+reproduces the PolyOptimizerSGD momentum quirk of §7: momentum = weight decay 1e-4), ``momentum`` (used only
+with ``fix_quirk``), ``max_grad_norm`` (1.0), and ``sipe``: ``fsae_tau`` (temperature that turns the
+max-normalised IS-CAM into logits for FSAE, see :func:`cam_logits`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.transforms import normalize, resize, to_tensor
+from ..errors import ConfigError
+from ..models.backbones import build_resnet
+from . import sipe_ops as ops
+
+FSAE_TAU = 0.1  # IS-CAM' / tau as FSAE logits: a pixel at 1 on one channel, 0 elsewhere -> p >= 0.999 (21 ch)
+
+
+def sipe_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    user = dict(cfg.get("sipe") or {})
+    out = {"fsae_tau": FSAE_TAU}
+    unknown = sorted(set(user) - set(out))
+    if unknown:
+        raise ConfigError(f"unknown classifier.sipe key(s) {unknown}; known: {sorted(out)}")
+    out.update({k: v for k, v in user.items() if v is not None})
+    return out
+
+
+def lowres_valid(valid: torch.Tensor | None, label: torch.Tensor, size: tuple[int, int],
+                 image: torch.Tensor) -> torch.Tensor:
+    """§6 ``valid_mask_lowres``: (N, 1, H, W) crop validity (None = all valid), (N, C-1) labels -> (N, C, h, w).
+
+    Channel 0 (bg) = validity, fg channels = validity x label, nearest-downsampled to the OS16 ``size``.
+    """
+    n = label.shape[0]
+    if valid is None:
+        valid = image.new_ones((n, 1) + tuple(image.shape[-2:]))
+    y = torch.cat([label.new_ones((n, 1)), label], 1).to(valid.dtype)
+    return F.interpolate(valid * y[:, :, None, None], size=size, mode="nearest")
+
+
+class SIPENet(nn.Module):
+    """ResNet-50 (strides 2, 2, 2, 1, no dilation, fixed BN) + 1x1 classifier + side1-4 (§1, §2).
+
+    ``forward(x (N, 3, H, W), mask (N, C, h, w) or None)`` -> ``{"score": (N, C-1), "cam": (N, C-1, h, w) raw
+    logits, "norm_cam": (N, C, h, w), "is_cam": (N, C, h, w), "hie_fea": (N, 768, h, w), "x4": (N, 2048, h, w)}``
+    with h, w = ceil(H/16), ceil(W/16). Seeds use x4 (training path, §12). ``features(x)`` gives the raw pieces.
+    """
+
+    def __init__(self, backbone: nn.Module, n_classes: int, frozen_bn: bool = True, frozen_stem: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.frozen_bn, self.frozen_stem = bool(frozen_bn), bool(frozen_stem)
+        ch = [backbone.layer1[-1].conv3.out_channels, backbone.layer2[-1].conv3.out_channels,
+              backbone.layer3[-1].conv3.out_channels, backbone.out_channels]
+        self.classifier = nn.Conv2d(ch[3], n_classes, 1, bias=False)
+        self.side1 = nn.Conv2d(ch[0], 128, 1, bias=False)
+        self.side2 = nn.Conv2d(ch[1], 128, 1, bias=False)
+        self.side3 = nn.Conv2d(ch[2], 256, 1, bias=False)
+        self.side4 = nn.Conv2d(ch[3], 256, 1, bias=False)
+        for m in self.new_layers:
+            nn.init.xavier_uniform_(m.weight)
+        for p in list(backbone.conv1.parameters()) + list(backbone.bn1.parameters()):
+            p.requires_grad_(not self.frozen_stem)  # §1: conv1 / bn1 frozen (layer1-2 get no grads: detached below)
+        self.train()
+
+    @property
+    def new_layers(self) -> list[nn.Module]:
+        """The randomly initialised heads (10x learning rate, §7)."""
+        return [self.classifier, self.side1, self.side2, self.side3, self.side4]
+
+    def train(self, mode: bool = True) -> "SIPENet":
+        """§1: BatchNorm always uses its running statistics (affine stays trainable); no dropout anywhere."""
+        super().train(mode)
+        if getattr(self, "frozen_bn", True):
+            for m in self.backbone.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x1..x4 (x2 detached: stem, layer1, layer2 get no gradient) and the 768-ch ``hie_fea`` (§2)."""
+        b = self.backbone
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_stem):
+            x1 = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
+            x2 = b.layer2(x1)
+        x3 = b.layer3(x2)
+        x4 = b.layer4(x3)
+        return {"x1": x1, "x2": x2, "x3": x3, "x4": x4, "hie_fea": self.hie_fea(x1, x2, x3, x4)}
+
+    def hie_fea(self, x1, x2, x3, x4) -> torch.Tensor:
+        """Side convs on detached stage outputs, per-pixel l2-normalised, resized to x3's size, concatenated."""
+        size = x3.shape[-2:]
+        outs = []
+        for conv, f in ((self.side1, x1), (self.side2, x2), (self.side3, x3), (self.side4, x4)):
+            s = conv(f.detach())
+            s = s / (s.norm(dim=1, keepdim=True) + ops.EPS)
+            outs.append(F.interpolate(s, size=size, mode="bilinear", align_corners=False))
+        return torch.cat(outs, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        f = self.features(x)
+        cam = self.classifier(f["x4"])
+        score = cam.mean((2, 3))
+        ncam = ops.norm_cam(cam, mask)
+        seed_mask = mask if mask is not None else torch.ones_like(ncam[:, :, :1, :1])
+        seeds = ops.structure_seeds(ncam, f["x4"].detach(), seed_mask)
+        iscam = ops.is_cam(f["hie_fea"], ops.prototypes(seeds, f["hie_fea"]))
+        return {"score": score, "cam": cam, "norm_cam": ncam, "is_cam": iscam, "hie_fea": f["hie_fea"],
+                "x4": f["x4"]}
+
+
+def build_backbone(cfg: Mapping[str, Any], cache_dir: str = "weights") -> nn.Module:
+    bb = cfg["backbone"]
+    if bb.get("arch", "resnet50") not in ("resnet50", "resnet101"):
+        raise ConfigError(f"SIPE/SFC use a bottleneck ResNet (backbone.arch: resnet50), got {bb.get('arch')!r}")
+    return build_resnet(arch=bb.get("arch", "resnet50"), layers=bb.get("layers"),
+                        width_per_group=bb.get("width_per_group", 64), output_stride=16, weights=bb.get("weights"),
+                        cache_dir=cache_dir, dilated=False)
+
+
+def freeze_flags(cfg: Mapping[str, Any]) -> dict[str, bool]:
+    """``frozen_bn`` / ``frozen_stem`` of ``cfg['backbone']`` (both default True, the spec)."""
+    bb = cfg["backbone"]
+    return {"frozen_bn": bool(bb.get("frozen_bn", True)), "frozen_stem": bool(bb.get("frozen_stem", True))}
+
+
+def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weights") -> SIPENet:
+    model = SIPENet(build_backbone(cfg, cache_dir), n_classes, **freeze_flags(cfg))
+    model.fsae_tau = float(sipe_settings(cfg)["fsae_tau"])
+    return model
+
+
+def data_needs(cfg: Mapping[str, Any]) -> dict[str, bool]:
+    """§6: classic crops without colour jitter, plus the crop's validity mask."""
+    return {"views": False, "saliency": False, "strong": False, "valid": True, "jitter": False}
+
+
+def poly_sgd_groups(model: nn.Module, new_layers: Sequence[nn.Module], cfg: Mapping[str, Any]) -> list[dict]:
+    """§7 PolyOptimizerSGD groups: backbone at ``lr``, new layers at ``lr * head_lr_mult``, weight decay on both;
+    momentum = weight decay (the positional-argument quirk) unless ``fix_quirk`` (then ``momentum``)."""
+    wd = float(cfg.get("weight_decay", 1e-4))
+    mom = float(cfg.get("momentum", 0.9)) if cfg.get("fix_quirk", False) else wd
+    new_ids = {id(p) for m in new_layers for p in m.parameters()}
+    base = [p for p in model.parameters() if p.requires_grad and id(p) not in new_ids]
+    new = [p for m in new_layers for p in m.parameters() if p.requires_grad]
+    lr = float(cfg["lr"])
+    return [{"params": base, "lr": lr, "weight_decay": wd, "momentum": mom, "name": "backbone"},
+            {"params": new, "lr": lr * float(cfg.get("head_lr_mult", 10.0)), "weight_decay": wd, "momentum": mom,
+             "name": "new"}]
+
+
+def param_groups(model: SIPENet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return poly_sgd_groups(model, model.new_layers, cfg)
+
+
+def supervised_loss(model: SIPENet, batch: Mapping[str, torch.Tensor], step: int, cfg: Mapping[str, Any],
+                    **_: Any) -> dict[str, torch.Tensor]:
+    """§5: L_cls (multi-label soft margin on the GAP score) + L_GSC (|norm_cam - IS_cam'|, all channels, padding
+    included). batch: ``image`` (N, 3, H, W), ``label`` (N, C-1), optional ``valid`` (N, 1, H, W)."""
+    x, label = batch["image"], batch["label"]
+    h, w = -(-x.shape[-2] // 16), -(-x.shape[-1] // 16)
+    mask = lowres_valid(batch.get("valid"), label, (h, w), x)
+    out = model(x, mask)
+    l_cls = F.multilabel_soft_margin_loss(out["score"], label)
+    l_gsc = ops.gsc_loss(out["norm_cam"], out["is_cam"])
+    return {"loss": l_cls + l_gsc, "loss_cls": l_cls, "loss_gsc": l_gsc}
+
+
+def training_step(model: SIPENet, batch: Mapping[str, torch.Tensor], step: int, cfg: Mapping[str, Any]) -> dict:
+    return supervised_loss(model, batch, step, cfg)
+
+
+def cam_logits(model: SIPENet, images: torch.Tensor, label: torch.Tensor | None = None,
+               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """FSAE's view of SIPE: (N, 3, H, W) -> (IS-CAM' / tau (N, C, h, w), bg index 0).
+
+    The IS-CAM (the map SIPE's pseudo-masks come from, with its own background-prototype channel) is
+    max-normalised per channel as in the GSC target and divided by ``model.fsae_tau`` so that a softmax can
+    reach FSAE's 0.95 cut-off. Seeds are masked by ``label`` (and ``valid``) as in training.
+    """
+    if label is None:
+        raise ValueError("SIPE's CAM logits need the image labels (seeds are masked by them)")
+    h, w = -(-images.shape[-2] // 16), -(-images.shape[-1] // 16)
+    out = model(images, lowres_valid(valid, label, (h, w), images))
+    iscam = out["is_cam"]
+    n, c = iscam.shape[:2]
+    iscam = iscam / (iscam.reshape(n, c, -1).amax(-1).view(n, c, 1, 1) + ops.EPS)
+    return iscam / getattr(model, "fsae_tau", FSAE_TAU), 0
+
+
+def cam_forward(model: SIPENet, images: torch.Tensor) -> torch.Tensor:
+    """Generic-inference fallback: ReLU'd classifier CAMs (N, C-1, h, w). SIPE's own inference is
+    :func:`infer_cams`."""
+    return F.relu(model.classifier(model.features(images)["x4"]))
+
+
+def _flip_fused(model: SIPENet, x: torch.Tensor, flip: bool) -> dict[str, torch.Tensor]:
+    """§8: run [img, hflip img]; sum the raw CAM logits, hie_fea (and x4) with the un-flipped second copy."""
+    f = model.features(x)
+    cam = model.classifier(f["x4"])
+    out = {"cam": cam, "hie_fea": f["hie_fea"], "x4": f["x4"]}
+    if flip:
+        out = {k: (v[:1] + v[1:].flip(-1)) for k, v in out.items()}
+    return out
+
+
+def _scaled_inputs(image: np.ndarray, scales: Sequence[float], flip: bool, device: torch.device):
+    h, w = image.shape[:2]
+    for s in scales:
+        img = image if s == 1.0 else resize(image, (max(1, round(h * s)), max(1, round(w * s))))
+        x = to_tensor(normalize(img)).unsqueeze(0)
+        if flip:
+            x = torch.cat([x, x.flip(-1)], 0)
+        yield x.to(device)
+
+
+def fuse_scales(maps: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """§8: per-scale (1, C, h_s, w_s) maps upsampled (bilinear, align_corners False) to ``size``, summed, then
+    each channel divided by its spatial max + 1e-5 -> (C, H, W)."""
+    total = sum(F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps)[0]
+    return total / (total.flatten(1).amax(1).view(-1, 1, 1) + ops.EPS)
+
+
+@torch.no_grad()
+def infer_cams(model: SIPENet, image: np.ndarray, keys: Sequence[int], scales: Sequence[float], flip: bool,
+               device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """§8 multi-scale + flip IS-CAM of one image.
+
+    image uint8 (H, W, 3); ``keys`` the present foreground class labels (1..C-1). Returns ``(keys_out, cams,
+    None)`` with ``keys_out`` = [0, *keys] (bg first) and ``cams`` float32 (K, H, W) in [0, 1]: the IS-CAM of
+    those channels (seeds from hie_fea, masked by [1, y]; no label masking of norm_cam).
+    """
+    h, w = image.shape[:2]
+    keys_out = np.asarray([0, *keys], dtype=np.int64)
+    per_scale = []
+    for x in _scaled_inputs(image, scales, flip, device):
+        o = _flip_fused(model, x, flip)
+        ncam = ops.norm_cam(o["cam"])
+        mask = torch.zeros(1, ncam.shape[1], 1, 1, device=ncam.device, dtype=ncam.dtype)
+        mask[0, keys_out] = 1
+        seeds = ops.structure_seeds(ncam, o["hie_fea"], mask)
+        per_scale.append(ops.is_cam(o["hie_fea"], ops.prototypes(seeds, o["hie_fea"])))
+    cams = fuse_scales(per_scale, (h, w))[keys_out]
+    return keys_out, cams.cpu().numpy().astype(np.float32), None

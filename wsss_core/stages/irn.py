@@ -1,0 +1,330 @@
+"""Stages of the IRN refinement used by SIPE / SFC (spec: ``irn.md``): CAMs -> confident-region labels (cam2ir,
+CPU, two CRFs), train the IRN boundary/displacement network on them, random-walk the CAMs along the predicted
+boundaries into pseudo-masks, and score the confident-region labels.
+
+CAM stores with their own background map (keys start with 0: SIPE, SFC) are used as they are; for other stores
+(plain CAM, PPC) a constant background plane is prepended, its value from ``bg_threshold`` ("auto" = the
+threshold chosen by eval_cams). Stores with a second stack (``aux``, SFC's PCM classifier CAM) are combined as
+``cams_weight * cams + aux_weight * aux``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..data.datasets import SegmentationDataset
+from ..data.io import IGNORE_INDEX, read_image, read_label_png
+from ..data.prepare import DatasetInfo
+from ..data.transforms import normalize, to_tensor
+from ..engine.context import start_job
+from ..engine.logs import progress, setup_job_logging
+from ..engine.trainer import load_final, train_stage
+from ..errors import ConfigError, DataError
+from ..metrics import ConfusionMatrix
+from ..refine import irn
+from ..refine.crf import crf_params
+from ..store.atomic import read_json, write_json
+from ..store.shards import ShardedStore, ShardWriter, shard_ids
+
+# --------------------------------------------------------------------------------------------- shared helpers
+
+
+def resolve_bg(cfg: Mapping[str, Any], cam_eval: str | None, key: str = "irn.bg_threshold") -> tuple[float | None, str]:
+    """The constant bg score for CAM stores without a background map, and where it came from.
+
+    ``cfg["bg_threshold"]``: a number, or "auto" = ``threshold.value`` of the eval_cams JSON ``cam_eval``
+    (None if there is no such file: only an error if a store without a bg map is met)."""
+    t = cfg.get("bg_threshold", "auto")
+    if t != "auto":
+        return float(t), f"set in config ({key})"
+    if not cam_eval:
+        return None, "auto, but no eval_cams result given"
+    th = read_json(cam_eval)["threshold"]
+    return float(th["value"]), f"chosen by eval_cams on split {th['source']['split']!r} ({cam_eval})"
+
+
+def combined_maps(store: ShardedStore, image_id: str, weights: Mapping[str, float],
+                  bg: float | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(keys, X, added_bg)`` of one image: ``X = w_cams * cams + w_aux * aux`` (K, H, W), with a constant bg
+    plane of value ``bg`` prepended (and key 0) when the store has no background map."""
+    keys, cams = store[image_id]
+    wc, wa = float(weights.get("cams", 1.0)), float(weights.get("aux", 0.0))
+    x = cams * wc if wc != 1.0 else cams
+    if wa != 0.0:
+        aux = store.aux(image_id)
+        if aux is None:
+            raise DataError(f"{image_id}: the map combination gives the aux stack the weight {wa}, but the CAM shards "
+                            f"{[str(p) for p in store.paths]} hold no 'aux' maps (only SFC writes them); set the "
+                            "aux weight to 0 for this method")
+        if aux.shape != cams.shape:
+            raise DataError(f"{image_id}: aux maps {aux.shape} differ from the cams {cams.shape}")
+        x = x + wa * aux
+    if keys.size and keys[0] == 0:
+        return keys, x, False
+    if bg is None:
+        raise DataError(f"{image_id}: the CAMs have no background map and no bg threshold is available "
+                        "(bg_threshold: auto needs the eval_cams result); set bg_threshold to a number")
+    x = np.concatenate([np.full((1, *x.shape[1:]), bg, np.float32), x.astype(np.float32, copy=False)])
+    return np.concatenate([[0], keys]).astype(np.int64), x, True
+
+
+# --------------------------------------------------------------------------------------------- cam2ir
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(cam_shards, prepared, params, weights, bg, bg_scale) -> None:
+    _WORKER.update(store=ShardedStore(cam_shards), info=DatasetInfo(prepared), params=params, weights=weights, bg=bg,
+                   bg_scale=bg_scale)
+
+
+def _ir_label_one(image_id: str) -> tuple[str, np.ndarray, bool]:
+    w = _WORKER
+    keys, x, added = combined_maps(w["store"], image_id, w["weights"], w["bg"])
+    image = read_image(w["info"].image_path(image_id))
+    if image.shape[:2] != x.shape[1:]:
+        raise DataError(f"{image_id}: image {image.shape[:2]} and CAMs {x.shape[1:]} differ in size")
+    return image_id, irn.cam_to_ir_label(image, x, keys, w["params"], w["bg_scale"]), added
+
+
+def cam_to_ir_label(prepared: str, cam_shards: Sequence[str], cam_eval: str | None, split: str, shard: int,
+                    n_shards: int, cfg: Mapping[str, Any], out: str, config_hash: str = "", log: str | None = None,
+                    threads: int = 1) -> None:
+    """Confident-region labels (uint8 mask shard, values 0..C-1 and 255) of one shard of ``split`` (§1).
+
+    cfg (stage ``irn``): ``cam_combine`` {cams, aux}, ``bg_scale``, ``bg_threshold``, ``crf`` {preset, params},
+    ``n_workers``."""
+    logger = setup_job_logging(log)
+    info = DatasetInfo(prepared)
+    crf = dict(cfg.get("crf") or {})
+    params = crf_params(crf.get("preset", "seam_label"), **dict(crf.get("params") or {}))
+    weights = dict(cfg.get("cam_combine") or {"cams": 1.0, "aux": 0.0})
+    bg, source = resolve_bg(cfg, cam_eval)
+    bg_scale = float(cfg.get("bg_scale", 0.5))
+    ids = shard_ids(info.ids(split), shard, n_shards)
+    logger.info("cam2ir on %d images: maps %s, bg x %.2f, CRF %s; constant bg for CAMs without a bg map: %s (%s)",
+                len(ids), weights, bg_scale, params, bg, source)
+    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash, "crf": repr(params),
+             "cam_combine": weights, "bg_scale": bg_scale, "bg_threshold_source": source, "refine": "cam2ir"}
+    if bg is not None:
+        attrs["bg_threshold"] = bg
+    n_workers = max(1, min(int(cfg.get("n_workers", 1)), threads))
+    n_added = 0
+    with contextlib.ExitStack() as stack:
+        init = (list(cam_shards), prepared, params, weights, bg, bg_scale)
+        if n_workers == 1:
+            _init_worker(*init)
+            stack.callback(_WORKER["store"].close)
+            results = map(_ir_label_one, ids)
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=init))
+            results = pool.map(_ir_label_one, ids, chunksize=8)
+        writer = stack.enter_context(ShardWriter(out, "masks", attrs))
+        for image_id, mask, added in progress(results, total=len(ids), desc=f"cam2ir {shard + 1}/{n_shards}"):
+            writer.add_mask(image_id, mask)
+            n_added += added
+    if n_added:
+        logger.info("%d of %d images had no background map: constant bg %s (%s)", n_added, len(ids), bg, source)
+    logger.info("wrote %d confident-region labels to %s", len(ids), out)
+
+
+# --------------------------------------------------------------------------------------------- train
+
+def _top_left(img: torch.Tensor, crop: int) -> torch.Tensor:
+    """(3, H, W) -> (3, crop, crop): top-left crop, zero pad."""
+    out = img.new_zeros((img.shape[0], crop, crop))
+    h, w = min(crop, img.shape[1]), min(crop, img.shape[2])
+    out[:, :h, :w] = img[:, :h, :w]
+    return out
+
+
+@torch.no_grad()
+def compute_mean_shift(model: irn.IRNet, info: DatasetInfo, ids: Sequence[str], crop: int, batch_size: int,
+                       device: torch.device) -> torch.Tensor:
+    """§3 post-step: the mean displacement (2,) over top-left ``crop`` crops (zero pad) of ``ids`` in eval mode,
+    averaged over space and batch, then over batches (incomplete last batch dropped unless it is the only one).
+    Stored in ``model.mean_shift.running_mean``; returned."""
+    ids = list(ids)
+    if not ids:
+        raise DataError("no images for the IRN mean shift")
+    model.eval()
+    model.mean_shift.running_mean.zero_()
+    n_full = len(ids) // batch_size
+    batches = [ids[i * batch_size:(i + 1) * batch_size] for i in range(n_full)] or [ids]
+    means = []
+    for b in progress(batches, desc="irn mean shift"):
+        x = torch.stack([_top_left(to_tensor(normalize(read_image(info.image_path(i)))), crop) for i in b])
+        means.append(model(x.to(device))[1].mean((0, 2, 3)))
+    ms = torch.stack(means).mean(0)
+    model.mean_shift.running_mean.copy_(ms)
+    return ms
+
+
+def _sgd_groups(model: irn.IRNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Edge layers lr, displacement layers lr * disp_lr_mult, both with weight decay; momentum = weight_decay
+    (the PolyOptimizer quirk: SGD's 3rd positional argument) unless ``fix_quirk``."""
+    lr, wd = float(cfg["lr"]), float(cfg["weight_decay"])
+    mom = float(cfg["momentum"]) if cfg.get("fix_quirk") else wd
+    mult = float(cfg.get("disp_lr_mult", 10))
+    return [{"params": list(model.edge_layers.parameters()), "lr": lr, "weight_decay": wd, "momentum": mom,
+             "name": "edge"},
+            {"params": list(model.disp_layers.parameters()), "lr": lr * mult, "weight_decay": wd, "momentum": mom,
+             "name": "disp"}]
+
+
+def train_irn(prepared: str, ir_label_shards: Sequence[str], split: str, cfg: Mapping[str, Any], out_model: str,
+              ckpt_dir: str, metrics: str, seed: int = 0, device: str = "auto", lock_dir: str = ".wsss/gpu-locks",
+              weights_dir: str = "weights", config_hash: str = "", log: str | None = None, threads: int = 1,
+              classifier_model: str | None = None, mean_shift_split: str | None = None) -> None:
+    """Train IRN on the confident-region labels of ``split`` (resumable; §3), then store the mean shift computed
+    on ``mean_shift_split`` (default ``split``) in the final weights."""
+    job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
+    info = DatasetInfo(prepared)
+    init_clf = bool(cfg.get("init_from_classifier"))
+    model = irn.build_irnet(cfg["backbone"], cache_dir=weights_dir, weights=None if init_clf else "cfg")
+    if init_clf:
+        if not classifier_model:
+            raise ConfigError("irn.init_from_classifier is true but no classifier model was given")
+        state = load_final(classifier_model)["model"]
+        try:
+            prefix = irn.copy_backbone_from(model.backbone, state)
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"irn.init_from_classifier: cannot copy the backbone of {classifier_model}: {exc}. "
+                              "irn.backbone (arch, layers, width_per_group) must match the classifier's "
+                              "backbone, or set irn.init_from_classifier: false") from exc
+        job.logger.info("backbone initialised from the classifier %s (keys %s*)", classifier_model, prefix)
+    model = model.to(job.device)
+    groups = _sgd_groups(model, cfg)
+    optimizer = torch.optim.SGD(groups, lr=float(cfg["lr"]), momentum=groups[0]["momentum"])
+    ids = info.ids(split)
+    data = SegmentationDataset(info.image_dir, ids, list(ir_label_shards), cfg["crop_size"], cfg["scale_range"], seed)
+    radius = float(cfg.get("radius", 10))
+    n_classes = info.n_classes
+
+    def step_fn(model, batch, step):
+        x = batch["image"].to(job.device, non_blocking=True)
+        y = batch["mask"].to(job.device, non_blocking=True)
+        edge, disp = model(x)
+        labels = irn.downsample_labels(y, tuple(edge.shape[-2:]))
+        bg_pos, fg_pos, neg = irn.irn_pair_labels(labels, radius, n_classes)
+        out = irn.irn_loss(edge, disp, bg_pos, fg_pos, neg, radius)
+        return {**out, "n_bg_pos": bg_pos.sum(), "n_fg_pos": fg_pos.sum(), "n_neg": neg.sum()}
+
+    ms_split = mean_shift_split or split
+
+    def before_save(model):
+        ms = compute_mean_shift(model, info, info.ids(ms_split), int(cfg["crop_size"]), int(cfg["batch_size"]),
+                                job.device)
+        job.logger.info("mean shift on %s: %s", ms_split, ms.tolist())
+        return {"mean_shift": ms.tolist(), "mean_shift_split": ms_split}
+
+    job.logger.info("training IRN (%s, init %s) on %d confident-region labels of %s for %d steps, radius %g, "
+                    "momentum %g", cfg["backbone"].get("arch"), "classifier" if init_clf else "backbone.weights",
+                    len(ids), split, cfg["max_steps"], radius, groups[0]["momentum"])
+    train_stage(model, step_fn, data, optimizer, cfg, seed, ckpt_dir, metrics, out_model,
+                {"method": "irn", "classes": info.classes}, config_hash, desc="train irn", before_save=before_save)
+
+
+def load_irnet(path: str, map_location: str | torch.device = "cpu") -> tuple[irn.IRNet, dict]:
+    """The trained IRNet (eval mode, on CPU) and its meta from a :func:`train_irn` file."""
+    ckpt = load_final(path, map_location=map_location)
+    meta = dict(ckpt["meta"])
+    model = irn.build_irnet(meta["cfg"]["backbone"], weights=None)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), meta
+
+
+# --------------------------------------------------------------------------------------------- random walk
+
+def make_sem_seg_labels(prepared: str, cam_shards: Sequence[str], cam_eval: str | None, irn_model: str, split: str,
+                        shard: int, n_shards: int, cfg: Mapping[str, Any], out: str, seed: int = 0,
+                        device: str = "auto", lock_dir: str = ".wsss/gpu-locks", config_hash: str = "",
+                        log: str | None = None, threads: int = 1) -> None:
+    """Pseudo-masks (uint8 shard, values 0..C-1) of one shard of ``split`` by the IRN random walk (§5).
+
+    cfg (stage ``irn``): ``rw`` {radius, beta, exp_times, power, combine {cams, aux}, two_pass, bg_const},
+    ``bg_threshold`` (stores without a bg map)."""
+    job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
+    info = DatasetInfo(prepared)
+    model, meta = load_irnet(irn_model)
+    model = model.to(job.device)
+    pad_to = int(meta["cfg"]["crop_size"])
+    rw = dict(cfg["rw"])
+    weights = dict(rw.get("combine") or {"cams": 1.0, "aux": 0.0})
+    bg, source = resolve_bg(cfg, cam_eval)
+    ids = shard_ids(info.ids(split), shard, n_shards)
+    settings = {k: rw[k] for k in ("radius", "beta", "exp_times", "power", "two_pass", "bg_const") if k in rw}
+    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash, "refine": "irn_rw",
+             "rw": settings, "combine": weights, "bg_threshold_source": source, "irn_model": str(irn_model)}
+    if bg is not None:
+        attrs["bg_threshold"] = bg
+    job.logger.info("IRN random walk on %d images: %s, maps %s; constant bg for CAMs without a bg map: %s (%s)",
+                    len(ids), settings, weights, bg, source)
+    seconds, n_added = [], 0
+    with ShardedStore(list(cam_shards)) as store, ShardWriter(out, "masks", attrs) as writer:
+        for image_id in progress(ids, desc=f"irn rw {shard + 1}/{n_shards}"):
+            t0 = time.time()
+            keys, x, added = combined_maps(store, image_id, weights, bg)
+            n_added += added
+            image = read_image(info.image_path(image_id))
+            if image.shape[:2] != x.shape[1:]:
+                raise DataError(f"{image_id}: image {image.shape[:2]} and CAMs {x.shape[1:]} differ in size")
+            edge = irn.edge_inference(model, to_tensor(normalize(image)).to(job.device), pad_to)
+            mask = irn.sem_seg_labels(x, keys, edge, radius=int(rw.get("radius", 5)), beta=float(rw.get("beta", 10)),
+                                      exp_times=int(rw.get("exp_times", 8)), power=float(rw.get("power", 1.5)),
+                                      two_pass=bool(rw.get("two_pass", False)),
+                                      bg_const=float(rw.get("bg_const", 0.25)))
+            writer.add_mask(image_id, mask)
+            seconds.append(time.time() - t0)
+    if n_added:
+        job.logger.info("%d of %d images had no background map: constant bg %s (%s)", n_added, len(ids), bg, source)
+    if seconds:
+        s = np.asarray(seconds)
+        job.logger.info("random walk: %.3f s/image mean, %.3f median, %.3f max over %d images", s.mean(),
+                        np.median(s), s.max(), s.size)
+    job.logger.info("wrote %d pseudo-masks to %s", len(ids), out)
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+def eval_ir_labels(prepared: str, ir_label_shards: Sequence[str], split: str, out: str,
+                   log: str | None = None) -> dict:
+    """Score confident-region labels on the ids of ``split`` they contain.
+
+    JSON: ``scores`` (mIoU etc. on the labelled pixels only: prediction != 255), ``labelled_fraction`` (labelled
+    share of the valid GT pixels), ``scores_unlabelled_as_bg`` (255 counted as background, SFC's eval_sem_seg)."""
+    logger = setup_job_logging(log)
+    info = DatasetInfo(prepared)
+    conf, conf_bg = ConfusionMatrix(info.n_classes), ConfusionMatrix(info.n_classes)
+    n_valid = n_labelled = 0
+    with ShardedStore(ir_label_shards) as store:
+        ids = [i for i in info.ids(split) if i in store]
+        if not ids:
+            raise DataError(f"no ir_labels of split {split!r} in {list(ir_label_shards)}")
+        for image_id in progress(ids, desc=f"eval ir_labels {split}"):
+            pred = store[image_id]
+            gt = read_label_png(info.mask_path(image_id), info.n_classes)
+            if gt.shape != pred.shape:
+                raise DataError(f"mask {info.mask_path(image_id)} is {gt.shape}, ir_label {pred.shape}")
+            labelled = pred != IGNORE_INDEX
+            valid = gt != IGNORE_INDEX
+            n_valid += int(valid.sum())
+            n_labelled += int((valid & labelled).sum())
+            conf.update(np.where(labelled, gt, IGNORE_INDEX), pred)
+            conf_bg.update(gt, np.where(labelled, pred, 0))
+    scores = conf.scores(info.classes)
+    frac = n_labelled / n_valid if n_valid else float("nan")
+    result = {"what": "ir_labels", "split": split, "n_images": len(ids), "labelled_fraction": frac,
+              "miou_labelled": scores["miou"], "pixel_acc_labelled": scores["pixel_acc"], "scores": scores,
+              "scores_unlabelled_as_bg": conf_bg.scores(info.classes)}
+    write_json(out, result)
+    logger.info("ir_labels on %s (%d images): %.1f%% of the pixels labelled, mIoU there %.4f (pixel acc %.4f); "
+                "with 255 -> bg mIoU %.4f", split, len(ids), 100 * frac, scores["miou"], scores["pixel_acc"],
+                result["scores_unlabelled_as_bg"]["miou"])
+    return result
