@@ -133,14 +133,37 @@ def uses_affinity(dataset, experiment):
     return bool(scfg(dataset, experiment, "affinity").get("enabled"))
 
 
+def uses_irn(dataset, experiment):
+    return bool(scfg(dataset, experiment, "irn").get("enabled"))
+
+
 def mask_stages(dataset, experiment):
     """The stages that determine the pseudo-masks (for hashes downstream of them)."""
+    if uses_irn(dataset, experiment):
+        return ("classifier", "cams", "eval", "irn")
     base = ("classifier", "cams", "eval", "crf")
     return base + ("affinity",) if uses_affinity(dataset, experiment) else base
 
 
+def ir_label_shards(dataset, experiment):
+    """IRN stage: the confident-region labels (cam_to_ir_label), one shard set per experiment."""
+    n = n_shards(dataset, experiment, "irn")
+    return [f"{R}/{dataset}/{experiment}/irn/ir_label/{k}-of-{n}.h5" for k in range(n)]
+
+
+def irn_classifier_inputs(w):
+    """The trained classifier when the IRN backbone starts from it (irn.init_from_classifier, toy data)."""
+    if scfg(w.dataset, w.experiment, "irn").get("init_from_classifier"):
+        return [f"{R}/{w.dataset}/{w.experiment}/classifier/model.pt"]
+    return []
+
+
 def pseudo_mask_shards(dataset, experiment):
-    """Pseudo-mask shards: CRF-refined CAMs, or AffinityNet random walk when affinity.enabled."""
+    """Pseudo-mask shards: IRN random walk (irn.enabled), AffinityNet random walk (affinity.enabled), else the
+    CRF-refined CAMs."""
+    if uses_irn(dataset, experiment):
+        n = n_shards(dataset, experiment, "irn")
+        return [f"{R}/{dataset}/{experiment}/pseudo_masks_irn/{k}-of-{n}.h5" for k in range(n)]
     if uses_affinity(dataset, experiment):
         n = n_shards(dataset, experiment, "affinity")
         return [f"{R}/{dataset}/{experiment}/pseudo_masks_rw/{k}-of-{n}.h5" for k in range(n)]

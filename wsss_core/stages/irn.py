@@ -39,13 +39,16 @@ def resolve_bg(cfg: Mapping[str, Any], cam_eval: str | None, key: str = "irn.bg_
     """The constant bg score for CAM stores without a background map, and where it came from.
 
     ``cfg["bg_threshold"]``: a number, or "auto" = ``threshold.value`` of the eval_cams JSON ``cam_eval``
-    (None if there is no such file: only an error if a store without a bg map is met)."""
+    (None if there is no such file, or if eval_cams found CAMs with their own bg map: then it is only an error if an
+    image without a bg map is met)."""
     t = cfg.get("bg_threshold", "auto")
     if t != "auto":
         return float(t), f"set in config ({key})"
     if not cam_eval:
         return None, "auto, but no eval_cams result given"
     th = read_json(cam_eval)["threshold"]
+    if th.get("own_bg"):
+        return None, f"not needed: eval_cams found CAMs with their own background map ({cam_eval})"
     return float(th["value"]), f"chosen by eval_cams on split {th['source']['split']!r} ({cam_eval})"
 
 
