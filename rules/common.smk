@@ -222,6 +222,7 @@ def report_inputs(wildcards):
         "segmenters": [f"{R}/{ds}/{e}/segmentation/model.pt" for e in exps],
         "saliency": sorted({p for e in exps for p in saliency_inputs(ds, e)}),
         "submissions": [f"{R}/{ds}/{e}/submission/results.tar.gz" for e in exps] if has_test_split(ds) else [],
+        "ir_label_evals": [f"{R}/{ds}/{e}/eval/ir_labels.json" for e in exps if uses_irn(ds, e)],
     }
 
 

@@ -109,19 +109,51 @@ def test_voc_fsae_dag_shares_only_dataset_and_saliency_jobs(tmp_path):
     proc = run_snakemake(tmp_path, "-n", "voc_fsae_report", configfile=cfg)
     assert proc.elapsed < 10, f"DAG took {proc.elapsed:.1f} s"
     jobs = _dry_run_jobs(proc.stdout)
-    by_branch: dict[str, list[str]] = {"ppc": [], "ppc_fsae": [], "shared": []}
+    branches_of = ("ppc", "ppc_fsae", "sipe", "sipe_fsae")
+    by_branch: dict[str, list[str]] = {b: [] for b in branches_of + ("shared",)}
     for rule, outputs in jobs:
-        branches = {b for o in outputs for b in ("ppc", "ppc_fsae") if f"/voc/{b}/" in o}
+        branches = {b for o in outputs for b in branches_of if f"/voc/{b}/" in o}
         assert len(branches) <= 1, (rule, outputs)
         by_branch[branches.pop() if branches else "shared"].append(rule)
     shared = sorted(by_branch["shared"])
-    # dataset + saliency once each; the DeepLab ImageNet weights once; the report and its target
-    assert shared == ["fetch_weights", "prepare_dataset", "report", "saliency", "voc_fsae_report"], shared
-    # the two branches are the same pipeline, job for job, and nothing of one serves the other
+    # dataset + saliency once each; the ImageNet weights once per file (ResNet-50 for SIPE and IRN, ResNet-101
+    # for DeepLab); the report and its target
+    assert shared == ["fetch_weights", "fetch_weights", "prepare_dataset", "report", "saliency",
+                      "voc_fsae_report"], shared
+    # base and base + FSAE are the same pipeline, job for job, and nothing of one serves the other
     assert sorted(by_branch["ppc"]) == sorted(by_branch["ppc_fsae"])
+    assert sorted(by_branch["sipe"]) == sorted(by_branch["sipe_fsae"])
     assert by_branch["ppc"].count("train_classifier") == 1
     assert by_branch["ppc"].count("infer_cams") == 16 and by_branch["ppc"].count("refine_crf") == 8
     assert by_branch["ppc"].count("test_submission") == 1 and by_branch["ppc"].count("infer_segmentation") == 16
+    sipe = by_branch["sipe"]
+    assert sipe.count("train_classifier") == 1 and sipe.count("infer_cams") == 16
+    assert sipe.count("cam_to_ir_label") == 8 and sipe.count("train_irn") == 1
+    assert sipe.count("make_sem_seg_labels") == 8 and sipe.count("eval_sem_seg") == 1
+    assert "refine_crf" not in sipe and "train_affinity" not in sipe
+
+
+def test_voc_sipe_sfc_and_fsae_reports_share_the_sipe_branch(tmp_path):
+    """One run of the three VOC reports: the SIPE branch (classifier, CAMs, IRN, DeepLab) is built once and
+    serves both the `sipe` and the `fsae` suites; SFC and SIPE + FSAE are branches of their own."""
+    root = _voc_tree(tmp_path / "VOC2012")
+    sal = tmp_path / "SALImages"
+    sal.mkdir()
+    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}}})
+    _resnet38_weights(tmp_path)
+    proc = run_snakemake(tmp_path, "-n", "voc_sipe_report", "voc_sfc_report", "voc_fsae_report", configfile=cfg)
+    jobs = _dry_run_jobs(proc.stdout)
+    outputs = [o for _, outs in jobs for o in outs]
+    assert len(outputs) == len(set(outputs))  # no output is made twice
+    count = lambda rule, exp: sum(1 for r, outs in jobs if r == rule and any(f"/voc/{exp}/" in o for o in outs))  # noqa: E731
+    for exp in ("sipe", "sfc", "sipe_fsae"):
+        assert count("train_classifier", exp) == 1 and count("train_irn", exp) == 1, exp
+        assert count("make_sem_seg_labels", exp) == 8 and count("train_segmentation", exp) == 1, exp
+    rules = [r for r, _ in jobs]
+    assert rules.count("prepare_dataset") == 1 and rules.count("report") == 3
+    assert rules.count("fetch_weights") == 2
+    reports = sorted(o for r, outs in jobs if r == "report" for o in outs if o.endswith("report.md"))
+    assert [Path(p).parent.name for p in reports] == ["fsae", "sfc", "sipe"]
 
 
 def test_voc_fsae_without_saliency_folder_names_it(tmp_path):

@@ -20,6 +20,7 @@ build_report(
     segmenters=i.segmenters,
     saliency=i.saliency,
     submissions=i.submissions,
+    ir_label_evals=i.ir_label_evals,
     out_md=o.md,
     out_json=o.json,
     out_curves=o.curves,

@@ -403,6 +403,23 @@ def render_markdown(r: Mapping[str, Any]) -> str:
         f"{fmt(b['iou'][0] if b['iou'] else None)}).")
     add("")
 
+    # ----- refinement
+    if r.get("refinement"):
+        add("## Pseudo-mask refinement")
+        add("")
+        add("What the refinement stage adds over the CAM seeds, both scored on the same split (seeds at the "
+            "chosen t, or by their own background map). For IRN, the confident-region labels of `cam_to_ir_label` "
+            "are also scored: the fraction of pixels they label and the mIoU on those pixels.")
+        add("")
+        add(md_table(["experiment", "refinement", "split", "CAM seeds mIoU", "pseudo-mask mIoU", "change",
+                      "IR labels: labelled fraction", "IR labels: mIoU on labelled"],
+                     [[x["experiment"], x["refinement"], x["split"], fmt(x["cam_seeds_miou"]),
+                       fmt(x["pseudo_mask_miou"]), "n/a" if x["delta"] is None else f"{x['delta']:+.4f}",
+                       fmt((x.get("ir_labels") or {}).get("labelled_fraction")),
+                       fmt((x.get("ir_labels") or {}).get("miou_labelled"))] for x in r["refinement"]],
+                     ["l", "l", "l", "r", "r", "r", "r", "r"]))
+        add("")
+
     # ----- thresholds
     add("## Background threshold")
     add("")

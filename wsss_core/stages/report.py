@@ -207,6 +207,34 @@ def _submission_notes(experiments: Sequence[str], archives: Sequence[str] | str)
             "server for the test mIoU)." for e, a in zip(experiments, _as_list(archives))]
 
 
+def _refinement_kind(mask_paths: Sequence[str]) -> str:
+    parts = {Path(p).parent.name for p in mask_paths}
+    if parts == {"pseudo_masks_irn"}:
+        return "IRN random walk"
+    if parts == {"pseudo_masks_rw"}:
+        return "AffinityNet random walk"
+    return "dense CRF"
+
+
+def _refinement_rows(experiments, cam_ev, mask_ev, mask_shards, ir_label_evals, dataset, mask_split) -> list[dict]:
+    """Per experiment: how the pseudo-masks were made and what refinement added over the CAM seeds on the same
+    split (CAM seeds at the chosen t vs. pseudo-masks), plus IRN's confident-label coverage when present."""
+    ir = {experiment_of(p, dataset, experiments): read_json(p) for p in _as_list(ir_label_evals)}
+    out = []
+    for e in experiments:
+        cam_on_mask = (cam_ev[e].get("scores") or {}).get(mask_split)
+        seed = cam_on_mask["miou"] if cam_on_mask else None
+        mask = mask_ev[e]["scores"]["miou"]
+        row = {"experiment": e, "refinement": _refinement_kind(mask_shards[e]), "split": mask_split,
+               "cam_seeds_miou": seed, "pseudo_mask_miou": mask,
+               "delta": None if seed is None or mask is None else mask - seed}
+        if e in ir:
+            row["ir_labels"] = {"labelled_fraction": ir[e].get("labelled_fraction"),
+                                "miou_labelled": ir[e].get("miou_labelled")}
+        out.append(row)
+    return out
+
+
 def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepared: str, eval_split: str,
                  mask_split: str, methods: Mapping[str, str], config: Mapping[str, Any],
                  cam_evals: Sequence[str], mask_evals: Sequence[str], seg_evals: Sequence[str],
@@ -215,7 +243,8 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
                  out_md: str, out_json: str, out_curves: str, out_per_class: str, out_qualitative: str,
                  out_training: str, log: str | None = None, n_examples: int = 6, n_train_examples: int = 2,
                  repo: str | os.PathLike | None = None, saliency: Sequence[str] = (),
-                 submissions: Sequence[str] = (), notes: Sequence[str] = ()) -> dict:
+                 submissions: Sequence[str] = (), notes: Sequence[str] = (),
+                 ir_label_evals: Sequence[str] = ()) -> dict:
     """Write the suite report; returns the report dict (the content of ``out_json``).
 
     Args:
@@ -230,6 +259,7 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
         saliency: saliency manifests used by the experiments (their kind is stated in the report's notes).
         submissions: test-set submission archives (same order as ``experiments``), listed in the notes.
         notes: further lines for the report's notes.
+        ir_label_evals: ``eval/ir_labels.json`` of the experiments refined by IRN (any order, told apart by path).
     """
     logger = setup_job_logging(log)
     experiments = list(experiments)
@@ -309,6 +339,7 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
         per_class["experiments"][e] = {"cam": _scores_view(cam_scores), "pseudo_mask": _scores_view(me["scores"]),
                                        "segmentation": _scores_view(se["scores"])}
 
+    refinement = _refinement_rows(experiments, cam_ev, mask_ev, mask_shards, ir_label_evals, dataset, mask_split)
     baseline = all_background_baseline(info, eval_split)
 
     training, curves_cls, curves_seg, models = {}, {}, {}, {}
@@ -367,6 +398,7 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
         "mean_conventions": dict(rb.MEAN_CONVENTIONS),
         "rows": rows,
         "thresholds": thresholds,
+        "refinement": refinement,
         "per_class": per_class,
         "baseline": baseline,
         "training": training,
@@ -444,7 +476,8 @@ def _qualitative_rows(info: DatasetInfo, experiments: Sequence[str], cam_shards:
                 t = thresholds[e]
                 if cam_st[e] is not None and image_id in cam_st[e]:
                     keys, cams = cam_st[e][image_id]
-                    heat = cams.max(axis=0) if cams.shape[0] else np.zeros(cams.shape[1:], np.float32)
+                    fg = cams[keys > 0]  # a leading background map (SIPE/SFC) is not shown in the heat map
+                    heat = fg.max(axis=0) if fg.shape[0] else np.zeros(cams.shape[1:], np.float32)
                     row.append({"title": f"{e}: CAM (max)", "image": rb.overlay_heatmap(image, heat)})
                     row.append(label_panel(f"{e}: CAM > t={rb.fmt_t(t)}", cam_to_labels(cams, keys, t)))
                 else:
