@@ -93,8 +93,41 @@ def test_demo_end_to_end_and_noop_rerun(tmp_path):
 
 
 
-def test_toy_fsae_report_end_to_end_with_both_rows(tmp_path):
-    """The FSAE suite on a tiny toy dataset: both rows, stand-in saliency labelled, FSAE losses logged per step."""
+TINY_SIPE = {"classifier": {"max_steps": 20, "checkpoint_every": 10, "batch_size": 4, "crop_size": 64,
+                            "resize_long": [56, 72]},
+             "cams": {"scales": [1.0], "n_shards": 1},
+             "irn": {"batch_size": 4, "crop_size": 64, "max_steps": 6, "checkpoint_every": 3, "n_shards": 1},
+             "segmentation": {"max_steps": 10, "crop_size": 64, "batch_size": 4, "n_shards": 1}}
+TINY_DATA = {"generator": {"n_train_aug": 24, "n_train": 12, "n_val": 12, "image_size": 64}}
+
+
+def test_toy_sfc_report_end_to_end_through_irn(tmp_path):
+    """SFC on a tiny toy dataset through the IRN stage: prototype + PCM CAMs in the cache, confident labels,
+    IRN, two-pass random walk, report with the refinement table."""
+    cfg = write_yaml(tmp_path / "tiny.yaml", {"datasets": {"toy": TINY_DATA},
+                                             "experiments": {"sfc": {"datasets": {"toy": {"stages": TINY_SIPE}}}}})
+    run_snakemake(tmp_path, "--cores", "2", "toy_sfc_report", configfile=cfg)
+    import h5py
+    with h5py.File(tmp_path / "results/toy/sfc/cams/val/0-of-1.h5", "r") as fh:
+        g = fh[sorted(fh.keys())[0]]
+        assert g["keys"][0] == 0 and g["aux"].shape == g["cams"].shape  # bg map first; IS_CAM1 beside IS_CAM
+    cam_eval = json.loads((tmp_path / "results/toy/sfc/eval/cams.json").read_text())
+    assert cam_eval["threshold"]["own_bg"] is True
+    ir = json.loads((tmp_path / "results/toy/sfc/eval/ir_labels.json").read_text())
+    assert 0.0 < ir["labelled_fraction"] <= 1.0
+    assert list((tmp_path / "results/toy/sfc/pseudo_masks_irn").glob("*.h5"))
+    assert not (tmp_path / "results/toy/sfc/pseudo_masks").exists()
+    rep = json.loads((tmp_path / "results/toy/reports/sfc/report.json").read_text())
+    (ref,) = rep["refinement"]
+    assert ref["refinement"] == "IRN random walk" and ref["ir_labels"]["labelled_fraction"] == ir["labelled_fraction"]
+    assert "## Pseudo-mask refinement" in (tmp_path / "results/toy/reports/sfc/report.md").read_text()
+    rows = [json.loads(x) for x in (tmp_path / "results/toy/sfc/classifier/state/metrics.jsonl").read_text().splitlines()]
+    assert all({"loss_cls", "loss_gsc", "loss_ms", "grad_norm"} <= set(r) for r in rows)
+
+
+def test_toy_fsae_report_end_to_end_with_all_rows(tmp_path):
+    """The FSAE suite on a tiny toy dataset: PPC, PPC + FSAE, SIPE and SIPE + FSAE rows, stand-in saliency
+    labelled, FSAE losses logged per step, SIPE rows refined by IRN."""
     tiny_stages = {"classifier": {"max_steps": 30, "checkpoint_every": 10, "batch_size": 4, "crop_size": 64,
                                   "resize_long": [56, 72], "ppc": {"view2_size": 32}},
                    "cams": {"scales": [1.0], "n_shards": 1},
@@ -102,7 +135,8 @@ def test_toy_fsae_report_end_to_end_with_both_rows(tmp_path):
                    "segmentation": {"max_steps": 20, "crop_size": 64, "batch_size": 4, "n_shards": 1}}
     cfg = write_yaml(tmp_path / "tiny.yaml", {
         "datasets": {"toy": {"generator": {"n_train_aug": 24, "n_train": 12, "n_val": 12, "image_size": 64}}},
-        "experiments": {e: {"datasets": {"toy": {"stages": tiny_stages}}} for e in ("ppc", "ppc_fsae")},
+        "experiments": {**{e: {"datasets": {"toy": {"stages": tiny_stages}}} for e in ("ppc", "ppc_fsae")},
+                        **{e: {"datasets": {"toy": {"stages": TINY_SIPE}}} for e in ("sipe", "sipe_fsae")}},
     })
     # the PPC row takes its pseudo-masks from the AffinityNet random walk (the optional refinement)
     tiny_aff = {"enabled": True, "backbone": {"width": 0.0625, "weights": None, "frozen_bn": False},
@@ -117,7 +151,12 @@ def test_toy_fsae_report_end_to_end_with_both_rows(tmp_path):
     assert "`ppc` (PPC)" in md and "`ppc_fsae` (PPC + FSAE)" in md
     assert "stand-in saliency" in md
     rep = json.loads((tmp_path / "results/toy/reports/fsae/report.json").read_text())
-    assert [r["experiment"] for r in rep["rows"]] == ["ppc", "ppc_fsae"]
+    assert [r["experiment"] for r in rep["rows"]] == ["ppc", "ppc_fsae", "sipe", "sipe_fsae"]
+    assert "`sipe_fsae` (SIPE + FSAE)" in md
+    assert [x["refinement"] for x in rep["refinement"]] == ["AffinityNet random walk", "dense CRF", "IRN random walk",
+                                                           "IRN random walk"]
+    sf = [json.loads(x) for x in (tmp_path / "results/toy/sipe_fsae/classifier/state/metrics.jsonl").read_text().splitlines()]
+    assert len(sf) == 20 and all({"loss_cls", "loss_gsc", "loss_pl", "teacher_conf", "mask_ratio"} <= set(r) for r in sf)
     for r in rep["rows"]:
         for col in ("cam", "pseudo_mask", "segmentation"):
             assert 0.0 <= r[col]["miou"] <= 1.0

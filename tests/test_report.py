@@ -430,7 +430,8 @@ def test_workflow_script_passes_the_rule_names(monkeypatch):
     monkeypatch.setattr(stage, "build_report", lambda **kw: seen.update(kw))
     inp = SimpleNamespace(manifest="m", cam_evals=["c"], mask_evals=["m"], seg_evals=["s"], cams=["x.h5"],
                           masks=["y.h5"], preds=["z.h5"], classifiers=["a.pt"], segmenters=["b.pt"],
-                          saliency=["sal.json"], submissions=["results.tar.gz"])
+                          saliency=["sal.json"], submissions=["results.tar.gz"],
+                          ir_label_evals=["ir.json"])
     out = SimpleNamespace(md="r.md", json="r.json", curves="c.png", per_class="p.png", qualitative="q.png",
                           training="t.png")
     params = SimpleNamespace(experiments=["cam"], suite="cam", dataset="toy", prepared="d", eval_split="val",
@@ -441,5 +442,6 @@ def test_workflow_script_passes_the_rule_names(monkeypatch):
     assert seen["cams"] == ["x.h5"] and seen["segmenters"] == ["b.pt"] and seen["log"] == "l.log"
     assert seen["methods"] == {"cam": "cam"} and seen["config"] == {"seed": 0}
     assert seen["saliency"] == ["sal.json"] and seen["submissions"] == ["results.tar.gz"]
+    assert seen["ir_label_evals"] == ["ir.json"]
     monkeypatch.undo()
     assert set(seen) <= set(inspect.signature(stage.build_report).parameters)

@@ -159,3 +159,23 @@ def test_fsae_wraps_sipe_and_passes_labels_and_valid():
     img = (np.random.default_rng(1).random((32, 40, 3)) * 255).astype(np.uint8)
     keys, cams, _ = fsae.infer_cams(model.eval(), img, [1, 2], [1.0], True, torch.device("cpu"))
     assert keys.tolist() == [0, 1, 2] and cams.shape == (3, 32, 40)
+
+
+def test_is_cam_in_unit_interval_with_max_one_per_seeded_class_after_fusion():
+    """§4c + §8: IS-CAM = ReLU(cos) in [0, 1]; after the scale fusion each channel with a seed peaks at ~1."""
+    g = torch.Generator().manual_seed(3)
+    feat = torch.randn(1, 16, 6, 7, generator=g)
+    cams = torch.rand(1, 4, 6, 7, generator=g)
+    seeds = ops.structure_seeds(cams, feat, torch.ones(1, 4, 1, 1))
+    iscam = ops.is_cam(feat, ops.prototypes(seeds, feat))
+    assert iscam.min() >= 0 and iscam.max() <= 1 + 1e-6
+    fused = sipe.fuse_scales([iscam, iscam[:, :, ::2, ::2]], (12, 14))
+    seeded = seeds.flatten(2).amax(-1)[0] > 0
+    assert seeded.any()
+    peaks = fused.flatten(1).amax(1)
+    assert torch.all(peaks[seeded] >= 0.9999) and torch.all(peaks <= 1) and fused.min() >= 0
+    # a seed pixel's own feature is where its prototype points when the seed is a single pixel
+    one = torch.zeros(1, 4, 6, 7)
+    one[0, 2, 3, 4] = 1
+    proto_cam = ops.is_cam(feat, ops.prototypes(one, feat))
+    assert torch.isclose(proto_cam[0, 2, 3, 4], torch.tensor(1.0), atol=1e-5) and torch.all(proto_cam[0, [0, 1, 3]] == 0)
