@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -82,22 +82,33 @@ def eval_cams(prepared: str, cam_shards: Sequence[str], threshold_split: str, ev
     return result
 
 
+def label_pairs(info: DatasetInfo, mask_shards: Sequence[str], split: str, what: str,
+                ids_out: list | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(id, GT (H, W), label map (H, W))`` for the ids of ``split`` that ``mask_shards`` contain, with a progress
+    bar; no such id or a shape mismatch is a :class:`DataError`. ``ids_out`` receives the ids."""
+    with ShardedStore(mask_shards) as store:
+        ids = [i for i in info.ids(split) if i in store]
+        if not ids:
+            raise DataError(f"no {what} of split {split!r} in {list(mask_shards)}")
+        if ids_out is not None:
+            ids_out.extend(ids)
+        for image_id in progress(ids, desc=f"eval {what} {split}"):
+            pred = store[image_id]
+            gt = read_label_png(info.mask_path(image_id), info.n_classes)
+            if gt.shape != pred.shape:
+                raise DataError(f"mask {info.mask_path(image_id)} is {gt.shape}, {what} {pred.shape}")
+            yield image_id, gt, pred
+
+
 def eval_masks(prepared: str, mask_shards: Sequence[str], split: str, out: str, what: str = "masks",
                log: str | None = None) -> dict:
     """Score the label maps of ``mask_shards`` on the ids of ``split`` that they contain; write JSON scores."""
     logger = setup_job_logging(log)
     info = DatasetInfo(prepared)
     conf = ConfusionMatrix(info.n_classes)
-    with ShardedStore(mask_shards) as store:
-        ids = [i for i in info.ids(split) if i in store]
-        if not ids:
-            raise DataError(f"no {what} of split {split!r} in {list(mask_shards)}")
-        for image_id in progress(ids, desc=f"eval {what} {split}"):
-            pred = store[image_id]
-            gt = read_label_png(info.mask_path(image_id), info.n_classes)
-            if gt.shape != pred.shape:
-                raise DataError(f"mask {info.mask_path(image_id)} is {gt.shape}, prediction {pred.shape}")
-            conf.update(gt, pred)
+    ids = []
+    for _, gt, pred in label_pairs(info, mask_shards, split, what, ids):
+        conf.update(gt, pred)
     scores = conf.scores(info.classes)
     result = {"what": what, "split": split, "n_images": len(ids), "scores": scores}
     write_json(out, result)

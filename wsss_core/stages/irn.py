@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..data.datasets import SegmentationDataset
-from ..data.io import IGNORE_INDEX, read_image, read_label_png
+from ..data.io import IGNORE_INDEX, read_image
 from ..data.prepare import DatasetInfo
 from ..data.transforms import normalize, to_tensor
 from ..engine.context import start_job
@@ -29,6 +29,7 @@ from ..errors import ConfigError, DataError
 from ..metrics import ConfusionMatrix
 from ..refine import irn
 from ..refine.crf import crf_params
+from .evaluate import label_pairs
 from ..store.atomic import read_json, write_json
 from ..store.shards import ShardedStore, ShardWriter, shard_ids
 
@@ -306,21 +307,14 @@ def eval_ir_labels(prepared: str, ir_label_shards: Sequence[str], split: str, ou
     info = DatasetInfo(prepared)
     conf, conf_bg = ConfusionMatrix(info.n_classes), ConfusionMatrix(info.n_classes)
     n_valid = n_labelled = 0
-    with ShardedStore(ir_label_shards) as store:
-        ids = [i for i in info.ids(split) if i in store]
-        if not ids:
-            raise DataError(f"no ir_labels of split {split!r} in {list(ir_label_shards)}")
-        for image_id in progress(ids, desc=f"eval ir_labels {split}"):
-            pred = store[image_id]
-            gt = read_label_png(info.mask_path(image_id), info.n_classes)
-            if gt.shape != pred.shape:
-                raise DataError(f"mask {info.mask_path(image_id)} is {gt.shape}, ir_label {pred.shape}")
-            labelled = pred != IGNORE_INDEX
-            valid = gt != IGNORE_INDEX
-            n_valid += int(valid.sum())
-            n_labelled += int((valid & labelled).sum())
-            conf.update(np.where(labelled, gt, IGNORE_INDEX), pred)
-            conf_bg.update(gt, np.where(labelled, pred, 0))
+    ids: list[str] = []
+    for _, gt, pred in label_pairs(info, ir_label_shards, split, "ir_labels", ids):
+        labelled = pred != IGNORE_INDEX
+        valid = gt != IGNORE_INDEX
+        n_valid += int(valid.sum())
+        n_labelled += int((valid & labelled).sum())
+        conf.update(np.where(labelled, gt, IGNORE_INDEX), pred)
+        conf_bg.update(gt, np.where(labelled, pred, 0))
     scores = conf.scores(info.classes)
     frac = n_labelled / n_valid if n_valid else float("nan")
     result = {"what": "ir_labels", "split": split, "n_images": len(ids), "labelled_fraction": frac,

@@ -222,10 +222,11 @@ def _refinement_rows(experiments, cam_ev, mask_ev, mask_shards, ir_label_evals, 
     ir = {experiment_of(p, dataset, experiments): read_json(p) for p in _as_list(ir_label_evals)}
     out = []
     for e in experiments:
-        cam_on_mask = (cam_ev[e].get("scores") or {}).get(mask_split)
+        split = mask_ev[e].get("split") or mask_split  # the split the pseudo-masks are scored on
+        cam_on_mask = (cam_ev[e].get("scores") or {}).get(split)
         seed = cam_on_mask["miou"] if cam_on_mask else None
         mask = mask_ev[e]["scores"]["miou"]
-        row = {"experiment": e, "refinement": _refinement_kind(mask_shards[e]), "split": mask_split,
+        row = {"experiment": e, "refinement": _refinement_kind(mask_shards[e]), "split": split,
                "cam_seeds_miou": seed, "pseudo_mask_miou": mask,
                "delta": None if seed is None or mask is None else mask - seed}
         if e in ir:
