@@ -177,16 +177,27 @@ def seg_pred_shards(dataset, experiment, split):
 
 
 def stage_hash(dataset, experiment, *stages):
-    """Hash of everything that determines a stage's output (settings of it and its upstream stages, seed, method)."""
+    """Hash of everything that determines a stage's output (settings of it and its upstream stages, seed, method).
+    A stage named ``irn-`` stands for the IRN settings without the random walk's (``irn_cfg(..., walk=False)``)."""
     exp = config["experiments"][experiment]
     return config_hash(
         {
             "dataset": dataset_for_prepare(dataset),
             "method": exp["method"],
             "seed": config["seed"],
-            "stages": {s: scfg(dataset, experiment, s) for s in stages},
+            "stages": {
+                s: irn_cfg(dataset, experiment, walk=False) if s == "irn-" else scfg(dataset, experiment, s)
+                for s in stages
+            },
         }
     )
+
+
+def irn_cfg(dataset, experiment, walk=True):
+    """The irn stage settings; ``walk=False`` drops ``rw`` (the random walk's settings), so that changing them
+    reruns make_sem_seg_labels only, not cam_to_ir_label and train_irn."""
+    cfg = scfg(dataset, experiment, "irn")
+    return cfg if walk else {k: v for k, v in cfg.items() if k != "rw"}
 
 
 def report_md(dataset, suite):

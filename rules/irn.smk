@@ -13,8 +13,8 @@ rule cam_to_ir_label:
     params:
         prepared=lambda w: prepared(w.dataset),
         split=lambda w: split_name(w.dataset, "train"),
-        cfg=lambda w: scfg(w.dataset, w.experiment, "irn"),
-        hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier", "cams", "eval", "irn"),
+        cfg=lambda w: irn_cfg(w.dataset, w.experiment, walk=False),
+        hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier", "cams", "eval", "irn-"),
     threads: 2
     conda:
         "../envs/wsss.yaml"
@@ -36,9 +36,9 @@ rule train_irn:
         prepared=lambda w: prepared(w.dataset),
         split=lambda w: split_name(w.dataset, "train"),
         mean_shift_split=lambda w: split_name(w.dataset, "mask_eval"),
-        cfg=lambda w: scfg(w.dataset, w.experiment, "irn"),
+        cfg=lambda w: irn_cfg(w.dataset, w.experiment, walk=False),
         state=lambda w: f"{R}/{w.dataset}/{w.experiment}/irn/state",
-        hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier", "cams", "eval", "irn"),
+        hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier", "cams", "eval", "irn-"),
         classifier_model=lambda w: (irn_classifier_inputs(w) or [None])[0],
         seed=config["seed"],
         device=config["device"],

@@ -123,6 +123,16 @@ def test_toy_sfc_report_end_to_end_through_irn(tmp_path):
     assert "## Pseudo-mask refinement" in (tmp_path / "results/toy/reports/sfc/report.md").read_text()
     rows = [json.loads(x) for x in (tmp_path / "results/toy/sfc/classifier/state/metrics.jsonl").read_text().splitlines()]
     assert all({"loss_cls", "loss_gsc", "loss_ms", "grad_norm"} <= set(r) for r in rows)
+    # a random-walk setting reruns the walk and what follows it, not the confident labels or IRN training
+    import yaml
+    doc = yaml.safe_load(cfg.read_text())
+    doc["experiments"]["sfc"]["datasets"]["toy"]["stages"]["irn"]["rw"] = {"exp_times": 3}
+    cfg2 = write_yaml(tmp_path / "rw.yaml", doc)
+    dry = run_snakemake(tmp_path, "-n", "toy_sfc_report", configfile=cfg2)
+    table = dry.stdout[dry.stdout.index("Job stats:"):]
+    jobs = set(re.findall(r"^(\w+)\s+\d+$", table, re.M)) - {"total"}
+    assert jobs == {"make_sem_seg_labels", "eval_pseudo_masks", "train_segmentation", "infer_segmentation",
+                    "eval_segmentation", "report", "toy_sfc_report"}, jobs
 
 
 def test_toy_fsae_report_end_to_end_with_all_rows(tmp_path):
