@@ -120,7 +120,9 @@ def test_toy_sfc_report_end_to_end_through_irn(tmp_path):
     rep = json.loads((tmp_path / "results/toy/reports/sfc/report.json").read_text())
     (ref,) = rep["refinement"]
     assert ref["refinement"] == "IRN random walk" and ref["ir_labels"]["labelled_fraction"] == ir["labelled_fraction"]
-    assert "## Pseudo-mask refinement" in (tmp_path / "results/toy/reports/sfc/report.md").read_text()
+    md = (tmp_path / "results/toy/reports/sfc/report.md").read_text()
+    assert "## Pseudo-mask refinement" in md and "`sfc`: no background threshold" in md
+    assert rep["thresholds"][0]["own_bg"] is True
     rows = [json.loads(x) for x in (tmp_path / "results/toy/sfc/classifier/state/metrics.jsonl").read_text().splitlines()]
     assert all({"loss_cls", "loss_gsc", "loss_ms", "grad_norm"} <= set(r) for r in rows)
     # a random-walk setting reruns the walk and what follows it, not the confident labels or IRN training

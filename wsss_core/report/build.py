@@ -435,6 +435,11 @@ def render_markdown(r: Mapping[str, Any]) -> str:
                  ["l", "r", "l", "l", "r", "r", "r", "r"]))
     add("")
     for th in r["thresholds"]:
+        if th.get("own_bg"):  # SIPE / SFC: the CAMs have a background map; t = 0 is the plain argmax
+            add(f"- `{th['experiment']}`: no background threshold: the CAMs carry their own background map and a "
+                f"pixel takes the label of its strongest map (shown as t = 0.00); mIoU on "
+                f"`{th['source']['split']}` {fmt(th['source'].get('miou_at_value'))}.")
+            continue
         add(f"- `{th['experiment']}`: t = {fmt_t(th['value'])}, chosen on split `{th['source']['split']}` by "
             f"{th['source']['criterion']} (mIoU there {fmt(th['source'].get('miou_at_value'))})."
             + _pseudo_mask_t_note(th))

@@ -327,6 +327,7 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
         thresholds.append({
             "experiment": e,
             "value": th["value"],
+            "own_bg": bool(th.get("own_bg", False)),
             "source": {"split": src["split"], "criterion": src["criterion"],
                        "miou_at_value": src.get("miou_at_value")},
             "mean": ce.get("mean", "present"),
