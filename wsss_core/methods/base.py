@@ -33,9 +33,22 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any, Mapping
 
 METHODS = {"cam": "wsss_core.methods.cam", "ppc": "wsss_core.methods.ppc", "sipe": "wsss_core.methods.sipe",
            "sfc": "wsss_core.methods.sfc", "fsae": "wsss_core.methods.fsae"}
+
+
+def method_settings(cfg: Mapping[str, Any], section: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``defaults`` overridden by the non-null values of ``cfg[section]``; an unknown key is a ConfigError that
+    names it (``classifier.<section>.<key>``)."""
+    from ..errors import ConfigError
+
+    user = dict(cfg.get(section) or {})
+    unknown = sorted(set(user) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown classifier.{section} key(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **{k: v for k, v in user.items() if v is not None}}
 
 
 def get_method(name: str) -> ModuleType:

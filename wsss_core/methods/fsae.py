@@ -47,11 +47,9 @@ DEFAULTS: dict[str, Any] = {
 
 
 def fsae_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    user = dict(cfg.get("fsae") or {})
-    unknown = sorted(set(user) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown classifier.fsae key(s) {unknown}; known: {sorted(DEFAULTS)}")
-    out = {**DEFAULTS, **{k: v for k, v in user.items() if v is not None}}
+    from .base import method_settings  # base.py registers this module: import on use
+
+    out = method_settings(cfg, "fsae", DEFAULTS)
     if out["variant"] not in ("union", "separate"):
         raise ConfigError(f"classifier.fsae.variant must be union or separate, got {out['variant']!r}")
     if out["base"] == "fsae":

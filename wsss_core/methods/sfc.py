@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from . import sfc_ops as ops
 from . import sipe
 from . import sipe_ops
+from .base import method_settings
 
 DEFAULTS = {"gsc_weight": 1.6, "ms_weight": 0.8, "bg_seed_scale": ops.BG_SEED_SCALE, "scale2": 0.5, "n_bank": 4,
             "bank_correction": ops.BANK_CORRECTION, "infer_bg_add": ops.INFER_BG_ADD,
@@ -34,12 +35,7 @@ DEFAULTS = {"gsc_weight": 1.6, "ms_weight": 0.8, "bg_seed_scale": ops.BG_SEED_SC
 
 def sfc_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """:data:`DEFAULTS` overridden by ``cfg['sfc']`` (non-null values); unknown keys are a ConfigError."""
-    user = dict(cfg.get("sfc") or {})
-    unknown = sorted(set(user) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown classifier.sfc key(s) {unknown}; known: {sorted(DEFAULTS)}")
-    out = dict(DEFAULTS)
-    out.update({k: v for k, v in user.items() if v is not None})
+    out = method_settings(cfg, "sfc", DEFAULTS)
     if not 0 < float(out["scale2"]) <= 1:
         raise ConfigError(f"classifier.sfc.scale2 must be in (0, 1], got {out['scale2']!r}")
     if int(out["n_bank"]) != out["n_bank"] or int(out["n_bank"]) < 0:

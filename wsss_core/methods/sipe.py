@@ -27,18 +27,13 @@ from ..data.transforms import normalize, resize, to_tensor
 from ..errors import ConfigError
 from ..models.backbones import build_resnet
 from . import sipe_ops as ops
+from .base import method_settings
 
 FSAE_TAU = 0.1  # IS-CAM' / tau as FSAE logits: a pixel at 1 on one channel, 0 elsewhere -> p >= 0.999 (21 ch)
 
 
 def sipe_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    user = dict(cfg.get("sipe") or {})
-    out = {"fsae_tau": FSAE_TAU}
-    unknown = sorted(set(user) - set(out))
-    if unknown:
-        raise ConfigError(f"unknown classifier.sipe key(s) {unknown}; known: {sorted(out)}")
-    out.update({k: v for k, v in user.items() if v is not None})
-    return out
+    return method_settings(cfg, "sipe", {"fsae_tau": FSAE_TAU})
 
 
 def lowres_valid(valid: torch.Tensor | None, label: torch.Tensor, size: tuple[int, int],
