@@ -424,3 +424,13 @@ def test_resolve_bg(tmp_path):
     assert resolve_bg({"bg_threshold": "auto"}, str(p))[0] == 0.35
     p.write_text(json.dumps({"threshold": {"value": 0.0, "own_bg": True, "source": {"split": "train"}}}))
     assert resolve_bg({"bg_threshold": "auto"}, str(p))[0] is None
+
+
+def test_train_irn_rejects_a_crop_too_small_for_the_radius():
+    from wsss_core.errors import ConfigError
+    from wsss_core.stages.irn import check_pair_grid
+
+    check_pair_grid(96, 10)     # 24 cells > 18
+    check_pair_grid(64, 5)      # 16 cells > 8
+    with pytest.raises(ConfigError, match="crop_size"):
+        check_pair_grid(64, 10)  # 16 cells: no source column at radius 10 (the spec's 512 crop has 128)

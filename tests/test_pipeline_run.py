@@ -96,7 +96,8 @@ def test_demo_end_to_end_and_noop_rerun(tmp_path):
 TINY_SIPE = {"classifier": {"max_steps": 20, "checkpoint_every": 10, "batch_size": 4, "crop_size": 64,
                             "resize_long": [56, 72]},
              "cams": {"scales": [1.0], "n_shards": 1},
-             "irn": {"batch_size": 4, "crop_size": 64, "max_steps": 6, "checkpoint_every": 3, "n_shards": 1},
+             "irn": {"batch_size": 4, "crop_size": 64, "radius": 5, "max_steps": 6, "checkpoint_every": 3,
+                     "n_shards": 1},
              "segmentation": {"max_steps": 10, "crop_size": 64, "batch_size": 4, "n_shards": 1}}
 TINY_DATA = {"generator": {"n_train_aug": 24, "n_train": 12, "n_val": 12, "image_size": 64}}
 

@@ -11,6 +11,7 @@ threshold chosen by eval_cams). Stores with a second stack (``aux``, SFC's PCM c
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Mapping, Sequence
@@ -182,6 +183,17 @@ def _sgd_groups(model: irn.IRNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]
              "name": "disp"}]
 
 
+def check_pair_grid(crop_size: int, radius: float) -> None:
+    """The crop's OS4 grid must hold source pixels for the radius (§3: columns [r_f, w - r_f), r_f = ceil(R) - 1);
+    otherwise training would have no pairs and nothing to learn."""
+    side = -(-int(crop_size) // 4)
+    rf = int(math.ceil(radius)) - 1
+    if side - 2 * rf <= 0:
+        raise ConfigError(f"irn.crop_size {crop_size} gives a {side}x{side} feature grid, too small for irn.radius "
+                          f"{radius:g} (needs more than {2 * rf} cells, i.e. crop_size > {8 * rf}); raise crop_size "
+                          "or lower radius")
+
+
 def train_irn(prepared: str, ir_label_shards: Sequence[str], split: str, cfg: Mapping[str, Any], out_model: str,
               ckpt_dir: str, metrics: str, seed: int = 0, device: str = "auto", lock_dir: str = ".wsss/gpu-locks",
               weights_dir: str = "weights", config_hash: str = "", log: str | None = None, threads: int = 1,
@@ -209,6 +221,7 @@ def train_irn(prepared: str, ir_label_shards: Sequence[str], split: str, cfg: Ma
     ids = info.ids(split)
     data = SegmentationDataset(info.image_dir, ids, list(ir_label_shards), cfg["crop_size"], cfg["scale_range"], seed)
     radius = float(cfg.get("radius", 10))
+    check_pair_grid(int(cfg["crop_size"]), radius)
     n_classes = info.n_classes
 
     def step_fn(model, batch, step):
