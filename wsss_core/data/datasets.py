@@ -54,11 +54,11 @@ class ClassificationDataset(_Seeded, torch.utils.data.Dataset):
             img = color_jitter(img, rng)
         if rng.random() < 0.5:
             img = img[:, ::-1]
-        ones = np.ones(img.shape[:2], np.float32)
-        img, valid = random_crop([normalize(img), ones], [0.0, 0.0], self.crop, rng)
-        item = {"image": to_tensor(img), "label": torch.from_numpy(self.labels[i]), "id": self.ids[i]}
+        arrays = [normalize(img)] + ([np.ones(img.shape[:2], np.float32)] if self.valid else [])
+        crops = random_crop(arrays, [0.0] * len(arrays), self.crop, rng)  # one window for all: same draws
+        item = {"image": to_tensor(crops[0]), "label": torch.from_numpy(self.labels[i]), "id": self.ids[i]}
         if self.valid:
-            item["valid"] = torch.from_numpy(valid[None])
+            item["valid"] = torch.from_numpy(crops[1][None])
         return item
 
 

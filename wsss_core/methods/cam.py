@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.backbones import build_resnet
+from ..models.backbones import resnet_from_config
 
 
 class CAMNet(nn.Module):
@@ -29,10 +29,7 @@ class CAMNet(nn.Module):
 
 
 def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weights") -> CAMNet:
-    bb = cfg["backbone"]
-    backbone = build_resnet(arch=bb["arch"], layers=bb.get("layers"), width_per_group=bb.get("width_per_group", 64),
-                            output_stride=bb.get("output_stride", 16), weights=bb.get("weights"), cache_dir=cache_dir)
-    return CAMNet(backbone, n_classes)
+    return CAMNet(resnet_from_config(cfg["backbone"], cache_dir), n_classes)
 
 
 def param_groups(model: CAMNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -176,15 +176,10 @@ def setup(model: FSAEModel, labels, cfg: Mapping[str, Any]) -> None:
 
 
 def infer_cams(model: FSAEModel, image, keys, scales, flip, device):
-    """The base method's own inference on the student (generic multi-scale CAMs when it has none)."""
-    m = base_method_of(model)
-    if hasattr(m, "infer_cams"):
-        return m.infer_cams(model.student, image, keys, scales, flip, device)
-    from .inference import multiscale_cams
+    """The base method's inference on the student (its own, or generic multi-scale CAMs when it has none)."""
+    from .inference import method_cams
 
-    cams = multiscale_cams(lambda x: m.cam_forward(model.student, x), image, scales, flip, device,
-                           classes=[k - 1 for k in keys])
-    return keys, cams, None
+    return method_cams(base_method_of(model), model.student, image, keys, scales, flip, device)
 
 
 def cam_forward(model: FSAEModel, images: torch.Tensor) -> torch.Tensor:

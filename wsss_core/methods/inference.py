@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..data.transforms import normalize, resize, to_tensor
+
+
+def scaled_views(image: np.ndarray, scales: Sequence[float], flip: bool,
+                 device: torch.device) -> Iterator[torch.Tensor]:
+    """Per scale s: the uint8 (H, W, 3) image resized (bicubic) to (round(H s), round(W s)), normalised, as a
+    batch (1, 3, h, w), or (2, 3, h, w) = [img, hflip img] with ``flip``, on ``device``."""
+    h, w = image.shape[:2]
+    for s in scales:
+        img = image if s == 1.0 else resize(image, (max(1, round(h * s)), max(1, round(w * s))))
+        x = to_tensor(normalize(img)).unsqueeze(0)
+        if flip:
+            x = torch.cat([x, x.flip(-1)], 0)
+        yield x.to(device)
+
+
+def method_cams(m, model, image: np.ndarray, keys: Sequence[int], scales: Sequence[float], flip: bool,
+                device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(keys_out, cams, aux)`` of one image by method module ``m``: its own ``infer_cams`` if it has one (e.g.
+    SIPE: a bg map first), else :func:`multiscale_cams` over its ``cam_forward`` for the present ``keys``."""
+    if hasattr(m, "infer_cams"):
+        return m.infer_cams(model, image, keys, scales, flip, device)
+    cams = multiscale_cams(lambda x: m.cam_forward(model, x), image, scales, flip, device,
+                           classes=[k - 1 for k in keys])
+    return keys, cams, None
 
 
 @torch.no_grad()
@@ -23,12 +47,8 @@ def multiscale_cams(cam_fn: Callable[[torch.Tensor], torch.Tensor], image: np.nd
     """
     h, w = image.shape[:2]
     total = None
-    for s in scales:
-        img = image if s == 1.0 else resize(image, (max(1, round(h * s)), max(1, round(w * s))))
-        x = to_tensor(normalize(img)).unsqueeze(0)
-        if flip:
-            x = torch.cat([x, x.flip(-1)], 0)
-        cams = cam_fn(x.to(device)).float()
+    for x in scaled_views(image, scales, flip, device):
+        cams = cam_fn(x).float()
         if classes is not None:
             cams = cams[:, list(classes)]
         cams = F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False)

@@ -135,8 +135,7 @@ class SFCNet(sipe.SIPENet):
         cam = self.classifier(f["x4"])
         ncam = sipe_ops.norm_cam(cam, mask)
         cam1 = self.pcm(ncam, x, f["x4"])
-        seed_mask = mask if mask is not None else torch.ones_like(ncam[:, :, :1, :1])
-        cam2 = self.prototype_cam(cam1, f["hie_fea"], seed_mask)
+        cam2 = self.prototype_cam(cam1, f["hie_fea"], sipe.seed_mask(mask, ncam))
         return {"score": cam.mean((2, 3)), "cam": cam, "norm_cam": ncam, "cam1": cam1, "cam2": cam2,
                 "hie_fea": f["hie_fea"], "x4": f["x4"]}
 
@@ -170,10 +169,6 @@ def setup(model: SFCNet, labels, cfg: Mapping[str, Any]) -> None:
         model.class_weights.copy_(torch.from_numpy(np.concatenate([[1.0], w])))
 
 
-def _os16(x: torch.Tensor) -> tuple[int, int]:
-    return -(-x.shape[-2] // 16), -(-x.shape[-1] // 16)
-
-
 def supervised_loss(model: SFCNet, batch: Mapping[str, torch.Tensor], step: int, cfg: Mapping[str, Any],
                     **_: Any) -> dict[str, torch.Tensor]:
     """§2-§3b on one batch: ``image`` (B, 3, H, W), ``label`` (B, C-1), optional ``valid`` (B, 1, H, W).
@@ -191,8 +186,8 @@ def supervised_loss(model: SFCNet, batch: Mapping[str, torch.Tensor], step: int,
     x, valid, label = model.bank.resample(x, valid, label, step, s["n_bank"])
     h2, w2 = int(x.shape[-2] * float(s["scale2"])), int(x.shape[-1] * float(s["scale2"]))
     x2 = F.interpolate(x, size=(h2, w2), mode="bilinear", align_corners=True)
-    out1 = model(x, sipe.lowres_valid(valid, label, _os16(x), x))
-    out2 = model(x2, sipe.lowres_valid(valid, label, _os16(x2), x))
+    out1 = model(x, sipe.lowres_valid(valid, label, sipe.os16_size(x), x))
+    out2 = model(x2, sipe.lowres_valid(valid, label, sipe.os16_size(x2), x))
     weights = model.class_weights
     l_cls = 0.5 * (F.multilabel_soft_margin_loss(out1["score"], label)
                    + F.multilabel_soft_margin_loss(out2["score"], label))
@@ -212,16 +207,10 @@ def cam_logits(model: SFCNet, images: torch.Tensor, label: torch.Tensor | None =
     As :func:`sipe.cam_logits` on SFC's ``cam2``: max-normalised per channel (the GSC target) and divided by
     ``model.fsae_tau``; norm_cam and seeds are masked by ``label`` (and ``valid``) as in training.
     """
-    if label is None:
-        raise ValueError("SFC's CAM logits need the image labels (norm_cam and seeds are masked by them)")
-    out = model(images, sipe.lowres_valid(valid, label, _os16(images), images))
-    return ops.max_normalise(out["cam2"]) / model.fsae_tau, 0
+    return sipe.tempered_logits(model, images, label, valid, "cam2", "SFC")
 
 
-def cam_forward(model: SFCNet, images: torch.Tensor) -> torch.Tensor:
-    """Generic-inference fallback: ReLU'd classifier CAMs (N, C-1, h, w). SFC's own inference is
-    :func:`infer_cams`."""
-    return sipe.cam_forward(model, images)
+cam_forward = sipe.cam_forward  # generic-inference fallback (ReLU'd classifier CAMs); SFC's own is infer_cams
 
 
 @torch.no_grad()
@@ -238,14 +227,9 @@ def infer_cams(model: SFCNet, image: np.ndarray, keys: Sequence[int], scales: Se
     h, w = image.shape[:2]
     keys_out = np.asarray([0, *keys], dtype=np.int64)
     proto, pcm = [], []
-    for x in sipe._scaled_inputs(image, scales, flip, device):
-        o = sipe._flip_fused(model, x, flip)
-        guide = x[:1] + x[1:].flip(-1) if flip else x
-        ncam = sipe_ops.norm_cam(o["cam"])
-        mask = torch.zeros(1, ncam.shape[1], 1, 1, device=ncam.device, dtype=ncam.dtype)
-        mask[0, keys_out] = 1
-        cam1 = model.pcm(ncam, guide, o["x4"])
-        proto.append(model.prototype_cam(cam1, o["hie_fea"], mask))
+    for o in sipe.fused_views(model, image, keys_out, scales, flip, device):
+        cam1 = model.pcm(o["norm_cam"], o["image"], o["x4"])
+        proto.append(model.prototype_cam(cam1, o["hie_fea"], o["mask"]))
         pcm.append(cam1)
     bg_add, fg_mul = model.infer_t
     a, b = (ops.transform_t(sipe.fuse_scales(m, (h, w))[keys_out], bg_add, fg_mul) for m in (proto, pcm))

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .sipe_ops import argmax_seeds, correlation, max_normalise  # noqa: F401 (max_normalise: part of this API)
+
 #: §3a: the reference's bank-resampling correction (≈ 660 steps/epoch x 4 resampled images x 3 / 20 classes).
 BANK_CORRECTION = 396.0
 
@@ -65,10 +67,7 @@ def pcm_affinity(emb: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
     ``E`` l2-normalised per pixel (+eps), ``A = relu(E^T E)``, ``A[i, j] /= sum_i A[i, j] + eps``.
     """
-    n, d, h, w = emb.shape
-    e = emb.reshape(n, d, h * w)
-    e = e / (e.norm(dim=1, keepdim=True) + eps)
-    aff = F.relu(torch.bmm(e.transpose(1, 2), e))
+    aff = correlation(emb, eps)
     return aff / (aff.sum(1, keepdim=True) + eps)
 
 
@@ -94,10 +93,7 @@ def prototype_seeds(cam: torch.Tensor, mask: torch.Tensor, bg_scale: float = BG_
     """§1c steps 1-2: one-hot argmax over C of ``cam`` (N, C, h, w) with the bg channel x ``bg_scale``, times
     ``mask`` (broadcastable to (N, C, h, w): training's valid_mask_lowres, inference's [1, y]). The argmax is
     taken before masking (a pixel whose best class is absent gets no seed); ``cam`` is not modified."""
-    scale = torch.ones(cam.shape[1], device=cam.device, dtype=cam.dtype)
-    scale[0] = bg_scale
-    best = (cam.detach() * scale.view(1, -1, 1, 1)).argmax(1)
-    return F.one_hot(best, cam.shape[1]).permute(0, 3, 1, 2).to(cam.dtype) * mask
+    return argmax_seeds(cam, mask, bg_scale)
 
 
 def transform_t(x: torch.Tensor, bg_add: float = INFER_BG_ADD, fg_mul: float = INFER_FG_MUL) -> torch.Tensor:
@@ -106,12 +102,6 @@ def transform_t(x: torch.Tensor, bg_add: float = INFER_BG_ADD, fg_mul: float = I
     With the defaults it preserves the argmax of ``[X_0 / 2 + 0.2, X_fg]``; for X in [0, 1]: bg in [0.4, 1.4],
     fg in [0, 2]."""
     return torch.cat([x[..., :1, :, :] + bg_add, x[..., 1:, :, :] * fg_mul], -3)
-
-
-def max_normalise(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """(N, C, h, w) -> each channel divided by its spatial max + eps."""
-    n, c = x.shape[:2]
-    return x / (x.reshape(n, c, -1).amax(-1).view(n, c, 1, 1) + eps)
 
 
 def weighted_gsc_loss(cam1: torch.Tensor, cam2: torch.Tensor, weights: torch.Tensor, eps: float = EPS) -> torch.Tensor:

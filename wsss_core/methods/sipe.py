@@ -16,18 +16,19 @@ max-normalised IS-CAM into logits for FSAE, see :func:`cam_logits`).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.transforms import normalize, resize, to_tensor
+from ..engine.trainer import poly_sgd_param_groups
 from ..errors import ConfigError
-from ..models.backbones import build_resnet
+from ..models.backbones import resnet_from_config
 from . import sipe_ops as ops
 from .base import method_settings
+from .inference import scaled_views
 
 FSAE_TAU = 0.1  # IS-CAM' / tau as FSAE logits: a pixel at 1 on one channel, 0 elsewhere -> p >= 0.999 (21 ch)
 
@@ -61,8 +62,7 @@ class SIPENet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.frozen_bn, self.frozen_stem = bool(frozen_bn), bool(frozen_stem)
-        ch = [backbone.layer1[-1].conv3.out_channels, backbone.layer2[-1].conv3.out_channels,
-              backbone.layer3[-1].conv3.out_channels, backbone.out_channels]
+        ch = backbone.stage_channels[1:]  # layer1..layer4
         self.classifier = nn.Conv2d(ch[3], n_classes, 1, bias=False)
         self.side1 = nn.Conv2d(ch[0], 128, 1, bias=False)
         self.side2 = nn.Conv2d(ch[1], 128, 1, bias=False)
@@ -103,8 +103,7 @@ class SIPENet(nn.Module):
         size = x3.shape[-2:]
         outs = []
         for conv, f in ((self.side1, x1), (self.side2, x2), (self.side3, x3), (self.side4, x4)):
-            s = conv(f.detach())
-            s = s / (s.norm(dim=1, keepdim=True) + ops.EPS)
+            s = ops.l2_normalise(conv(f.detach()))
             outs.append(F.interpolate(s, size=size, mode="bilinear", align_corners=False))
         return torch.cat(outs, 1)
 
@@ -113,20 +112,34 @@ class SIPENet(nn.Module):
         cam = self.classifier(f["x4"])
         score = cam.mean((2, 3))
         ncam = ops.norm_cam(cam, mask)
-        seed_mask = mask if mask is not None else torch.ones_like(ncam[:, :, :1, :1])
-        seeds = ops.structure_seeds(ncam, f["x4"].detach(), seed_mask)
+        seeds = ops.structure_seeds(ncam, f["x4"].detach(), seed_mask(mask, ncam))
         iscam = ops.is_cam(f["hie_fea"], ops.prototypes(seeds, f["hie_fea"]))
         return {"score": score, "cam": cam, "norm_cam": ncam, "is_cam": iscam, "hie_fea": f["hie_fea"],
                 "x4": f["x4"]}
+
+
+def seed_mask(mask: torch.Tensor | None, ncam: torch.Tensor) -> torch.Tensor:
+    """The seeds' label mask: ``mask`` as given, or all ones (1, C, 1, 1)-broadcastable when None."""
+    return mask if mask is not None else torch.ones_like(ncam[:, :, :1, :1])
+
+
+def os16_size(x: torch.Tensor) -> tuple[int, int]:
+    """(ceil(H/16), ceil(W/16)) of an (N, 3, H, W) input: the size of the OS16 maps."""
+    return -(-x.shape[-2] // 16), -(-x.shape[-1] // 16)
+
+
+def key_mask(keys_out: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """Inference seed mask [1, y] (1, C, 1, 1): 1 on the channels ``keys_out`` (bg 0 and the present classes)."""
+    mask = like.new_zeros(1, like.shape[1], 1, 1)
+    mask[0, torch.as_tensor(keys_out, device=like.device)] = 1
+    return mask
 
 
 def build_backbone(cfg: Mapping[str, Any], cache_dir: str = "weights") -> nn.Module:
     bb = cfg["backbone"]
     if bb.get("arch", "resnet50") not in ("resnet50", "resnet101"):
         raise ConfigError(f"SIPE/SFC use a bottleneck ResNet (backbone.arch: resnet50), got {bb.get('arch')!r}")
-    return build_resnet(arch=bb.get("arch", "resnet50"), layers=bb.get("layers"),
-                        width_per_group=bb.get("width_per_group", 64), output_stride=16, weights=bb.get("weights"),
-                        cache_dir=cache_dir, dilated=False)
+    return resnet_from_config(bb, cache_dir, output_stride=16, dilated=False)
 
 
 def freeze_flags(cfg: Mapping[str, Any]) -> dict[str, bool]:
@@ -149,15 +162,11 @@ def data_needs(cfg: Mapping[str, Any]) -> dict[str, bool]:
 def poly_sgd_groups(model: nn.Module, new_layers: Sequence[nn.Module], cfg: Mapping[str, Any]) -> list[dict]:
     """§7 PolyOptimizerSGD groups: backbone at ``lr``, new layers at ``lr * head_lr_mult``, weight decay on both;
     momentum = weight decay (the positional-argument quirk) unless ``fix_quirk`` (then ``momentum``)."""
-    wd = float(cfg.get("weight_decay", 1e-4))
-    mom = float(cfg.get("momentum", 0.9)) if cfg.get("fix_quirk", False) else wd
     new_ids = {id(p) for m in new_layers for p in m.parameters()}
     base = [p for p in model.parameters() if p.requires_grad and id(p) not in new_ids]
     new = [p for m in new_layers for p in m.parameters() if p.requires_grad]
-    lr = float(cfg["lr"])
-    return [{"params": base, "lr": lr, "weight_decay": wd, "momentum": mom, "name": "backbone"},
-            {"params": new, "lr": lr * float(cfg.get("head_lr_mult", 10.0)), "weight_decay": wd, "momentum": mom,
-             "name": "new"}]
+    return poly_sgd_param_groups([("backbone", base, 1.0), ("new", new, float(cfg.get("head_lr_mult", 10.0)))],
+                                 cfg)
 
 
 def param_groups(model: SIPENet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -169,9 +178,7 @@ def supervised_loss(model: SIPENet, batch: Mapping[str, torch.Tensor], step: int
     """§5: L_cls (multi-label soft margin on the GAP score) + L_GSC (|norm_cam - IS_cam'|, all channels, padding
     included). batch: ``image`` (N, 3, H, W), ``label`` (N, C-1), optional ``valid`` (N, 1, H, W)."""
     x, label = batch["image"], batch["label"]
-    h, w = -(-x.shape[-2] // 16), -(-x.shape[-1] // 16)
-    mask = lowres_valid(batch.get("valid"), label, (h, w), x)
-    out = model(x, mask)
+    out = model(x, lowres_valid(batch.get("valid"), label, os16_size(x), x))
     l_cls = F.multilabel_soft_margin_loss(out["score"], label)
     l_gsc = ops.gsc_loss(out["norm_cam"], out["is_cam"])
     return {"loss": l_cls + l_gsc, "loss_cls": l_cls, "loss_gsc": l_gsc}
@@ -189,14 +196,17 @@ def cam_logits(model: SIPENet, images: torch.Tensor, label: torch.Tensor | None 
     max-normalised per channel as in the GSC target and divided by ``model.fsae_tau`` so that a softmax can
     reach FSAE's 0.95 cut-off. Seeds are masked by ``label`` (and ``valid``) as in training.
     """
+    return tempered_logits(model, images, label, valid, "is_cam", "SIPE")
+
+
+def tempered_logits(model: SIPENet, images: torch.Tensor, label: torch.Tensor | None, valid: torch.Tensor | None,
+                    key: str, name: str) -> tuple[torch.Tensor, int]:
+    """The training forward with the label/validity mask, output ``key`` (an IS-CAM, bg first) max-normalised per
+    channel and divided by ``model.fsae_tau``; bg index 0. Shared by SIPE and SFC's :func:`cam_logits`."""
     if label is None:
-        raise ValueError("SIPE's CAM logits need the image labels (seeds are masked by them)")
-    h, w = -(-images.shape[-2] // 16), -(-images.shape[-1] // 16)
-    out = model(images, lowres_valid(valid, label, (h, w), images))
-    iscam = out["is_cam"]
-    n, c = iscam.shape[:2]
-    iscam = iscam / (iscam.reshape(n, c, -1).amax(-1).view(n, c, 1, 1) + ops.EPS)
-    return iscam / getattr(model, "fsae_tau", FSAE_TAU), 0
+        raise ValueError(f"{name}'s CAM logits need the image labels (seeds are masked by them)")
+    out = model(images, lowres_valid(valid, label, os16_size(images), images))
+    return ops.max_normalise(out[key]) / getattr(model, "fsae_tau", FSAE_TAU), 0
 
 
 def cam_forward(model: SIPENet, images: torch.Tensor) -> torch.Tensor:
@@ -205,31 +215,27 @@ def cam_forward(model: SIPENet, images: torch.Tensor) -> torch.Tensor:
     return F.relu(model.classifier(model.features(images)["x4"]))
 
 
-def _flip_fused(model: SIPENet, x: torch.Tensor, flip: bool) -> dict[str, torch.Tensor]:
-    """§8: run [img, hflip img]; sum the raw CAM logits, hie_fea (and x4) with the un-flipped second copy."""
-    f = model.features(x)
-    cam = model.classifier(f["x4"])
-    out = {"cam": cam, "hie_fea": f["hie_fea"], "x4": f["x4"]}
-    if flip:
-        out = {k: (v[:1] + v[1:].flip(-1)) for k, v in out.items()}
-    return out
-
-
-def _scaled_inputs(image: np.ndarray, scales: Sequence[float], flip: bool, device: torch.device):
-    h, w = image.shape[:2]
-    for s in scales:
-        img = image if s == 1.0 else resize(image, (max(1, round(h * s)), max(1, round(w * s))))
-        x = to_tensor(normalize(img)).unsqueeze(0)
+def fused_views(model: SIPENet, image: np.ndarray, keys_out: np.ndarray, scales: Sequence[float], flip: bool,
+                device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """§8 per scale: run the view batch [img, hflip img] (:func:`~wsss_core.methods.inference.scaled_views`) and sum
+    the raw CAM logits ``cam``, ``hie_fea``, ``x4`` and the input ``image`` with their un-flipped second copy
+    (SFC's PCM guide is that 2x image); plus the unmasked ``norm_cam`` and the seed ``mask`` [1, y] of
+    ``keys_out``. Each tensor has batch size 1."""
+    for x in scaled_views(image, scales, flip, device):
+        f = model.features(x)
+        out = {"cam": model.classifier(f["x4"]), "hie_fea": f["hie_fea"], "x4": f["x4"], "image": x}
         if flip:
-            x = torch.cat([x, x.flip(-1)], 0)
-        yield x.to(device)
+            out = {k: (v[:1] + v[1:].flip(-1)) for k, v in out.items()}
+        out["norm_cam"] = ops.norm_cam(out["cam"])
+        out["mask"] = key_mask(keys_out, out["norm_cam"])
+        yield out
 
 
 def fuse_scales(maps: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """§8: per-scale (1, C, h_s, w_s) maps upsampled (bilinear, align_corners False) to ``size``, summed, then
     each channel divided by its spatial max + 1e-5 -> (C, H, W)."""
     total = sum(F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps)[0]
-    return total / (total.flatten(1).amax(1).view(-1, 1, 1) + ops.EPS)
+    return ops.max_normalise(total)
 
 
 @torch.no_grad()
@@ -244,12 +250,8 @@ def infer_cams(model: SIPENet, image: np.ndarray, keys: Sequence[int], scales: S
     h, w = image.shape[:2]
     keys_out = np.asarray([0, *keys], dtype=np.int64)
     per_scale = []
-    for x in _scaled_inputs(image, scales, flip, device):
-        o = _flip_fused(model, x, flip)
-        ncam = ops.norm_cam(o["cam"])
-        mask = torch.zeros(1, ncam.shape[1], 1, 1, device=ncam.device, dtype=ncam.dtype)
-        mask[0, keys_out] = 1
-        seeds = ops.structure_seeds(ncam, o["hie_fea"], mask)
+    for o in fused_views(model, image, keys_out, scales, flip, device):
+        seeds = ops.structure_seeds(o["norm_cam"], o["hie_fea"], o["mask"])
         per_scale.append(ops.is_cam(o["hie_fea"], ops.prototypes(seeds, o["hie_fea"])))
     cams = fuse_scales(per_scale, (h, w))[keys_out]
     return keys_out, cams.cpu().numpy().astype(np.float32), None

@@ -26,15 +26,38 @@ def norm_cam(cam: torch.Tensor, mask: torch.Tensor | None = None, eps: float = E
     ``relu(cam) / (max_hw + eps)`` per channel; bg = 1 - max over *all* fg channels (before masking); then
     multiplied by ``mask`` ((N, C, h, w) or broadcastable: training's valid_mask_lowres) if given.
     """
-    n, k = cam.shape[:2]
-    x = F.relu(cam)
-    x = x / (x.reshape(n, k, -1).amax(-1).view(n, k, 1, 1) + eps)
+    x = max_normalise(F.relu(cam), eps)
     out = torch.cat([1 - x.amax(1, keepdim=True), x], 1)
     return out * mask if mask is not None else out
 
 
-def _l2n(feat: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+def max_normalise(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """(..., C, h, w) -> each channel divided by its spatial max + eps."""
+    return x / (x.flatten(-2).amax(-1)[..., None, None] + eps)
+
+
+def l2_normalise(feat: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """(N, D, ...) -> per-pixel l2-normalised over D (norm + eps)."""
     return feat / (feat.norm(dim=1, keepdim=True) + eps)
+
+
+def correlation(feat: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """(N, D, h, w) -> ``relu(F^T F)`` (N, hw, hw) of per-pixel l2-normalised features: cosine similarity with
+    negatives clipped (SIPE §4a step 1; SFC's PCM affinity before its column normalisation)."""
+    n, d = feat.shape[:2]
+    f = l2_normalise(feat, eps).reshape(n, d, -1)
+    return F.relu(torch.bmm(f.transpose(1, 2), f))
+
+
+def argmax_seeds(scores: torch.Tensor, mask: torch.Tensor, bg_scale: float = 1.0) -> torch.Tensor:
+    """One-hot argmax over C of ``scores`` (N, C, h, w), the bg channel first multiplied by ``bg_scale``, times
+    ``mask`` (broadcastable): the argmax is taken before masking, so a pixel whose best class is absent gets no
+    seed. ``scores`` is not modified."""
+    c = scores.shape[1]
+    scale = torch.ones(c, device=scores.device, dtype=scores.dtype)
+    scale[0] = bg_scale
+    best = (scores.detach() * scale.view(1, -1, 1, 1)).argmax(1)
+    return F.one_hot(best, c).permute(0, 3, 1, 2).to(scores.dtype) * mask
 
 
 def seed_iou(cams: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
@@ -45,8 +68,7 @@ def seed_iou(cams: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
     sum_j M_c(j) - inter``; no epsilon, as in the reference.
     """
     n, c, h, w = cams.shape
-    f = _l2n(feat).reshape(n, feat.shape[1], h * w)
-    s = F.relu(torch.bmm(f.transpose(1, 2), f))                         # (N, hw, hw)
+    s = correlation(feat)                                                # (N, hw, hw)
     m = cams.reshape(n, c, h * w)
     inter = torch.bmm(m, s)                                              # (N, C, hw): S symmetric
     union = s.sum(1)[:, None, :] + m.sum(-1, keepdim=True) - inter
@@ -59,9 +81,7 @@ def seed_iou(cams: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
 def structure_seeds(cams: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """§4a: one-hot argmax of :func:`seed_iou` (N, C, h, w), times ``mask`` (argmax taken before masking, so a
     pixel whose best class is absent gets no seed)."""
-    iou = seed_iou(cams, feat)
-    seeds = F.one_hot(iou.argmax(1), cams.shape[1]).permute(0, 3, 1, 2).to(cams.dtype)
-    return seeds * mask
+    return argmax_seeds(seed_iou(cams, feat), mask)
 
 
 def prototypes(seeds: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
@@ -77,6 +97,4 @@ def is_cam(feat: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
 
 def gsc_loss(ncam: torch.Tensor, iscam: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """§5: mean over (N, C, h, w) of ``|norm_cam - IS_cam / (max_hw IS_cam + eps)|``; both sides get gradients."""
-    n, c = iscam.shape[:2]
-    target = iscam / (iscam.reshape(n, c, -1).amax(-1).view(n, c, 1, 1) + eps)
-    return (ncam - target).abs().mean()
+    return (ncam - max_normalise(iscam, eps)).abs().mean()

@@ -27,7 +27,8 @@ class ResNetBackbone(nn.Module):
     """ResNet trunk without pooling/fc.
 
     forward: (B, 3, H, W) -> (B, out_channels, ceil(H/os), ceil(W/os)).
-    ``forward_features`` returns the stage outputs ``{"layer1": ..., ..., "layer4": ...}``.
+    ``forward_features`` returns the stage outputs ``{"layer1": ..., ..., "layer4": ...}``; ``stage_channels``
+    their widths ``[stem, layer1, layer2, layer3, layer4]`` (the last = ``out_channels``).
     """
 
     def __init__(self, net: tv_resnet.ResNet, output_stride: int):
@@ -35,8 +36,12 @@ class ResNetBackbone(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.output_stride = output_stride
-        last = net.layer4[-1]
-        self.out_channels = (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
+        def width(layer: nn.Sequential) -> int:
+            last = layer[-1]
+            return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
+
+        self.stage_channels = [net.conv1.out_channels] + [width(getattr(net, f"layer{i}")) for i in range(1, 5)]
+        self.out_channels = self.stage_channels[-1]
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -108,6 +113,18 @@ def build_resnet(arch: str = "resnet50", layers: Sequence[int] | None = None, wi
     return backbone
 
 
+
+
+def resnet_from_config(bb: Mapping[str, Any], cache_dir: str = "weights", *, default_arch: str = "resnet50",
+                       default_output_stride: int = 16, **force: Any) -> ResNetBackbone:
+    """:func:`build_resnet` from a stage's ``backbone`` config (``arch``, ``layers``, ``width_per_group``,
+    ``output_stride``, ``weights``); ``force`` sets arguments regardless of the config (e.g. ``dilated=False``,
+    ``frozen_bn=...``, ``weights=None``)."""
+    kw = {"arch": bb.get("arch", default_arch), "layers": bb.get("layers"),
+          "width_per_group": bb.get("width_per_group", 64),
+          "output_stride": bb.get("output_stride", default_output_stride), "weights": bb.get("weights")}
+    kw.update(force)
+    return build_resnet(cache_dir=cache_dir, **kw)
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:

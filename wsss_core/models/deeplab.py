@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import ResNetBackbone, build_resnet
+from .backbones import ResNetBackbone, resnet_from_config
 
 
 class ASPP(nn.Module):
@@ -56,9 +56,6 @@ class DeepLabV2(nn.Module):
 def build_deeplabv2(n_classes: int, backbone: Mapping[str, Any], rates: Sequence[int] = (6, 12, 18, 24),
                     cache_dir: str = "weights") -> DeepLabV2:
     """Build DeepLab-V2 from a backbone config dict (arch, layers, width_per_group, weights, frozen_bn)."""
-    bb = build_resnet(arch=backbone.get("arch", "resnet101"), layers=backbone.get("layers"),
-                      width_per_group=backbone.get("width_per_group", 64),
-                      output_stride=backbone.get("output_stride", 8),
-                      weights=backbone.get("weights"), cache_dir=cache_dir,
-                      frozen_bn=backbone.get("frozen_bn", True))
+    bb = resnet_from_config(backbone, cache_dir, default_arch="resnet101", default_output_stride=8,
+                            frozen_bn=backbone.get("frozen_bn", True))
     return DeepLabV2(bb, n_classes, rates)

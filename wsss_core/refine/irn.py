@@ -102,14 +102,6 @@ def _block(c_in: int, c_out: int, groups: int, up: int = 1) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _stage_channels(backbone: nn.Module) -> list[int]:
-    """Output channels of the five stages s1 (stem) .. s5 (layer4), read from the backbone modules."""
-    def last(layer):
-        blk = layer[-1]
-        return (blk.conv3 if hasattr(blk, "conv3") else blk.conv2).out_channels
-    return [backbone.conv1.out_channels] + [last(getattr(backbone, f"layer{i}")) for i in range(1, 5)]
-
-
 def _crop(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return x[..., :ref.shape[-2], :ref.shape[-1]]
 
@@ -130,7 +122,7 @@ class IRNet(nn.Module):
         self.backbone = backbone
         for p in backbone.parameters():
             p.requires_grad_(False)
-        c1, c2, c3, c4, c5 = _stage_channels(backbone)
+        c1, c2, c3, c4, c5 = backbone.stage_channels
         # edge branch: 5 x 32 ch at OS4 -> 1 logit
         self.edge1 = _block(c1, 32, 4)
         self.edge2 = _block(c2, 32, 4)
@@ -388,10 +380,8 @@ def sem_seg_labels(cams: torch.Tensor | np.ndarray, keys: Sequence[int], edge: t
 def build_irnet(backbone_cfg: dict[str, Any], cache_dir: str = "weights", weights: Any = "cfg") -> IRNet:
     """IRNet on ``build_resnet(..., dilated=False)`` from a backbone config (arch, layers, width_per_group,
     weights); ``weights`` overrides the config's weights (``None`` = random init)."""
-    from ..models.backbones import build_resnet
+    from ..models.backbones import resnet_from_config
 
     bb = backbone_cfg
-    return IRNet(build_resnet(arch=bb.get("arch", "resnet50"), layers=bb.get("layers"),
-                              width_per_group=bb.get("width_per_group", 64), output_stride=16,
-                              weights=bb.get("weights") if weights == "cfg" else weights, cache_dir=cache_dir,
-                              dilated=False))
+    return IRNet(resnet_from_config(bb, cache_dir, output_stride=16, dilated=False,
+                                    weights=bb.get("weights") if weights == "cfg" else weights))

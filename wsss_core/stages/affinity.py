@@ -21,6 +21,7 @@ from ..data.transforms import color_jitter, normalize, random_crop, to_tensor
 from ..engine.context import start_job
 from ..engine.logs import progress
 from ..engine.trainer import batch_to_device, load_final, train_stage
+from ..errors import ConfigError
 from ..methods.ppc_ops import ppc_param_groups
 from ..refine import affinity as aff
 from ..refine.crf import CRFParams, bg_power, crf_refine_cams
@@ -135,7 +136,10 @@ def random_walk_masks(prepared: str, split: str, shard: int, n_shards: int, cam_
     model = aff.build_affinity_net(mcfg)
     model.load_state_dict(ckpt["model"])
     model = model.to(job.device).eval()
-    bg, source = resolve_bg_threshold(cfg, cam_eval)
+    bg, source = resolve_bg_threshold(cfg, cam_eval, "affinity.bg_threshold")
+    if bg is None:
+        raise ConfigError(f"the AffinityNet random walk needs a constant bg score ({source}); for CAMs with their own "
+                          "background map (SIPE, SFC) use the IRN stage (irn.enabled)")
     ids = shard_ids(info.ids(split), shard, n_shards)
     attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash,
              "refine": "random_walk", "beta": cfg["beta"], "logt": cfg["logt"], "radius": cfg["radius"],

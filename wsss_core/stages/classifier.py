@@ -15,7 +15,7 @@ from ..engine.logs import progress
 from ..engine.trainer import batch_to_device, load_final, train_stage
 from ..errors import ConfigError
 from ..methods import get_method
-from ..methods.inference import multiscale_cams
+from ..methods.inference import method_cams
 from ..store.atomic import read_json
 from ..store.shards import ShardWriter, shard_ids
 
@@ -101,10 +101,6 @@ def infer_cams(prepared: str, split: str, shard: int, n_shards: int, model_path:
         for image_id in progress(ids, desc=f"cams {split} {shard + 1}/{n_shards}"):
             keys = info.labels(image_id)
             image = read_image(info.image_path(image_id))
-            if hasattr(m, "infer_cams"):  # the method's own inference (e.g. SIPE: IS-CAM with a bg channel)
-                keys, cams, aux = m.infer_cams(model, image, keys, cfg["scales"], cfg["flip"], job.device)
-            else:
-                cams, aux = multiscale_cams(lambda x: m.cam_forward(model, x), image, cfg["scales"], cfg["flip"],
-                                            job.device, classes=[k - 1 for k in keys]), None
+            keys, cams, aux = method_cams(m, model, image, keys, cfg["scales"], cfg["flip"], job.device)
             writer.add_cams(image_id, keys, cams, aux)
     job.logger.info("wrote %d CAMs to %s", len(ids), out)

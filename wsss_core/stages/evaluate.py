@@ -35,7 +35,7 @@ def _curve(store: ShardedStore, info: DatasetInfo, ids: Sequence[str], threshold
 def has_bg_maps(store: ShardedStore) -> bool:
     """Whether a CAM store holds background maps (keys start with 0, e.g. SIPE's IS-CAM); checks one image."""
     for image_id in store.ids()[:16]:
-        keys = store[image_id][0]
+        keys = store.keys(image_id)
         if keys.size:
             return int(keys[0]) == 0
     return False

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -22,36 +21,34 @@ import torch
 from ..data.datasets import SegmentationDataset
 from ..data.io import IGNORE_INDEX, read_image
 from ..data.prepare import DatasetInfo
-from ..data.transforms import normalize, to_tensor
+from ..data.transforms import crop_with_box, normalize, to_tensor
 from ..engine.context import start_job
 from ..engine.logs import progress, setup_job_logging
-from ..engine.trainer import load_final, train_stage
+from ..engine.trainer import load_final, poly_sgd_param_groups, train_stage
 from ..errors import ConfigError, DataError
 from ..metrics import ConfusionMatrix
 from ..refine import irn
 from ..refine.crf import crf_params
-from .evaluate import label_pairs
-from ..store.atomic import read_json, write_json
+from ..store.atomic import write_json
 from ..store.shards import ShardedStore, ShardWriter, shard_ids
+from .evaluate import label_pairs
+from .refine import map_images, resolve_bg_threshold
 
 # --------------------------------------------------------------------------------------------- shared helpers
 
 
 def resolve_bg(cfg: Mapping[str, Any], cam_eval: str | None, key: str = "irn.bg_threshold") -> tuple[float | None, str]:
-    """The constant bg score for CAM stores without a background map, and where it came from.
+    """The constant bg score for CAM stores without a background map (``irn.bg_threshold``; None when not needed or
+    not available), by :func:`wsss_core.stages.refine.resolve_bg_threshold`."""
+    return resolve_bg_threshold(cfg, cam_eval, key)
 
-    ``cfg["bg_threshold"]``: a number, or "auto" = ``threshold.value`` of the eval_cams JSON ``cam_eval``
-    (None if there is no such file, or if eval_cams found CAMs with their own bg map: then it is only an error if an
-    image without a bg map is met)."""
-    t = cfg.get("bg_threshold", "auto")
-    if t != "auto":
-        return float(t), f"set in config ({key})"
-    if not cam_eval:
-        return None, "auto, but no eval_cams result given"
-    th = read_json(cam_eval)["threshold"]
-    if th.get("own_bg"):
-        return None, f"not needed: eval_cams found CAMs with their own background map ({cam_eval})"
-    return float(th["value"]), f"chosen by eval_cams on split {th['source']['split']!r} ({cam_eval})"
+
+def _image_of(info: DatasetInfo, image_id: str, maps: np.ndarray) -> np.ndarray:
+    """The uint8 image of ``image_id``; a size different from its (K, H, W) maps is a DataError."""
+    image = read_image(info.image_path(image_id))
+    if image.shape[:2] != maps.shape[1:]:
+        raise DataError(f"{image_id}: image {image.shape[:2]} and CAMs {maps.shape[1:]} differ in size")
+    return image
 
 
 def combined_maps(store: ShardedStore, image_id: str, weights: Mapping[str, float],
@@ -92,9 +89,7 @@ def _init_worker(cam_shards, prepared, params, weights, bg, bg_scale) -> None:
 def _ir_label_one(image_id: str) -> tuple[str, np.ndarray, bool]:
     w = _WORKER
     keys, x, added = combined_maps(w["store"], image_id, w["weights"], w["bg"])
-    image = read_image(w["info"].image_path(image_id))
-    if image.shape[:2] != x.shape[1:]:
-        raise DataError(f"{image_id}: image {image.shape[:2]} and CAMs {x.shape[1:]} differ in size")
+    image = _image_of(w["info"], image_id, x)
     return image_id, irn.cam_to_ir_label(image, x, keys, w["params"], w["bg_scale"]), added
 
 
@@ -122,14 +117,9 @@ def cam_to_ir_label(prepared: str, cam_shards: Sequence[str], cam_eval: str | No
     n_workers = max(1, min(int(cfg.get("n_workers", 1)), threads))
     n_added = 0
     with contextlib.ExitStack() as stack:
-        init = (list(cam_shards), prepared, params, weights, bg, bg_scale)
-        if n_workers == 1:
-            _init_worker(*init)
-            stack.callback(_WORKER["store"].close)
-            results = map(_ir_label_one, ids)
-        else:
-            pool = stack.enter_context(ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=init))
-            results = pool.map(_ir_label_one, ids, chunksize=8)
+        results = stack.enter_context(map_images(_ir_label_one, ids, n_workers, _init_worker,
+                                                 (list(cam_shards), prepared, params, weights, bg, bg_scale),
+                                                 lambda: _WORKER["store"].close()))
         writer = stack.enter_context(ShardWriter(out, "masks", attrs))
         for image_id, mask, added in progress(results, total=len(ids), desc=f"cam2ir {shard + 1}/{n_shards}"):
             writer.add_mask(image_id, mask)
@@ -140,14 +130,6 @@ def cam_to_ir_label(prepared: str, cam_shards: Sequence[str], cam_eval: str | No
 
 
 # --------------------------------------------------------------------------------------------- train
-
-def _top_left(img: torch.Tensor, crop: int) -> torch.Tensor:
-    """(3, H, W) -> (3, crop, crop): top-left crop, zero pad."""
-    out = img.new_zeros((img.shape[0], crop, crop))
-    h, w = min(crop, img.shape[1]), min(crop, img.shape[2])
-    out[:, :h, :w] = img[:, :h, :w]
-    return out
-
 
 @torch.no_grad()
 def compute_mean_shift(model: irn.IRNet, info: DatasetInfo, ids: Sequence[str], crop: int, batch_size: int,
@@ -164,7 +146,8 @@ def compute_mean_shift(model: irn.IRNet, info: DatasetInfo, ids: Sequence[str], 
     batches = [ids[i * batch_size:(i + 1) * batch_size] for i in range(n_full)] or [ids]
     means = []
     for b in progress(batches, desc="irn mean shift"):
-        x = torch.stack([_top_left(to_tensor(normalize(read_image(info.image_path(i)))), crop) for i in b])
+        x = torch.stack([to_tensor(crop_with_box(normalize(read_image(info.image_path(i))), (0, 0, 0, 0), crop, 0.0))
+                         for i in b])  # top-left crop, zero pad
         means.append(model(x.to(device))[1].mean((0, 2, 3)))
     ms = torch.stack(means).mean(0)
     model.mean_shift.running_mean.copy_(ms)
@@ -172,15 +155,9 @@ def compute_mean_shift(model: irn.IRNet, info: DatasetInfo, ids: Sequence[str], 
 
 
 def _sgd_groups(model: irn.IRNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Edge layers lr, displacement layers lr * disp_lr_mult, both with weight decay; momentum = weight_decay
-    (the PolyOptimizer quirk: SGD's 3rd positional argument) unless ``fix_quirk``."""
-    lr, wd = float(cfg["lr"]), float(cfg["weight_decay"])
-    mom = float(cfg["momentum"]) if cfg.get("fix_quirk") else wd
-    mult = float(cfg.get("disp_lr_mult", 10))
-    return [{"params": list(model.edge_layers.parameters()), "lr": lr, "weight_decay": wd, "momentum": mom,
-             "name": "edge"},
-            {"params": list(model.disp_layers.parameters()), "lr": lr * mult, "weight_decay": wd, "momentum": mom,
-             "name": "disp"}]
+    """Edge layers at lr, displacement layers at lr * disp_lr_mult (PolyOptimizerSGD, momentum quirk)."""
+    return poly_sgd_param_groups([("edge", model.edge_layers.parameters(), 1.0),
+                                  ("disp", model.disp_layers.parameters(), float(cfg.get("disp_lr_mult", 10)))], cfg)
 
 
 def check_pair_grid(crop_size: int, radius: float) -> None:
@@ -289,9 +266,7 @@ def make_sem_seg_labels(prepared: str, cam_shards: Sequence[str], cam_eval: str 
             t0 = time.time()
             keys, x, added = combined_maps(store, image_id, weights, bg)
             n_added += added
-            image = read_image(info.image_path(image_id))
-            if image.shape[:2] != x.shape[1:]:
-                raise DataError(f"{image_id}: image {image.shape[:2]} and CAMs {x.shape[1:]} differ in size")
+            image = _image_of(info, image_id, x)
             edge = irn.edge_inference(model, to_tensor(normalize(image)).to(job.device), pad_to)
             mask = irn.sem_seg_labels(x, keys, edge, radius=int(rw.get("radius", 5)), beta=float(rw.get("beta", 10)),
                                       exp_times=int(rw.get("exp_times", 8)), power=float(rw.get("power", 1.5)),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ..data.io import read_image
 from ..data.prepare import DatasetInfo
 from ..engine.logs import progress, setup_job_logging
+from ..errors import DataError
 from ..refine.crf import bg_power, crf_params, crf_refine_cams
 from ..store.atomic import read_json
 from ..store.shards import ShardedStore, ShardWriter, shard_ids
@@ -31,19 +32,48 @@ def _refine_one(image_id: str) -> tuple[str, np.ndarray]:
         bg, cams, keys = cams[0], cams[1:], keys[1:]
     elif isinstance(bg, tuple):  # ("alpha", a): PSA-style (1 - max_k cam_k) ** a
         bg = bg_power(cams, bg[1])
+    elif bg is None:
+        raise DataError(f"{image_id}: the CAMs have no background map and no bg threshold is available; set "
+                        "crf.bg_threshold to a number")
     return image_id, crf_refine_cams(image, cams, keys, bg, w["params"])
 
 
-def resolve_bg_threshold(cfg: Mapping[str, Any], cam_eval: str | None) -> tuple[float | tuple[str, float], str]:
-    """The background score for the CRF and where it came from: a threshold, or ``("alpha", a)`` when
-    ``crf.bg_alpha`` is set (bg = (1 - max_k cam_k) ** a, the ``crf_{t}_{alpha}`` dicts of PSA/PPC/FSAE)."""
+def resolve_bg_threshold(cfg: Mapping[str, Any], cam_eval: str | None,
+                         key: str = "crf.bg_threshold") -> tuple[float | tuple[str, float] | None, str]:
+    """The background score for CAMs without a background map, and where it came from (shared by the CRF,
+    AffinityNet and IRN stages; ``key`` names the setting in messages).
+
+    ``("alpha", a)`` when ``cfg['bg_alpha']`` is set (bg = (1 - max_k cam_k) ** a, the ``crf_{t}_{alpha}`` dicts of
+    PSA/PPC/FSAE); a number from ``cfg['bg_threshold']``; for "auto" the threshold chosen by eval_cams (the JSON
+    ``cam_eval``), or None when there is no such file or eval_cams found CAMs with their own background map (then
+    no threshold exists, and only an image without a bg map is an error)."""
     if cfg.get("bg_alpha") is not None:
         return ("alpha", float(cfg["bg_alpha"])), f"bg = (1 - max cam) ** {cfg['bg_alpha']} (crf.bg_alpha)"
-    if cfg.get("bg_threshold", "auto") == "auto":
-        ev = read_json(cam_eval)
-        t = ev["threshold"]
-        return float(t["value"]), f"chosen by eval_cams on split {t['source']['split']!r} ({cam_eval})"
-    return float(cfg["bg_threshold"]), "set in config (crf.bg_threshold)"
+    t = cfg.get("bg_threshold", "auto")
+    if t != "auto":
+        return float(t), f"set in config ({key})"
+    if not cam_eval:
+        return None, "auto, but no eval_cams result given"
+    th = read_json(cam_eval)["threshold"]
+    if th.get("own_bg"):
+        return None, f"not needed: eval_cams found CAMs with their own background map ({cam_eval})"
+    return float(th["value"]), f"chosen by eval_cams on split {th['source']['split']!r} ({cam_eval})"
+
+
+@contextlib.contextmanager
+def map_images(fn: Callable[[str], Any], ids: Sequence[str], n_workers: int, init: Callable[..., None],
+               initargs: tuple, cleanup: Callable[[], None] | None = None) -> Iterator[Iterable[Any]]:
+    """``fn`` over ``ids`` in order: in this process (``init(*initargs)`` first, ``cleanup()`` at exit) when
+    ``n_workers`` is 1, else in a pool of ``n_workers`` processes each initialised by ``init`` (chunks of 8)."""
+    with contextlib.ExitStack() as stack:
+        if n_workers <= 1:
+            init(*initargs)
+            if cleanup is not None:
+                stack.callback(cleanup)
+            yield map(fn, ids)
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(n_workers, initializer=init, initargs=initargs))
+            yield pool.map(fn, ids, chunksize=8)
 
 
 def refine_crf(prepared: str, cam_shards: Sequence[str], split: str, shard: int, n_shards: int,
@@ -60,18 +90,12 @@ def refine_crf(prepared: str, cam_shards: Sequence[str], split: str, shard: int,
              "crf": repr(params), "bg_threshold_source": source}
     if isinstance(bg, tuple):
         attrs["bg_alpha"] = bg[1]
-    else:
+    elif bg is not None:
         attrs["bg_threshold"] = bg
     n_workers = max(1, min(int(cfg.get("n_workers", 1)), threads))
     with contextlib.ExitStack() as stack:
-        if n_workers == 1:
-            _init_worker(cam_shards, prepared, params, bg)
-            stack.callback(_WORKER["store"].close)
-            results = map(_refine_one, ids)
-        else:
-            pool = stack.enter_context(ProcessPoolExecutor(n_workers, initializer=_init_worker,
-                                                           initargs=(cam_shards, prepared, params, bg)))
-            results = pool.map(_refine_one, ids, chunksize=8)
+        results = stack.enter_context(map_images(_refine_one, ids, n_workers, _init_worker,
+                                                 (cam_shards, prepared, params, bg), lambda: _WORKER["store"].close()))
         writer = stack.enter_context(ShardWriter(out, "masks", attrs))
         for image_id, mask in progress(results, total=len(ids), desc=f"crf {shard + 1}/{n_shards}"):
             writer.add_mask(image_id, mask)

@@ -141,17 +141,24 @@ class ShardedStore:
         return sorted(self._index)
 
     def __getitem__(self, image_id: str):
-        try:
-            g = self._files[self._index[image_id]][image_id]
-        except KeyError:
-            raise DataError(f"image {image_id!r} is in none of the shards {[str(p) for p in self.paths]}") from None
+        g = self._group(image_id)
         if self.kind == "cams":
             return np.asarray(g["keys"][()], dtype=np.int64), np.asarray(g["cams"][()], dtype=np.float32)
         return np.asarray(g["mask"][()], dtype=np.uint8)
 
+    def _group(self, image_id: str) -> h5py.Group:
+        try:
+            return self._files[self._index[image_id]][image_id]
+        except KeyError:
+            raise DataError(f"image {image_id!r} is in none of the shards {[str(p) for p in self.paths]}") from None
+
+    def keys(self, image_id: str) -> np.ndarray:
+        """The class labels (K,) of ``image_id``'s CAM maps, without reading the maps."""
+        return np.asarray(self._group(image_id)["keys"][()], dtype=np.int64)
+
     def aux(self, image_id: str) -> np.ndarray | None:
         """The optional second CAM stack of ``image_id`` (float32 (K, H, W), same keys), or None."""
-        g = self._files[self._index[image_id]][image_id]
+        g = self._group(image_id)
         return np.asarray(g["aux"][()], dtype=np.float32) if "aux" in g else None
 
     def items(self, ids: Iterable[str] | None = None) -> Iterator[tuple[str, Any]]:
