@@ -201,3 +201,26 @@ def test_bg_power_monotone_in_alpha():
     np.testing.assert_array_equal(fg_small, mx == 1.0)     # alpha -> 0+: only max = 1 stays fg
     with pytest.raises(ValueError):
         bg_power(cams, 0.0)
+
+
+# ----------------------------------------------------------------------------- crf_cam_probs (AffinityNet la/ha labels)
+
+def test_psa_aff_label_preset_and_crf_cam_probs():
+    from wsss_core.refine.crf import crf_cam_probs
+
+    assert PRESETS["psa_aff_label"] == CRFParams("labels", 3, 3, 80, 13, 10, 10, 0.7)
+    img = two_colour_image(16, 16)
+    rng = np.random.default_rng(0)
+    cams = rng.random((2, 16, 16)).astype(np.float32)
+    bg = bg_power(cams, 2)
+    # iters 0: Q = the unary's softmax = the clipped [bg, cams] stack divided by its per-pixel sum
+    q0 = crf_cam_probs(img, cams, bg, crf_params("psa_softmax", iters=0))
+    stack = np.clip(np.concatenate([bg[None], cams]), 1e-5, 1)
+    np.testing.assert_allclose(q0, stack / stack.sum(0, keepdims=True), rtol=1e-4, atol=1e-6)
+    for preset in ("psa_aff_label", "psa_softmax"):
+        q = crf_cam_probs(img, cams, bg, PRESETS[preset])
+        assert q.shape == (3, 16, 16) and q.dtype == np.float32
+        np.testing.assert_allclose(q.sum(0), 1, rtol=1e-5)
+        lab = crf_refine_cams(img, cams, np.array([4, 11]), bg, PRESETS[preset])
+        np.testing.assert_array_equal(lab, np.array([0, 4, 11])[q.argmax(0)])
+    assert (crf_cam_probs(img, np.zeros((0, 16, 16), np.float32), 0.3, PRESETS["psa_softmax"]) == 1).all()

@@ -255,6 +255,97 @@ def test_chosen_threshold_and_its_source_are_stated(world):
         world["evals"]["alpha"]["cam_eval"]["threshold"]["value"])
 
 
+def test_cams_json_labels_the_split_the_threshold_was_chosen_on(world, tmp_path):
+    for x in EXPS:
+        ce = world["evals"][x]["cam_eval"]
+        assert ce["scores"]["train"]["threshold_chosen_on_this_split"] is True     # the threshold split
+        assert ce["scores"]["val"]["threshold_chosen_on_this_split"] is False      # the eval split
+        assert ce["threshold"]["source"]["swept_on_reported_split"] is False
+        assert ce["threshold"]["source"]["search"] == "grid"
+    e = world["exps"]["alpha"]
+    same = eval_cams(str(world["prep"]), e["cams"], "val", "val", EVAL_CFG, str(tmp_path / "cams.json"))
+    assert list(same["scores"]) == ["val"] and same["scores"]["val"]["threshold_chosen_on_this_split"] is True
+    assert same["threshold"]["source"]["swept_on_reported_split"] is True
+
+
+def test_threshold_chosen_on_is_never_true_for_own_background_maps():
+    ev = {"threshold": {"own_bg": False, "source": {"split": "val"}}, "scores": {"val": {}, "train": {}}}
+    assert stage.threshold_chosen_on(ev, "val") and not stage.threshold_chosen_on(ev, "train")  # older files
+    ev["scores"]["val"]["threshold_chosen_on_this_split"] = False
+    assert not stage.threshold_chosen_on(ev, "val")                     # the recorded flag wins
+    own = {"threshold": {"own_bg": True, "source": {"split": "val"}},
+           "scores": {"val": {"threshold_chosen_on_this_split": True}}}
+    assert not stage.threshold_chosen_on(own, "val")
+
+
+def test_only_numbers_on_the_threshold_split_are_marked(world):
+    """The threshold was chosen on `train`: the val CAM scores are clean, the refinement table's CAM seeds (scored
+    on the pseudo-mask split `train`) carry the dagger and its footnote."""
+    md = world["md"]
+    mark, note = rb.SAME_SPLIT_MARK, rb.SAME_SPLIT_NOTE
+    assert note == "\u2020 background threshold chosen on this split (optimistic, as in MCTformer's seed protocol)"
+    summary = md[md.index("## Summary"):md.index("## Pseudo-mask refinement")]
+    assert mark not in summary
+    ref = {r["experiment"]: r for r in md_table(md, "## Pseudo-mask refinement")}
+    for x in EXPS:
+        assert ref[x]["split"] == "train"
+        assert ref[x]["CAM seeds mIoU"] == f4(world["evals"][x]["cam_eval"]["scores"]["train"]["miou"]) + mark
+        assert ref[x]["pseudo-mask mIoU"] == f4(world["evals"][x]["mask_eval"]["scores"]["miou"])
+    assert next(x for x in world["json"]["refinement"] if x["experiment"] == "alpha")[
+        "cam_seeds_threshold_chosen_on_this_split"] is True
+    after = md[md.index("## Pseudo-mask refinement"):]
+    assert after.count(note) == 1 and mark not in after[after.index("## Background threshold"):]
+    rows = {r["experiment"]: r for r in md_table(md, "## Background threshold")}
+    assert {rows[x]["search"] for x in EXPS} == {"grid"}
+
+
+def test_threshold_swept_on_the_eval_split_is_marked_in_the_report(world, tmp_path):
+    """alpha's t is swept (greedily) on val itself, beta's on train: alpha's val CAM numbers carry the dagger,
+    beta's do not."""
+    e = world["exps"]["alpha"]
+    alpha_json = tmp_path / "alpha_cams.json"
+    same = eval_cams(str(world["prep"]), e["cams"], "val", "val", {**EVAL_CFG, "search": "greedy"}, str(alpha_json))
+    kw = report_kwargs(world, tmp_path / "out")
+    kw["cam_evals"] = [str(alpha_json), world["exps"]["beta"]["cam_eval"]]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rb, "_git", lambda args, repo: None)
+        for name in ("plot_threshold_curves", "plot_per_class_iou", "plot_qualitative", "plot_training"):
+            mp.setattr(rb, name, lambda *a, **k: None)              # the tables are under test, not the plots
+        mp.setattr(rb, "figure_png_bytes", lambda fig, dpi=rb.DPI: b"")
+        stage.build_report(**kw)
+    md = (tmp_path / "out" / "report.md").read_text()
+    mark = rb.SAME_SPLIT_MARK
+    beta = world["evals"]["beta"]["cam_eval"]
+    summary = {r["experiment"]: r for r in md_table(md, "## Summary")}
+    assert summary["alpha"]["CAM seeds mIoU (val, at t)"] == f4(same["scores"]["val"]["miou"]) + mark
+    assert summary["beta"]["CAM seeds mIoU (val, at t)"] == f4(beta["scores"]["val"]["miou"])
+    strict = {r["experiment"]: r for r in md_table(md, "## Summary", 1)}
+    assert strict["alpha"]["CAM seeds miou_strict"] == f4(same["scores"]["val"]["miou_strict"]) + mark
+    assert strict["beta"]["CAM seeds miou_strict"] == f4(beta["scores"]["val"]["miou_strict"])
+    summary_text = md[md.index("## Summary"):md.index("## Pseudo-mask refinement")]
+    assert rb.SAME_SPLIT_NOTE in summary_text
+    # refinement (train): alpha has no CAM scores on train, beta's t was chosen on train
+    ref = {r["experiment"]: r for r in md_table(md, "## Pseudo-mask refinement")}
+    assert ref["alpha"]["CAM seeds mIoU"] == "n/a"
+    assert ref["beta"]["CAM seeds mIoU"] == f4(beta["scores"]["train"]["miou"]) + mark
+    # thresholds: the search is stated, the eval-split CAM mIoU marked for alpha only
+    th = {r["experiment"]: r for r in md_table(md, "## Background threshold")}
+    assert (th["alpha"]["search"], th["beta"]["search"]) == ("greedy", "grid")
+    assert "first local maximum" in th["alpha"]["criterion"]
+    assert th["alpha"]["CAM mIoU on val at t"] == f4(same["scores"]["val"]["miou"]) + mark
+    assert th["beta"]["CAM mIoU on val at t"] == f4(beta["scores"]["val"]["miou"])
+    line = next(x for x in md.splitlines() if x.startswith("- `alpha`: t = "))
+    assert "(search `greedy`;" in line and f"{mark} `val` is the split t was chosen on" in line
+    assert mark not in next(x for x in md.splitlines() if x.startswith("- `beta`: t = "))
+    pc = md_table(md, "## Per-class IoU")
+    assert f"alpha CAM{mark}" in pc[0] and "beta CAM" in pc[0] and f"beta CAM{mark}" not in pc[0]
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    flags = {r["experiment"]: r["cam"]["threshold_chosen_on_this_split"] for r in rep["rows"]}
+    assert flags == {"alpha": True, "beta": False}
+    assert {t["experiment"]: (t["search"], t["swept_on_reported_split"]) for t in rep["thresholds"]} == \
+        {"alpha": ("greedy", True), "beta": ("grid", False)}
+
+
 def test_per_class_tables_equal_the_eval_jsons(world):
     rows = md_table(world["md"], "## Per-class IoU")
     assert [r["class"] for r in rows] == CLASSES + ["**miou**", "**miou_strict**"]

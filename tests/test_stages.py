@@ -49,6 +49,10 @@ def test_eval_cams_chooses_threshold_on_the_declared_split(setup):
     tmp, info, shards = setup
     res = eval_cams(str(tmp / "prepared"), shards, "train", "val", EVAL, str(tmp / "cams.json"))
     assert res["threshold"]["source"]["split"] == "train"
+    assert res["threshold"]["source"]["search"] == "grid"                      # the default: whole-curve argmax
+    assert res["threshold"]["source"]["swept_on_reported_split"] is False
+    assert res["scores"]["train"]["threshold_chosen_on_this_split"] is True
+    assert res["scores"]["val"]["threshold_chosen_on_this_split"] is False
     t = res["threshold"]["value"]
     assert 0.1 <= t < 0.45
     curve = res["curves"]["train"]

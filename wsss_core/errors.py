@@ -34,9 +34,15 @@ RESNET38_HOWTO = ("ResNet-38 ImageNet weights: download ilsvrc-cls_rna-a1_cls100
                   "of it; the .params file is read directly, no mxnet needed.")
 
 
+DEIT_HOWTO = ("DeiT-S ImageNet-1k weights (MCTformer's start point): download "
+              "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth (the {'model': state_dict} file "
+              "of github.com/facebookresearch/deit) to that path.")
+
+
 def missing_weights_message(path: str | os.PathLike) -> str:
     """The error text for a missing local weights file: the path, and how to get it."""
-    hint = RESNET38_HOWTO if "ilsvrc-cls_rna-a1" in str(path) or str(path).endswith(".params") else (
+    hint = RESNET38_HOWTO if "ilsvrc-cls_rna-a1" in str(path) or str(path).endswith(".params") else DEIT_HOWTO if (
+        "deit" in Path(path).name) else (
         "Put the file there, set its path in config.yaml, or (online) use {torchvision: <name>} weights, "
         "which the fetch_weights rule downloads.")
     return f"pretrained weights not found: {Path(path).resolve()}. {hint}"

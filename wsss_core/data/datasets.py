@@ -62,6 +62,70 @@ class ClassificationDataset(_Seeded, torch.utils.data.Dataset):
         return item
 
 
+def posterize_any_bits(img, bits_to_keep: int, **_):
+    """timm's posterize for every bit count it draws: ``PosterizeIncreasing`` at a noisy magnitude >= 10 asks for 0 bits,
+    which Pillow < 11 turned into a black image and Pillow >= 11 refuses (ValueError); 0 bits -> black, as the
+    reference's Pillow did; >= 8 bits -> unchanged."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, int(bits_to_keep))
+
+
+class TimmClassificationDataset(_Seeded, torch.utils.data.Dataset):
+    """Training images through timm's ImageNet training transform (MCTformer, ``mctformer.md`` §5).
+
+    item: ``{"image": float32 (3, crop, crop), "label": float32 (C,), "id": str}``. Transform:
+    RandomResizedCrop(crop, ``scale``, ratio (3/4, 4/3), bicubic) -> h-flip 0.5 -> RandAugment ``auto_augment`` ->
+    normalise (ImageNet) -> RandomErasing(``re_prob``, per-pixel normal values, one box). timm draws from python's,
+    numpy's and torch's global RNGs: they are seeded per (seed, epoch, index) for the call and restored after it,
+    so a sample's augmentation survives a resume and nothing else's randomness changes.
+    """
+
+    def __init__(self, image_dir: str | Path, ids: Sequence[str], labels: np.ndarray, crop_size: int,
+                 seed: int = 0, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+                 scale: tuple[float, float] = (0.08, 1.0), re_prob: float = 0.25, ext: str = ".jpg"):
+        from timm.data import create_transform
+
+        from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        self.image_dir, self.ids, self.labels = Path(image_dir), list(ids), np.asarray(labels, dtype=np.float32)
+        self.seed, self.ext = int(seed), ext
+        self.transform = create_transform(int(crop_size), is_training=True, scale=tuple(scale), ratio=(3 / 4, 4 / 3),
+                                          hflip=0.5, auto_augment=auto_augment, interpolation="bicubic",
+                                          re_prob=float(re_prob), re_mode="pixel", re_count=1,
+                                          mean=tuple(IMAGENET_MEAN.tolist()), std=tuple(IMAGENET_STD.tolist()))
+        for t in getattr(self.transform, "transforms", []):
+            for op in getattr(t, "ops", []):  # RandAugment's ops
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = posterize_any_bits
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        import random
+
+        from PIL import Image
+
+        img = Image.fromarray(read_image(self.image_dir / f"{self.ids[i]}{self.ext}"))
+        s = int(self.rng(i).integers(2**31))
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                random.seed(s)
+                np.random.seed(s)
+                torch.manual_seed(s)
+                x = self.transform(img)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return {"image": x.float(), "label": torch.from_numpy(self.labels[i]), "id": self.ids[i]}
+
+
 class SegmentationDataset(_Seeded, torch.utils.data.Dataset):
     """Training crops with (pseudo-)masks read from a sharded mask store.
 

@@ -269,7 +269,8 @@ def train_stage(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[
                 metrics: str | os.PathLike, out_model: str | os.PathLike, meta: Mapping[str, Any],
                 config_hash: str = "", desc: str = "train",
                 after_step: Callable[[nn.Module, int], None] | None = None,
-                before_save: Callable[[nn.Module], Mapping[str, Any] | None] | None = None) -> TrainState:
+                before_save: Callable[[nn.Module], Mapping[str, Any] | None] | None = None,
+                lr_lambda: Callable[[int], float] | None = None) -> TrainState:
     """The common tail of every training stage: poly LR over ``cfg['max_steps']``, resumable :func:`fit` on
     seeded batches of ``dataset`` (``batch_size``, ``num_workers``, ``checkpoint_every``, ``keep_checkpoints``,
     ``poly_power``, optional ``max_grad_norm`` from ``cfg``), then the final weights with ``meta`` (+ seed, config
@@ -277,11 +278,13 @@ def train_stage(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[
 
     ``before_save(model)``, if given, runs after the last step and before the final weights are written (e.g. to
     fill a buffer computed from the trained model, IRN's mean shift); a mapping it returns is added to ``meta``.
-    The final file is written once, atomically, after it."""
-    info = getattr(getattr(model, "backbone", None), "weights_info", None)
+    The final file is written once, atomically, after it. ``lr_lambda(step)`` replaces the poly multiplier (e.g.
+    MCTformer's per-epoch warm-up + cosine)."""
+    info = getattr(model, "weights_info", None) or getattr(getattr(model, "backbone", None), "weights_info", None)
     if info:
         get_logger().info("pretrained weights: %s", info)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(cfg["max_steps"], cfg["poly_power"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda or poly_lambda(cfg["max_steps"], cfg["poly_power"]))
     t0 = time.time()
     state = fit(model, step_fn,
                 lambda start: batch_stream(dataset, cfg["batch_size"], seed, start, cfg.get("num_workers", 0)),

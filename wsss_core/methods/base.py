@@ -23,6 +23,9 @@ Optional:
 - ``infer_cams(model, image, keys, scales, flip, device) -> (keys_out, cams, aux)`` — the method's own
   multi-scale inference of one uint8 image (default: :func:`wsss_core.methods.inference.multiscale_cams` over
   ``cam_forward``); ``keys_out`` may start with 0 (a background map), ``aux`` is an optional second stack;
+- ``build_optimizer(model, cfg) -> Optimizer`` — default: SGD over ``param_groups`` (momentum / weight decay
+  from ``cfg``); ``lr_lambda(cfg, steps_per_epoch) -> (step -> lr multiplier)`` — default: poly over
+  ``max_steps`` (MCTformer: AdamW with a per-epoch warm-up + cosine schedule);
 - ``setup(model, labels, cfg)`` — called once before training with the training list's (N, C) multi-hot
   labels (e.g. SFC's class-occurrence weights).
 
@@ -36,7 +39,8 @@ from types import ModuleType
 from typing import Any, Mapping
 
 METHODS = {"cam": "wsss_core.methods.cam", "ppc": "wsss_core.methods.ppc", "sipe": "wsss_core.methods.sipe",
-           "sfc": "wsss_core.methods.sfc", "fsae": "wsss_core.methods.fsae"}
+           "sfc": "wsss_core.methods.sfc", "fsae": "wsss_core.methods.fsae",
+           "mctformer": "wsss_core.methods.mctformer"}
 
 
 def method_settings(cfg: Mapping[str, Any], section: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -49,6 +53,22 @@ def method_settings(cfg: Mapping[str, Any], section: str, defaults: Mapping[str,
     if unknown:
         raise ConfigError(f"unknown classifier.{section} key(s) {unknown}; known: {sorted(defaults)}")
     return {**defaults, **{k: v for k, v in user.items() if v is not None}}
+
+
+def make_optimizer(m: ModuleType, model, cfg: Mapping[str, Any]):
+    """Method ``m``'s optimizer for ``model``: its ``build_optimizer`` if it has one, else SGD over its
+    ``param_groups`` with ``cfg``'s lr / momentum / weight decay as group defaults."""
+    import torch
+
+    if hasattr(m, "build_optimizer"):
+        return m.build_optimizer(model, cfg)
+    return torch.optim.SGD(m.param_groups(model, cfg), lr=cfg["lr"], momentum=cfg["momentum"],
+                           weight_decay=cfg["weight_decay"])
+
+
+def make_lr_lambda(m: ModuleType, cfg: Mapping[str, Any], steps_per_epoch: int):
+    """Method ``m``'s per-step lr multiplier: its ``lr_lambda`` if it has one, else ``None`` (the trainer's poly)."""
+    return m.lr_lambda(cfg, steps_per_epoch) if hasattr(m, "lr_lambda") else None
 
 
 def get_method(name: str) -> ModuleType:

@@ -90,6 +90,12 @@ class FSAEModel(nn.Module):
     def backbone(self) -> nn.Module:
         return self.student.backbone
 
+    @property
+    def weights_info(self):
+        """The student's pretrained-weights report (its own, e.g. MCTformer's, or its backbone's)."""
+        own = getattr(self.student, "weights_info", None)
+        return own or getattr(getattr(self.student, "backbone", None), "weights_info", None)
+
     def forward(self, x: torch.Tensor):
         return self.student(x)
 
@@ -109,6 +115,7 @@ def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weight
 def data_needs(cfg: Mapping[str, Any]) -> dict[str, bool]:
     m = base_method(cfg)
     needs = dict(m.data_needs(cfg)) if hasattr(m, "data_needs") else {"views": True, "saliency": False}
+    needs.pop("timm", None)  # FSAE's weak / pixel-aligned strong views replace a base's own pipeline (MCTformer)
     return {**needs, "views": True, "strong": True}
 
 
@@ -119,6 +126,20 @@ def strong_view_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def param_groups(model: FSAEModel, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     return base_method(cfg).param_groups(model.student, cfg)
+
+
+def build_optimizer(model: FSAEModel, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The base method's optimizer on the student (MCTformer: AdamW; others: SGD over their groups)."""
+    from .base import make_optimizer
+
+    return make_optimizer(base_method(cfg), model.student, cfg)
+
+
+def lr_lambda(cfg: Mapping[str, Any], steps_per_epoch: int):
+    """The base method's schedule (None: the trainer's poly)."""
+    from .base import make_lr_lambda
+
+    return make_lr_lambda(base_method(cfg), cfg, steps_per_epoch)
 
 
 def training_step(model: FSAEModel, batch: Mapping[str, torch.Tensor], step: int, cfg: Mapping[str, Any]) -> dict:

@@ -111,14 +111,10 @@ def minmax_per_class(s: torch.Tensor, present: torch.Tensor, eps: float = MINMAX
 
 def greedy_threshold_search(miou_at: Callable[[float], float], start: int = 0, end: int = 60) -> tuple[float, float, list]:
     """§7 ``--curve``: t = i/100 for i in [start, end), stopping at the first t whose mIoU does not improve on the
-    best so far (a greedy search that assumes a unimodal curve). Returns (best t, best mIoU, evaluated mIoUs)."""
-    best_t, best, seen = None, -1.0, []
-    for i in range(start, end):
-        t = i / 100
-        v = float(miou_at(t))
-        seen.append(v)
-        if v > best:
-            best_t, best = t, v
-        else:
-            break
-    return best_t, best, seen
+    best so far (a greedy search that assumes a unimodal curve). Returns (best t, best mIoU, evaluated mIoUs).
+
+    The rule itself lives in :mod:`wsss_core.metrics.search` (``stages.eval.search: greedy``); this fixes the
+    reference's threshold list."""
+    from ..metrics.search import greedy_threshold_search as _greedy_search
+
+    return _greedy_search(miou_at, [i / 100 for i in range(start, end)])

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.io import IGNORE_INDEX
+from .search import select_index
 
 __all__ = [
     "ConfusionMatrix",
@@ -355,11 +356,13 @@ class ThresholdCurve:
         """(n, n) int64 confusion matrix ``M[gt, pred]`` at ``thresholds[j]``."""
         return self._full_at(j)[:, : self.n_classes].copy()
 
-    def result(self, class_names: Sequence[str] | None = None, strict: bool = False) -> dict:
+    def result(self, class_names: Sequence[str] | None = None, strict: bool = False, search: str = "grid") -> dict:
         """Curve summary (JSON-serialisable).
 
-        Returns ``thresholds``, ``miou`` and ``miou_strict`` (one value per threshold), ``best_t`` (the
-        smallest threshold maximising ``miou``, or ``miou_strict`` if ``strict``), ``best_index``,
+        Returns ``thresholds``, ``miou`` and ``miou_strict`` (one value per threshold), ``selected_by`` (the mean
+        used), ``search``, ``best_t`` (the threshold chosen on ``miou``, or ``miou_strict`` if ``strict``, by
+        :func:`~wsss_core.metrics.search.select_index`: ``grid`` = the smallest threshold maximising it,
+        ``greedy`` = its first local maximum, MCTformer's early-stopping ``--curve``), ``best_index``,
         ``best_miou``, ``scores_at_best`` (the full :func:`scores_from_confusion` dict at ``best_t``) and
         ``per_class_iou_at_best``.
         """
@@ -369,16 +372,13 @@ class ThresholdCurve:
         miou = [s["miou"] for s in per_t]
         miou_strict = [s["miou_strict"] for s in per_t]
         key = miou_strict if strict else miou
-        arr = np.array([np.nan if x is None else x for x in key], dtype=np.float64)
-        if np.all(np.isnan(arr)):
-            best = None
-        else:
-            best = int(np.nanargmax(arr))   # first maximal index = smallest threshold (increasing)
+        best = select_index(key, search)
         return {
             "thresholds": [float(t) for t in self.thresholds],
             "miou": miou,
             "miou_strict": miou_strict,
             "selected_by": "miou_strict" if strict else "miou",
+            "search": search,
             "best_index": best,
             "best_t": None if best is None else float(self.thresholds[best]),
             "best_miou": None if best is None else key[best],

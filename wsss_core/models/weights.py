@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -99,16 +99,22 @@ def load_state_dict_file(path: str | os.PathLike, sha256: str | None = None) -> 
 
 
 def load_weights(model: nn.Module, spec: Mapping[str, Any] | None, cache_dir: str | os.PathLike = "weights",
-                 strict: bool = False, ignore_prefixes: tuple[str, ...] = ("fc.",)) -> dict[str, list[str]]:
+                 strict: bool = False, ignore_prefixes: tuple[str, ...] = ("fc.",),
+                 adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                 ) -> dict[str, list[str]]:
     """Load pretrained weights described by ``spec`` into ``model``; verify shapes; report key mismatches.
 
-    Returns ``{"missing": [...], "unexpected": [...], "source": str}``. Keys whose shapes differ raise
-    WeightsError. With ``strict``, any missing key (other than ``ignore_prefixes``) raises too.
+    ``adapt(state) -> state`` converts a published checkpoint to the model's layout before the shape check (e.g.
+    MCTformer: DeiT's one class token and 14x14 position table to C class tokens). Returns ``{"missing": [...],
+    "unexpected": [...], "source": str}``. Keys whose shapes differ raise WeightsError. With ``strict``, any
+    missing key (other than ``ignore_prefixes``) raises too.
     """
     path = resolve_weights_path(spec, cache_dir)
     if path is None:
         return {"missing": [], "unexpected": [], "source": "random init"}
     state = load_state_dict_file(path, (spec or {}).get("sha256"))
+    if adapt is not None:
+        state = adapt(state)
     own = model.state_dict()
     bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in state.items() if k in own and own[k].shape != v.shape]

@@ -5,7 +5,8 @@ Pieces (pure torch / numpy; devices follow the inputs):
 
 - :func:`pair_offsets` / :func:`pair_indices`: the radius-r "forward" neighbour pairs (34 offsets at r = 5);
 - :func:`affinity_label_map`: confident fg from the low-alpha CRF, confident bg from the high-alpha CRF,
-  everything else ignored (255); :func:`pair_labels`: bg-pos / fg-pos / neg pair masks;
+  everything else ignored (255); :func:`score_label_map` the same from the two CRF score stacks (spec A2 5-7),
+  :func:`block_mean` their 8x8 reduction to stride 8 (A2 4); :func:`pair_labels`: bg-pos / fg-pos / neg pair masks;
 - :class:`AffinityNet`: ResNet-38 + ELU branches (conv4, conv5, conv6) -> 448-d features;
   :func:`pair_affinities` ``a_ij = exp(-mean_c |f_i - f_j|)``; :func:`affinity_loss` ``bg/4 + fg/4 + neg/2``;
 - :func:`dense_affinity`, :func:`transition_matrix` (``A^beta``, column-normalised, squared ``logt`` times)
@@ -70,6 +71,27 @@ def affinity_label_map(la: np.ndarray, ha: np.ndarray) -> np.ndarray:
     out[la == 0] = IGNORE_INDEX
     out[ha == 0] = 0
     return out
+
+
+def score_label_map(s_la: np.ndarray, s_ha: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Spec A2 steps 5-7: the low- and high-alpha CRF scores over [bg, cams], each float (K+1, h, w), -> uint8 (h, w)
+    labels: per stack argmax mapped to ``[0, *keys]``, fused by :func:`affinity_label_map`, and 255 where the
+    max over both stacks is < 1e-5 ("no score": zero crop padding)."""
+    if s_la.shape != s_ha.shape or s_la.ndim != 3 or s_la.shape[0] != len(keys) + 1:
+        raise ValueError(f"need two (K+1, h, w) score stacks for K = {len(keys)}, got {s_la.shape}, {s_ha.shape}")
+    lut = np.concatenate([[0], np.asarray(keys, np.int64)])
+    out = affinity_label_map(lut[s_la.argmax(0)], lut[s_ha.argmax(0)])
+    out[np.maximum(s_la.max(0), s_ha.max(0)) < EPS] = IGNORE_INDEX
+    return out
+
+
+def block_mean(x: np.ndarray, block: int = 8) -> np.ndarray:
+    """(C, H, W) -> (C, H/block, W/block) means over non-overlapping block x block tiles (skimage ``block_reduce``
+    with ``np.mean``); H and W must be multiples of ``block``."""
+    c, h, w = x.shape
+    if h % block or w % block:
+        raise ValueError(f"block_mean needs H, W multiples of {block}, got {h} x {w}")
+    return x.reshape(c, h // block, block, w // block, block).mean(axis=(2, 4))
 
 
 def pair_labels(labels: torch.Tensor, radius: int = 5, offsets: list[tuple[int, int]] | None = None,
@@ -158,7 +180,11 @@ def dense_affinity(aff: torch.Tensor, h: int, w: int, radius: int = 5) -> torch.
 
 
 def transition_matrix(a: torch.Tensor, beta: float = 8.0, logt: int = 6) -> torch.Tensor:
-    """``T = (A^beta / column sums)^(2^logt)``: every column sums to 1."""
+    """(n, n) symmetric affinities -> ``T = (A^beta / column sums)^(2^logt)`` (n, n): every column sums to 1.
+
+    Orientation: :func:`random_walk` computes ``V . T``, so destination pixel j receives ``sum_i V[:, i] T[i, j]``;
+    its weights over the sources i are column j, i.e. ``T.t()`` is row-stochastic (a proper averaging operator).
+    """
     t = a.pow(beta)
     t = t / t.sum(0, keepdim=True)
     for _ in range(int(logt)):
@@ -167,6 +193,6 @@ def transition_matrix(a: torch.Tensor, beta: float = 8.0, logt: int = 6) -> torc
 
 
 def random_walk(cams: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
-    """(C, h, w) scores (bg included) -> propagated scores ``cam . T`` (C, h, w)."""
+    """(C, h, w) scores (bg included) and (hw, hw) ``T`` -> propagated scores ``cam . T`` (C, h, w)."""
     c, h, w = cams.shape
     return (cams.reshape(c, -1) @ trans).reshape(c, h, w)

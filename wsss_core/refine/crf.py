@@ -26,6 +26,7 @@ __all__ = [
     "PRESETS",
     "crf_params",
     "dense_crf",
+    "crf_cam_probs",
     "crf_refine_cams",
     "compact_hard_labels",
     "bg_power",
@@ -87,8 +88,10 @@ class CRFParams:
 PRESETS: dict[str, CRFParams] = {
     # RTC / wseg contrast_infer._crf_inference, SIPE crf_inference_label
     "seam_label": CRFParams("labels", 3, 3, 50, 5, 10, 10),
-    # PSA/SEAM crf_inference ("crf_with_alpha")
+    # PSA/SEAM crf_inference ("crf_with_alpha"); MCTformer's la/ha affinity sources (psa_and_deeplab.md A1)
     "psa_softmax": CRFParams("softmax", 3, 3, 80, 13, 10, 10),
+    # SEAM-PPC aff_prepare (ppc.md §9): hard labels argmax [(1 - max)^alpha, cams] through a label unary
+    "psa_aff_label": CRFParams("labels", 3, 3, 80, 13, 10, 10, 0.7),
     # YudeWang seg lib DenseCRF.dense_crf as called on the DeepLab test softmax
     "deeplab_test": CRFParams("softmax", 3, 3, 32, 13, 10, 1),
     # MCTformer segmentation inference
@@ -226,41 +229,57 @@ def compact_hard_labels(cams: np.ndarray, bg: float | np.ndarray) -> np.ndarray:
     return scores.argmax(axis=0).astype(np.int64)
 
 
+def crf_cam_probs(image: np.ndarray, cams: np.ndarray, bg_threshold: float | np.ndarray,
+                  params: CRFParams) -> np.ndarray:
+    """CAMs -> CRF marginals over [bg, cams] (compact label space: 0 = bg, k = channel k-1).
+
+    Args:
+        image: uint8 (H, W, 3) RGB.
+        cams: float (K, H, W) CAMs of the image's present classes (typically in [0, 1]).
+        bg_threshold: constant background score (or an (H, W) map such as :func:`bg_power`).
+        params: "labels" mode: the hard labels argmax [bg, cams] (ties -> bg) go through a label-unary CRF
+            with K+1 labels; "softmax" mode: the stack [bg, cams], **not renormalised**, is the unary
+            -ln(clip(score, 1e-5, 1)) (PSA/MCTformer ``crf_inference``).
+
+    Returns:
+        float32 (K+1, H, W) marginals Q. K == 0 gives ones (1, H, W).
+    """
+    image = _check_image(image)
+    h, w = image.shape[:2]
+    cams = np.asarray(cams)
+    if cams.ndim != 3 or cams.shape[1:] != (h, w):
+        raise ValueError(f"cams must have shape (K, {h}, {w}) to match the image, got {cams.shape}")
+    k = cams.shape[0]
+    if k == 0:
+        return np.ones((1, h, w), dtype=np.float32)
+    if params.mode == "labels":
+        return dense_crf(image, compact_hard_labels(cams, bg_threshold), params, n_labels=k + 1)
+    dtype = np.float32
+    bg_map = np.broadcast_to(np.asarray(bg_threshold, dtype=dtype), (h, w))
+    scores = np.concatenate([bg_map[None], cams.astype(dtype, copy=False)], axis=0)
+    return dense_crf(image, np.clip(scores, 1e-5, 1.0), params)
+
+
 def crf_refine_cams(image: np.ndarray, cams: np.ndarray, keys: np.ndarray, bg_threshold: float | np.ndarray,
                     params: CRFParams) -> np.ndarray:
-    """CAMs -> CRF-refined label map (SIPE/SEAM style, compact label space).
+    """CAMs -> CRF-refined label map (SIPE/SEAM style): ``[0, *keys][argmax Q]`` with Q from :func:`crf_cam_probs`.
 
     Args:
         image: uint8 (H, W, 3) RGB.
         cams: float (K, H, W) CAMs of the image's present classes (typically in [0, 1]).
         keys: int (K,) class label of each channel (1..C-1).
         bg_threshold: constant background score (or an (H, W) map such as :func:`bg_power`).
-        params: "labels" mode: the hard labels argmax [bg, cams] (ties -> bg) go through a label-unary CRF
-            with K+1 labels; "softmax" mode: the scores [bg, cams] clipped to [1e-5, 1] are the unary.
+        params: see :func:`crf_cam_probs`.
 
     Returns:
-        uint8 (H, W) class labels: ``[0, *keys][argmax Q]``. K == 0 gives all zeros.
+        uint8 (H, W) class labels. K == 0 gives all zeros.
     """
-    image = _check_image(image)
-    h, w = image.shape[:2]
     cams = np.asarray(cams)
     keys = np.asarray(keys)
-    if cams.ndim != 3 or cams.shape[1:] != (h, w):
-        raise ValueError(f"cams must have shape (K, {h}, {w}) to match the image, got {cams.shape}")
-    if keys.shape != (cams.shape[0],):
+    if cams.ndim == 3 and keys.shape != (cams.shape[0],):
         raise ValueError(f"keys must have shape ({cams.shape[0]},), got {keys.shape}")
     if keys.size and (not np.issubdtype(keys.dtype, np.integer) or keys.min() < 1 or keys.max() > 254):
         raise ValueError(f"keys must be integer class labels in 1..254, got {keys.tolist()}")
-    k = cams.shape[0]
-    if k == 0:
-        return np.zeros((h, w), dtype=np.uint8)
-    if params.mode == "labels":
-        hard = compact_hard_labels(cams, bg_threshold)
-        q = dense_crf(image, hard, params, n_labels=k + 1)
-    else:
-        dtype = np.float32
-        bg_map = np.broadcast_to(np.asarray(bg_threshold, dtype=dtype), (h, w))
-        scores = np.concatenate([bg_map[None], cams.astype(dtype, copy=False)], axis=0)
-        q = dense_crf(image, np.clip(scores, 1e-5, 1.0), params)
+    q = crf_cam_probs(image, cams, bg_threshold, params)
     lut = np.concatenate([[0], keys.astype(np.int64)])
     return lut[q.argmax(axis=0)].astype(np.uint8)

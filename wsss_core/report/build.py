@@ -36,6 +36,11 @@ MEAN_CONVENTIONS = {
 #: Packages whose versions every report records (``python`` is the interpreter).
 PACKAGES = ("torch", "torchvision", "numpy", "h5py", "snakemake", "pydensecrf2", "matplotlib", "pillow")
 
+#: Marks a CAM-seed score whose background threshold was swept on the split it is reported on.
+SAME_SPLIT_MARK = "†"
+SAME_SPLIT_NOTE = (f"{SAME_SPLIT_MARK} background threshold chosen on this split (optimistic, as in MCTformer's "
+                   "seed protocol)")
+
 STAGE_LABELS = {"cam": "CAM seeds", "pseudo_mask": "pseudo-masks", "segmentation": "segmentation"}
 _STAGE_COLORS = {"cam": "tab:blue", "pseudo_mask": "tab:orange", "segmentation": "tab:green"}
 
@@ -323,6 +328,18 @@ def fmt_t(t: Any) -> str:
     return f"{whole}.{frac:0<2}"
 
 
+def fmt_marked(x: Any, same_split: bool, nd: int = 4) -> str:
+    """:func:`fmt`, followed by :data:`SAME_SPLIT_MARK` when ``same_split`` (t swept on the reported split)."""
+    return fmt(x, nd) + (SAME_SPLIT_MARK if same_split else "")
+
+
+def _same_split_footnote(add, flags: Sequence[bool]) -> None:
+    """Add the :data:`SAME_SPLIT_NOTE` footnote (and a blank line) if any number above carries the mark."""
+    if any(flags):
+        add(SAME_SPLIT_NOTE + ".")
+        add("")
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence[str] | None = None) -> str:
     """A GitHub Markdown table; ``align`` per column: "l" or "r" (default: first column left, others right)."""
     align = align or ["l"] + ["r"] * (len(headers) - 1)
@@ -384,8 +401,10 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     seg_split = rows[0]["segmentation"]["split"] if rows else ev
     headers = ["experiment", "method", "bg threshold t", f"CAM seeds mIoU ({cam_split}, at t)",
                f"pseudo-mask mIoU ({mask_split})", f"segmentation mIoU ({seg_split})"]
-    add(md_table(headers, [[row["experiment"], row["method"], fmt_t(row["threshold"]), fmt(row["cam"]["miou"]),
-                            fmt(row["pseudo_mask"]["miou"]), fmt(row["segmentation"]["miou"])] for row in rows],
+    cam_same = [bool(row["cam"].get("threshold_chosen_on_this_split")) for row in rows]
+    add(md_table(headers, [[row["experiment"], row["method"], fmt_t(row["threshold"]),
+                            fmt_marked(row["cam"]["miou"], same), fmt(row["pseudo_mask"]["miou"]),
+                            fmt(row["segmentation"]["miou"])] for row, same in zip(rows, cam_same)],
                  ["l", "l", "r", "r", "r", "r"]))
     add("")
     add("Values are `miou` (present-class mean), as fractions in [0, 1]. The same with `miou_strict` "
@@ -393,10 +412,12 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     add("")
     add(md_table(["experiment", "CAM seeds miou_strict", "pseudo-mask miou_strict", "segmentation miou_strict",
                   "CAM images", "pseudo-mask images", "segmentation images"],
-                 [[row["experiment"], fmt(row["cam"]["miou_strict"]), fmt(row["pseudo_mask"]["miou_strict"]),
-                   fmt(row["segmentation"]["miou_strict"]), fmt(row["cam"]["n_images"]),
-                   fmt(row["pseudo_mask"]["n_images"]), fmt(row["segmentation"]["n_images"])] for row in rows]))
+                 [[row["experiment"], fmt_marked(row["cam"]["miou_strict"], same),
+                   fmt(row["pseudo_mask"]["miou_strict"]), fmt(row["segmentation"]["miou_strict"]),
+                   fmt(row["cam"]["n_images"]), fmt(row["pseudo_mask"]["n_images"]),
+                   fmt(row["segmentation"]["n_images"])] for row, same in zip(rows, cam_same)]))
     add("")
+    _same_split_footnote(add, cam_same)
     b = r["baseline"]
     add(f"Reference: predicting **all background** on `{b['split']}` ({b['n_images']} images) gives "
         f"`miou` = {fmt(b['miou'])} and `miou_strict` = {fmt(b['miou_strict'])} (background IoU "
@@ -413,27 +434,34 @@ def render_markdown(r: Mapping[str, Any]) -> str:
         add("")
         add(md_table(["experiment", "refinement", "split", "CAM seeds mIoU", "pseudo-mask mIoU", "change",
                       "IR labels: labelled fraction", "IR labels: mIoU on labelled"],
-                     [[x["experiment"], x["refinement"], x["split"], fmt(x["cam_seeds_miou"]),
+                     [[x["experiment"], x["refinement"], x["split"],
+                       fmt_marked(x["cam_seeds_miou"], x.get("cam_seeds_threshold_chosen_on_this_split", False)),
                        fmt(x["pseudo_mask_miou"]), "n/a" if x["delta"] is None else f"{x['delta']:+.4f}",
                        fmt((x.get("ir_labels") or {}).get("labelled_fraction")),
                        fmt((x.get("ir_labels") or {}).get("miou_labelled"))] for x in r["refinement"]],
                      ["l", "l", "l", "r", "r", "r", "r", "r"]))
         add("")
+        _same_split_footnote(add, [x.get("cam_seeds_threshold_chosen_on_this_split", False) for x in r["refinement"]])
 
     # ----- thresholds
     add("## Background threshold")
     add("")
     add("The CAM seeds label a pixel with its strongest class if that class's CAM exceeds t, else background. "
         "t is chosen once per experiment on the source split below and used downstream (pseudo-masks and the "
-        "CAM scores of this report); the eval-split optimum is shown for reference only and was not used.")
+        "CAM scores of this report); the eval-split optimum (same search rule) is shown for reference only and "
+        "was not used. Search `grid`: the argmax of the whole curve; `greedy`: MCTformer's `--curve` rule, the first "
+        "local maximum (the walk up the thresholds stops at the first t that does not improve mIoU).")
     add("")
-    add(md_table(["experiment", "chosen t", "source split", "criterion", "mIoU on source split at t",
+    swept = [bool(th.get("swept_on_reported_split")) for th in r["thresholds"]]
+    add(md_table(["experiment", "chosen t", "source split", "search", "criterion", "mIoU on source split at t",
                   f"CAM mIoU on {ev} at t", f"{ev} optimum t (reference)", f"{ev} optimum mIoU"],
-                 [[th["experiment"], fmt_t(th["value"]), th["source"]["split"], th["source"]["criterion"],
-                   fmt(th["source"].get("miou_at_value")), fmt(th["eval_miou_at_value"]),
-                   fmt_t(th["eval_oracle"]["t"]), fmt(th["eval_oracle"]["miou"])] for th in r["thresholds"]],
-                 ["l", "r", "l", "l", "r", "r", "r", "r"]))
+                 [[th["experiment"], fmt_t(th["value"]), th["source"]["split"], th.get("search", "grid"),
+                   th["source"]["criterion"], fmt(th["source"].get("miou_at_value")),
+                   fmt_marked(th["eval_miou_at_value"], same), fmt_t(th["eval_oracle"]["t"]),
+                   fmt(th["eval_oracle"]["miou"])] for th, same in zip(r["thresholds"], swept)],
+                 ["l", "r", "l", "l", "l", "r", "r", "r", "r"]))
     add("")
+    _same_split_footnote(add, swept)
     for th in r["thresholds"]:
         if th.get("own_bg"):  # SIPE / SFC: the CAMs have a background map; t = 0 is the plain argmax
             add(f"- `{th['experiment']}`: no background threshold: the CAMs carry their own background map and a "
@@ -441,7 +469,10 @@ def render_markdown(r: Mapping[str, Any]) -> str:
                 f"`{th['source']['split']}` {fmt(th['source'].get('miou_at_value'))}.")
             continue
         add(f"- `{th['experiment']}`: t = {fmt_t(th['value'])}, chosen on split `{th['source']['split']}` by "
-            f"{th['source']['criterion']} (mIoU there {fmt(th['source'].get('miou_at_value'))})."
+            f"{th['source']['criterion']} (search `{th.get('search', 'grid')}`; mIoU there "
+            f"{fmt(th['source'].get('miou_at_value'))})."
+            + (f" {SAME_SPLIT_MARK} `{ev}` is the split t was chosen on: its CAM scores are optimistic."
+               if th.get("swept_on_reported_split") else "")
             + _pseudo_mask_t_note(th))
     add("")
     add(f"![Background-threshold curves]({r['plots']['threshold_curves']})")
@@ -457,7 +488,9 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     add("")
     names = [e["experiment"] for e in r["rows"]]
     short = {"cam": "CAM", "pseudo_mask": "mask", "segmentation": "seg"}
-    headers = ["class"] + [f"{e} {short[s]}" for e in names for s in short]
+    cam_mark = {row["experiment"]: SAME_SPLIT_MARK if row["cam"].get("threshold_chosen_on_this_split") else ""
+                for row in r["rows"]}
+    headers = ["class"] + [f"{e} {short[s]}" + (cam_mark[e] if s == "cam" else "") for e in names for s in short]
     body = []
     for ci, cname in enumerate(pc["classes"]):
         body.append([cname] + [fmt(pc["experiments"][e][s]["iou"][ci]) for e in names for s in short])
@@ -465,6 +498,7 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     body.append(["**miou_strict**"] + [fmt(pc["experiments"][e][s]["miou_strict"]) for e in names for s in short])
     add(md_table(headers, body))
     add("")
+    _same_split_footnote(add, [bool(m) for m in cam_mark.values()])
     add(f"![Per-class IoU]({r['plots']['per_class_iou']})")
     add("")
 
@@ -473,11 +507,12 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     add(f"Per class on `{cam_split}` at the chosen t: precision = TP / predicted pixels, recall = TP / ground-truth "
         "pixels.")
     add("")
-    headers = ["class"] + [f"{e} {k}" for e in names for k in ("precision", "recall")]
+    headers = ["class"] + [f"{e} {k}{cam_mark[e]}" for e in names for k in ("precision", "recall")]
     body = [[cname] + [fmt(pc["experiments"][e]["cam"][k][ci]) for e in names for k in ("precision", "recall")]
             for ci, cname in enumerate(pc["classes"])]
     add(md_table(headers, body))
     add("")
+    _same_split_footnote(add, [bool(m) for m in cam_mark.values()])
 
     # ----- training
     add("## Training")

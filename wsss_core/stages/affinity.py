@@ -2,7 +2,10 @@
 train an affinity network on confident CAM labels, then random-walk the CAMs into pseudo-masks.
 
 Selected per experiment with ``affinity.enabled: true``; the pseudo-masks then come from
-:func:`random_walk_masks` instead of the CRF stage.
+:func:`random_walk_masks` instead of the CRF stage. Variants: ``affinity.crf`` (default ``psa_aff_label``, the PPC
+label-unary CRF; MCTformer: ``psa_softmax`` with la 1 / ha 12) and ``affinity.label_reduce`` (default ``nearest``;
+MCTformer/PSA: ``block_mean``). Any method's CAM store works: a store's own bg map (key 0) is dropped, and the walk
+then needs a numeric ``affinity.bg_threshold``.
 """
 
 from __future__ import annotations
@@ -24,33 +27,78 @@ from ..engine.trainer import batch_to_device, load_final, train_stage
 from ..errors import ConfigError
 from ..methods.ppc_ops import ppc_param_groups
 from ..refine import affinity as aff
-from ..refine.crf import CRFParams, bg_power, crf_refine_cams
+from ..refine.crf import PRESETS, CRFParams, bg_power, crf_cam_probs, crf_params
 from ..store.shards import ShardedStore, ShardWriter, shard_ids
 from .refine import resolve_bg_threshold
 
 #: aff_prepare's CRF (ppc.md §9): unary_from_labels(gt_prob 0.7), Gaussian 3/3, bilateral 80/13/10, 10 iterations.
-AFF_CRF = CRFParams("labels", 3, 3, 80, 13, 10, 10, 0.7)
+AFF_CRF = PRESETS["psa_aff_label"]
+#: ``affinity.label_reduce``: how the full-resolution labels reach stride 8 (spec A2 step 4).
+LABEL_REDUCE = ("nearest", "block_mean")
+
+
+def affinity_crf(cfg: Mapping[str, Any]) -> CRFParams:
+    """The CRF of the la/ha labels from ``affinity.crf`` {preset, params}; default ``psa_aff_label`` (= AFF_CRF).
+    MCTformer (spec A1): ``psa_softmax``."""
+    crf = cfg.get("crf") or {}
+    return crf_params(crf.get("preset", "psa_aff_label"), **dict(crf.get("params") or {}))
+
+
+def fg_cams(keys: np.ndarray, cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A store item without its own background map: keys (K,) and cams (K, H, W) of the foreground classes.
+
+    Stores of SIPE / SFC hold their bg map first as key 0; it is dropped here, because the la/ha labels build the
+    bg score from the fg maps ((1 - max)^alpha) and the random walk uses a constant bg score."""
+    keys, cams = np.asarray(keys), np.asarray(cams)
+    if keys.size and keys[0] == 0:
+        return keys[1:], cams[1:]
+    return keys, cams
+
+
+def confident_scores(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, la: float, ha: float,
+                     crf: CRFParams = AFF_CRF) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two CRF score stacks of the affinity labels (spec A1): Q over [bg, cams] with bg = (1 - max cam)^la
+    (confident fg) and ^ha (confident bg). An own-bg map (key 0) is dropped first (:func:`fg_cams`).
+
+    Returns the fg keys (K,) and float32 ``q_la``, ``q_ha``, each (K+1, H, W)."""
+    keys, cams = fg_cams(keys, cams)
+    return (keys, crf_cam_probs(image, cams, bg_power(cams, la), crf),
+            crf_cam_probs(image, cams, bg_power(cams, ha), crf))
 
 
 def confident_labels(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, la: float, ha: float,
                      crf: CRFParams = AFF_CRF) -> np.ndarray:
-    """uint8 (H, W) affinity training labels: CRF at bg = (1 - max)^la (confident fg) and ^ha (confident bg)."""
-    lab_la = crf_refine_cams(image, cams, keys, bg_power(cams, la), crf)
-    lab_ha = crf_refine_cams(image, cams, keys, bg_power(cams, ha), crf)
-    return aff.affinity_label_map(lab_la, lab_ha)
+    """uint8 (H, W) affinity training labels at full resolution (class ids, 0 = bg, 255 = ignored):
+    :func:`confident_scores` -> :func:`~wsss_core.refine.affinity.score_label_map`. Own-bg maps are dropped."""
+    keys, q_la, q_ha = confident_scores(image, keys, cams, la, ha, crf)
+    return aff.score_label_map(q_la, q_ha, keys)
+
+
+def reduce_scores(scores: np.ndarray, keys: np.ndarray, block: int = 8) -> np.ndarray:
+    """``label_reduce: block_mean``: the stacked la/ha scores (2(K+1), H, W) -> 8 x 8 block means -> uint8
+    (H/8, W/8) labels by :func:`~wsss_core.refine.affinity.score_label_map`."""
+    s = aff.block_mean(scores, block)
+    n = len(keys) + 1
+    return aff.score_label_map(s[:n], s[n:], keys)
 
 
 class AffinityDataset(_Seeded, torch.utils.data.Dataset):
     """item: ``{"image": (3, crop, crop), "label": int64 (crop/8, crop/8) with 255 = ignored, "id"}``.
 
-    Labels from :func:`confident_labels` (computed on the fly); augmentation: colour jitter, random crop (image
-    pad 0 after normalisation, label pad 255), h-flip; labels reduced to stride 8 by nearest sampling (the
-    reference block-averages the two CRF score maps, then takes the argmax).
+    Labels from :func:`confident_scores` (computed on the fly with ``cfg["crf"]``; a store's own bg map is
+    dropped); augmentation: colour jitter, random crop (image pad 0 after normalisation), h-flip. Reduction to
+    stride 8 (``cfg["label_reduce"]``): "nearest" samples the full-resolution label map (crop pad 255);
+    "block_mean" (MCTformer/PSA, spec A2 4-7) crops the two CRF score stacks (pad 0), averages 8 x 8 blocks,
+    then takes the argmax (blocks of padding only: 255).
     """
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], cam_shards: Sequence[str], cfg: Mapping[str, Any],
                  seed: int = 0):
         self.info, self.ids, self.cam_shards, self.cfg, self.seed = info, list(ids), list(cam_shards), cfg, seed
+        self.crf = affinity_crf(cfg)
+        self.reduce = cfg.get("label_reduce", "nearest")
+        if self.reduce not in LABEL_REDUCE:
+            raise ConfigError(f"affinity.label_reduce must be one of {LABEL_REDUCE}, got {self.reduce!r}")
         self._store = None
 
     def __len__(self) -> int:
@@ -62,14 +110,21 @@ class AffinityDataset(_Seeded, torch.utils.data.Dataset):
         rng = self.rng(i)
         image_id = self.ids[i]
         image = read_image(self.info.image_path(image_id))
-        keys, cams = self._store[image_id]
-        label = confident_labels(image, keys, cams, self.cfg["la"], self.cfg["ha"])
+        keys, q_la, q_ha = confident_scores(image, *self._store[image_id], self.cfg["la"], self.cfg["ha"], self.crf)
         img = color_jitter(image, rng)
         crop = int(self.cfg["crop_size"])
-        img, label = random_crop([normalize(img), label], [0.0, IGNORE_INDEX], crop, rng)
+        if self.reduce == "nearest":
+            target, pad = aff.score_label_map(q_la, q_ha, keys), IGNORE_INDEX      # (H, W) labels
+        else:
+            target, pad = np.concatenate([q_la, q_ha]).transpose(1, 2, 0), 0.0   # (H, W, 2(K+1)) scores
+        img, target = random_crop([normalize(img), target], [0.0, pad], crop, rng)
         if rng.random() < 0.5:
-            img, label = img[:, ::-1], label[:, ::-1]
-        small = cv2.resize(np.ascontiguousarray(label), (crop // 8, crop // 8), interpolation=cv2.INTER_NEAREST)
+            img, target = img[:, ::-1], target[:, ::-1]
+        target = np.ascontiguousarray(target)
+        if self.reduce == "nearest":
+            small = cv2.resize(target, (crop // 8, crop // 8), interpolation=cv2.INTER_NEAREST)
+        else:
+            small = reduce_scores(target.transpose(2, 0, 1), keys)
         return {"image": to_tensor(np.ascontiguousarray(img)), "label": torch.from_numpy(small.astype(np.int64)),
                 "id": image_id}
 
@@ -79,6 +134,12 @@ def train_affinity(prepared: str, split: str, cam_shards: Sequence[str], cfg: Ma
                    lock_dir: str = ".wsss/gpu-locks", weights_dir: str = "weights", config_hash: str = "",
                    log: str | None = None, threads: int = 1) -> None:
     """Train AffinityNet on the confident labels of ``split``'s CAMs (resumable; spec A5/A6)."""
+    radius = int(cfg["radius"])
+    side = int(cfg["crop_size"]) // 8
+    if side < 2 * radius - 1:  # pair_indices: "from" columns r-1..w-r need w >= 2r - 1
+        raise ConfigError(f"affinity.crop_size {cfg['crop_size']} gives a {side}x{side} label grid, too small for "
+                          f"affinity.radius {radius} (needs >= {2 * radius - 1} cells, i.e. crop_size >= "
+                          f"{8 * (2 * radius - 1)}); raise crop_size or lower radius")
     job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
     info = DatasetInfo(prepared)
     model = aff.build_affinity_net(cfg, cache_dir=weights_dir).to(job.device)
@@ -86,7 +147,6 @@ def train_affinity(prepared: str, split: str, cam_shards: Sequence[str], cfg: Ma
                               bool(cfg.get("fix_quirk", False)), cfg.get("momentum", 0.9))
     optimizer = torch.optim.SGD(groups, lr=cfg["lr"])
     data = AffinityDataset(info, info.ids(split), cam_shards, cfg, seed)
-    radius = int(cfg["radius"])
 
     def step_fn(model, batch, step):
         batch = batch_to_device(batch, job.device)
@@ -102,7 +162,11 @@ def train_affinity(prepared: str, split: str, cam_shards: Sequence[str], cfg: Ma
 def random_walk_labels(model: aff.AffinityNet, image: np.ndarray, keys: np.ndarray, cams: np.ndarray, bg: float,
                        device: torch.device, radius: int = 5, beta: float = 8.0, logt: int = 6) -> np.ndarray:
     """Spec A7: pad to a multiple of 8, features, dense affinity^beta, T^(2^logt), [bg const, cams] pooled by 8,
-    ``cam . T``, bilinear upsampling, argmax, crop. Returns uint8 (H, W) class labels."""
+    ``cam . T``, bilinear upsampling, argmax, crop. Returns uint8 (H, W) class labels.
+
+    keys (K,), cams (K, H, W) as stored; a store's own bg map (key 0) is dropped (:func:`fg_cams`), the walk's bg
+    score is always the constant ``bg``."""
+    keys, cams = fg_cams(keys, cams)
     h, w = image.shape[:2]
     if len(keys) == 0:
         return np.zeros((h, w), np.uint8)
@@ -123,12 +187,26 @@ def random_walk_labels(model: aff.AffinityNet, image: np.ndarray, keys: np.ndarr
     return lut[rw.argmax(0).cpu().numpy()].astype(np.uint8)
 
 
+def walk_bg(cfg: Mapping[str, Any], cam_eval: str | None) -> tuple[float, str]:
+    """The constant bg score of the walk (``affinity.bg_threshold``) and its source, by
+    :func:`~wsss_core.stages.refine.resolve_bg_threshold`. "auto" without an eval_cams threshold (no result, or CAMs
+    with their own bg map: SIPE, SFC) is a ConfigError: such stores need a number."""
+    bg, source = resolve_bg_threshold(cfg, cam_eval, "affinity.bg_threshold")
+    if bg is None or isinstance(bg, tuple):
+        raise ConfigError(f"affinity.bg_threshold = {cfg.get('bg_threshold', 'auto')!r} gives no constant bg score "
+                          f"for the AffinityNet random walk ({source}). Set affinity.bg_threshold to a number: CAMs "
+                          "with their own background map (SIPE, SFC) have no eval_cams threshold, and their bg map is "
+                          "dropped for the walk; or use the IRN stage (irn.enabled)")
+    return float(bg), source
+
+
 def random_walk_masks(prepared: str, split: str, shard: int, n_shards: int, cam_shards: Sequence[str],
                       model_path: str, cfg: Mapping[str, Any], cam_eval: str, out: str, seed: int = 0,
                       device: str = "auto", lock_dir: str = ".wsss/gpu-locks", config_hash: str = "",
                       log: str | None = None, threads: int = 1) -> None:
     """Pseudo-masks of one shard of ``split`` by random walk with the trained AffinityNet."""
     job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
+    bg, source = walk_bg(cfg, cam_eval)
     info = DatasetInfo(prepared)
     ckpt = load_final(model_path)
     mcfg = dict(ckpt["meta"]["cfg"])
@@ -136,10 +214,6 @@ def random_walk_masks(prepared: str, split: str, shard: int, n_shards: int, cam_
     model = aff.build_affinity_net(mcfg)
     model.load_state_dict(ckpt["model"])
     model = model.to(job.device).eval()
-    bg, source = resolve_bg_threshold(cfg, cam_eval, "affinity.bg_threshold")
-    if bg is None:
-        raise ConfigError(f"the AffinityNet random walk needs a constant bg score ({source}); for CAMs with their own "
-                          "background map (SIPE, SFC) use the IRN stage (irn.enabled)")
     ids = shard_ids(info.ids(split), shard, n_shards)
     attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash,
              "refine": "random_walk", "beta": cfg["beta"], "logt": cfg["logt"], "radius": cfg["radius"],

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..data.datasets import ClassificationDataset, ViewsDataset
+from ..data.datasets import ClassificationDataset, TimmClassificationDataset, ViewsDataset
 from ..data.io import read_image
 from ..data.prepare import DatasetInfo
 from ..engine.context import start_job
@@ -15,6 +15,7 @@ from ..engine.logs import progress
 from ..engine.trainer import batch_to_device, load_final, train_stage
 from ..errors import ConfigError
 from ..methods import get_method
+from ..methods.base import make_lr_lambda, make_optimizer
 from ..methods.inference import method_cams
 from ..store.atomic import read_json
 from ..store.shards import ShardWriter, shard_ids
@@ -33,8 +34,7 @@ def train_classifier(prepared: str, split: str, method: str, cfg: Mapping[str, A
     ids = info.ids(split)
     m = get_method(method)
     model = m.build_model(cfg, info.n_classes - 1, cache_dir=weights_dir).to(job.device)
-    optimizer = torch.optim.SGD(m.param_groups(model, cfg), lr=cfg["lr"], momentum=cfg["momentum"],
-                                weight_decay=cfg["weight_decay"])
+    optimizer = make_optimizer(m, model, cfg)
     data = training_data(m, cfg, info, ids, seed, saliency)
     if hasattr(m, "setup"):
         m.setup(model, info.multi_hot(ids), cfg)
@@ -50,7 +50,7 @@ def train_classifier(prepared: str, split: str, method: str, cfg: Mapping[str, A
                     info.n_classes - 1, cfg["max_steps"])
     train_stage(model, step_fn, data, optimizer, cfg, seed, ckpt_dir, metrics, out_model,
                 {"method": method, "classes": info.classes}, config_hash, desc=f"train {method}",
-                after_step=after_step)
+                after_step=after_step, lr_lambda=make_lr_lambda(m, cfg, len(data) // int(cfg["batch_size"])))
 
 
 def training_data(m, cfg: Mapping[str, Any], info: DatasetInfo, ids: list[str], seed: int,
@@ -58,6 +58,8 @@ def training_data(m, cfg: Mapping[str, Any], info: DatasetInfo, ids: list[str], 
     """The training dataset a method asks for (``data_needs``): classic crops, or weak/saliency/strong views."""
     needs = m.data_needs(cfg) if hasattr(m, "data_needs") else {}
     labels = info.multi_hot(ids)
+    if needs.get("timm"):
+        return TimmClassificationDataset(info.image_dir, ids, labels, cfg["crop_size"], seed, **needs["timm"])
     if not needs.get("views"):
         return ClassificationDataset(info.image_dir, ids, labels, cfg["crop_size"], cfg["resize_long"], seed,
                                      jitter=needs.get("jitter", True), valid=bool(needs.get("valid")))

@@ -9,8 +9,8 @@ import numpy as np
 from ..data.io import read_label_png
 from ..data.prepare import DatasetInfo
 from ..engine.logs import progress, setup_job_logging
-from ..errors import DataError
-from ..metrics import ConfusionMatrix, ThresholdCurve, scores_from_confusion
+from ..errors import ConfigError, DataError
+from ..metrics import SEARCHES, ConfusionMatrix, ThresholdCurve, scores_from_confusion, search_criterion
 from ..store.atomic import write_json
 from ..store.shards import ShardedStore
 
@@ -43,13 +43,26 @@ def has_bg_maps(store: ShardedStore) -> bool:
 
 def eval_cams(prepared: str, cam_shards: Sequence[str], threshold_split: str, eval_split: str,
               cfg: Mapping[str, Any], out: str, log: str | None = None) -> dict:
-    """Background-threshold curve on ``threshold_split`` (the chosen t is its argmax), scores on ``eval_split`` at t.
+    """Background-threshold curve on ``threshold_split`` (the chosen t is picked by ``cfg['search']``), scores on
+    ``eval_split`` (and ``threshold_split``) at t.
 
-    Writes JSON: ``threshold`` {value, source}, ``curves`` {split: curve}, ``scores`` {split: scores at t}.
+    ``cfg``: ``stages.eval`` {thresholds {start, stop, step}, mean present|strict, search grid|greedy}. ``grid``
+    (default) takes the argmax of the whole curve; ``greedy`` MCTformer's ``--curve`` rule, the first local
+    maximum (a walk up the thresholds that stops at the first non-improvement), read off the same one-pass curve.
+
+    Writes JSON: ``threshold`` {value, own_bg, source {split, criterion, search, miou_at_value,
+    swept_on_reported_split}}, ``curves`` {split: curve}, ``scores`` {split: scores at t, plus
+    ``threshold_chosen_on_this_split``}. A score is *chosen on this split* when t was swept on the split it is
+    reported on (optimistic; MCTformer's seed protocol sweeps and reports on ``train``);
+    ``swept_on_reported_split`` says so for ``eval_split``. CAMs with their own background map (``own_bg``) are
+    not swept: both flags are false and ``search`` is ``"none"``.
     """
     logger = setup_job_logging(log)
     info = DatasetInfo(prepared)
     strict = cfg.get("mean", "present") == "strict"
+    search = cfg.get("search", "grid")
+    if search not in SEARCHES:
+        raise ConfigError(f"stages.eval.search must be one of {SEARCHES}, got {search!r}")
     result: dict[str, Any] = {"classes": info.classes, "mean": cfg.get("mean", "present"), "curves": {}, "scores": {}}
     with ShardedStore(cam_shards) as store:
         own_bg = has_bg_maps(store)
@@ -62,20 +75,22 @@ def eval_cams(prepared: str, cam_shards: Sequence[str], threshold_split: str, ev
             if not ids:
                 raise DataError(f"no CAMs of split {split!r} in {list(cam_shards)}")
             curves[split] = _curve(store, info, ids, thresholds, f"eval cams {split}")
-            result["curves"][split] = curves[split].result(info.classes, strict=strict)
+            result["curves"][split] = curves[split].result(info.classes, strict=strict, search=search)
             result["curves"][split]["n_images"] = len(ids)
         chosen = result["curves"][threshold_split]
         t_best = chosen["best_t"]
-        criterion = (f"argmax of {'strict' if strict else 'present-class'} mIoU over {len(thresholds)} thresholds "
-                     f"{thresholds[0]:g}..{thresholds[-1]:g}")
+        criterion = search_criterion(search, "strict" if strict else "present-class", thresholds)
         if own_bg:
             criterion = "none: the CAMs carry their own background map (pred = argmax over [bg, classes])"
         result["threshold"] = {"value": t_best, "own_bg": own_bg,
                                "source": {"split": threshold_split, "criterion": criterion,
-                                          "miou_at_value": chosen["best_miou"]}}
+                                          "search": "none" if own_bg else search,
+                                          "miou_at_value": chosen["best_miou"],
+                                          "swept_on_reported_split": not own_bg and threshold_split == eval_split}}
         j = int(np.flatnonzero(np.isclose(thresholds, t_best))[0])
         for split, curve in curves.items():
             result["scores"][split] = scores_from_confusion(curve.confusion_at(j), info.classes)
+            result["scores"][split]["threshold_chosen_on_this_split"] = not own_bg and split == threshold_split
     write_json(out, result)
     logger.info("background: %s; threshold %.2f on %s (mIoU %.4f); %s mIoU at t: %.4f", criterion, t_best,
                 threshold_split, chosen["best_miou"], eval_split, result["scores"][eval_split]["miou"])

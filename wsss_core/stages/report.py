@@ -216,6 +216,17 @@ def _refinement_kind(mask_paths: Sequence[str]) -> str:
     return "dense CRF"
 
 
+def threshold_chosen_on(cam_eval: Mapping[str, Any], split: str) -> bool:
+    """Whether the CAM scores of ``split`` in a ``cams.json`` are at a background threshold swept on that same
+    split (``scores[split]['threshold_chosen_on_this_split']``; for files written before that flag, derived from
+    the threshold's source split). Never true for CAMs with their own background map (no sweep)."""
+    th = cam_eval.get("threshold") or {}
+    flag = ((cam_eval.get("scores") or {}).get(split) or {}).get("threshold_chosen_on_this_split")
+    if flag is None:
+        flag = (th.get("source") or {}).get("split") == split
+    return bool(flag) and not th.get("own_bg", False)
+
+
 def _refinement_rows(experiments, cam_ev, mask_ev, mask_shards, ir_label_evals, dataset, mask_split) -> list[dict]:
     """Per experiment: how the pseudo-masks were made and what refinement added over the CAM seeds on the same
     split (CAM seeds at the chosen t vs. pseudo-masks), plus IRN's confident-label coverage when present."""
@@ -227,7 +238,9 @@ def _refinement_rows(experiments, cam_ev, mask_ev, mask_shards, ir_label_evals, 
         seed = cam_on_mask["miou"] if cam_on_mask else None
         mask = mask_ev[e]["scores"]["miou"]
         row = {"experiment": e, "refinement": _refinement_kind(mask_shards[e]), "split": split,
-               "cam_seeds_miou": seed, "pseudo_mask_miou": mask,
+               "cam_seeds_miou": seed,
+               "cam_seeds_threshold_chosen_on_this_split": bool(cam_on_mask) and threshold_chosen_on(cam_ev[e], split),
+               "pseudo_mask_miou": mask,
                "delta": None if seed is None or mask is None else mask - seed}
         if e in ir:
             row["ir_labels"] = {"labelled_fraction": ir[e].get("labelled_fraction"),
@@ -315,7 +328,8 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
             "method": method or (config.get("experiments", {}).get(e, {}).get("method")) or "?",
             "threshold": th["value"],
             "cam": {"split": eval_split, "miou": cam_scores["miou"], "miou_strict": cam_scores["miou_strict"],
-                    "n_images": eval_curve.get("n_images"), "pixel_acc": cam_scores.get("pixel_acc")},
+                    "n_images": eval_curve.get("n_images"), "pixel_acc": cam_scores.get("pixel_acc"),
+                    "threshold_chosen_on_this_split": threshold_chosen_on(ce, eval_split)},
             "pseudo_mask": {"split": me.get("split"), "miou": me["scores"]["miou"],
                             "miou_strict": me["scores"]["miou_strict"], "n_images": me.get("n_images"),
                             "pixel_acc": me["scores"].get("pixel_acc")},
@@ -330,6 +344,9 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
             "own_bg": bool(th.get("own_bg", False)),
             "source": {"split": src["split"], "criterion": src["criterion"],
                        "miou_at_value": src.get("miou_at_value")},
+            # files written before stages.eval.search existed were swept exhaustively
+            "search": src.get("search", "none" if th.get("own_bg") else "grid"),
+            "swept_on_reported_split": threshold_chosen_on(ce, eval_split),
             "mean": ce.get("mean", "present"),
             "eval_split": eval_split,
             "eval_miou_at_value": cam_scores[metric],
