@@ -6,7 +6,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from wsss_core.config import config_hash, stage_config
+from wsss_core.config import config_hash, stage_config, url_file_name
 from wsss_core.data.prepare import VOC_HOWTO, voc_layout_problems
 from wsss_core.data.prepare import SALIENCY_HOWTO
 from wsss_core.errors import missing_weights_message
@@ -215,7 +215,25 @@ def weights_inputs(cfg):
         raise WorkflowError(missing_weights_message(w["path"]))
     if w and w.get("torchvision") and not w.get("path"):
         return [f"{config['weights_dir']}/{w['torchvision']}.pth"]
+    if w and w.get("url") and not w.get("path"):
+        return [f"{config['weights_dir']}/url/{url_file_name(w['url'])}"]
     return []
+
+
+def weights_url(name):
+    """The URL of a ``{url: ...}`` weights spec whose file name is ``name`` (any stage of any experiment)."""
+    def walk(node):
+        if isinstance(node, dict):
+            u = node.get("url")
+            if isinstance(u, str) and url_file_name(u) == name:
+                yield u
+            for v in node.values():
+                yield from walk(v)
+
+    urls = sorted(set(walk(config)))
+    if not urls:
+        raise WorkflowError(f"no weights url in the config ends in {name!r}")
+    return urls[0]
 
 
 def report_inputs(wildcards):

@@ -1,5 +1,5 @@
-# Pretrained weights named by torchvision (downloaded with torchvision's hash check when online).
-# Local files (weights.path) are used in place and never downloaded.
+# Pretrained weights named by torchvision (downloaded with torchvision's hash check when online), or given by
+# URL (weights.url, e.g. DeiT-S; cached under weights/url/). Local files (weights.path) are used in place.
 
 
 rule fetch_weights:
@@ -11,5 +11,18 @@ rule fetch_weights:
         "../envs/wsss.yaml"
     log:
         f"{L}/weights/{{name}}.log",
+    script:
+        "../workflow_scripts/fetch_weights.py"
+
+
+rule fetch_url_weights:
+    output:
+        f"{config['weights_dir']}/url/{{name}}",
+    params:
+        url=lambda w: weights_url(w.name),
+    conda:
+        "../envs/wsss.yaml"
+    log:
+        f"{L}/weights/url/{{name}}.log",
     script:
         "../workflow_scripts/fetch_weights.py"

@@ -269,3 +269,24 @@ def test_fsae_wraps_mctformer_with_its_optimizer_schedule_and_views():
     fsae.after_step(model, 0, cfg)
     assert torch.allclose(model.teacher.head.weight, 0.5 * before + 0.5 * model.student.head.weight)
     assert fsae.cam_logits(model, x)[0].shape == (2, C + 1, 2, 2)
+
+
+def test_a_weights_override_replaces_the_base_spec_instead_of_merging():
+    from wsss_core.config import deep_merge, url_file_name
+
+    base = {"backbone": {"arch": "resnet50", "weights": {"torchvision": "ResNet50_Weights.IMAGENET1K_V1"}}}
+    url = "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"
+    out = deep_merge(base, {"backbone": {"arch": "deit_small", "weights": {"url": url}}})
+    assert out["backbone"] == {"arch": "deit_small", "weights": {"url": url}}
+    assert deep_merge(base, {"backbone": {"weights": None}})["backbone"]["weights"] is None
+    assert url_file_name(url) == "deit_small_patch16_224-cd65a155.pth"
+
+
+def test_url_weights_resolve_to_the_cache_and_a_missing_file_names_it(tmp_path):
+    from wsss_core.models.weights import resolve_weights_path
+
+    url = "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"
+    assert resolve_weights_path({"url": url}, tmp_path) == tmp_path / "url" / "deit_small_patch16_224-cd65a155.pth"
+    cfg = {"backbone": {"arch": "deit_small", "weights": {"url": url}}, "mctformer": {}}
+    with pytest.raises(WeightsError, match="deit_small_patch16_224-cd65a155.pth"):
+        M.build_model(cfg, 20, cache_dir=str(tmp_path))

@@ -20,7 +20,7 @@ def _voc_tree(root: Path) -> Path:
     return root
 
 
-DEIT = "deit_small_patch16_224-cd65a155.pth"
+DEIT = "deit_small_patch16_224-cd65a155.pth"  # MCTformer's DeiT-S file name
 
 
 def _resnet38_weights(workdir: Path, deit: bool = True) -> None:
@@ -124,8 +124,8 @@ def test_voc_fsae_dag_shares_only_dataset_and_saliency_jobs(tmp_path):
     shared = sorted(by_branch["shared"])
     # dataset + saliency once each; the ImageNet weights once per file (ResNet-50 for SIPE and IRN, ResNet-101
     # for DeepLab); the report and its target
-    assert shared == ["fetch_weights", "fetch_weights", "prepare_dataset", "report", "saliency",
-                      "voc_fsae_report"], shared
+    assert shared == ["fetch_url_weights", "fetch_weights", "fetch_weights", "prepare_dataset", "report", "saliency",
+                      "voc_fsae_report"], shared  # + DeiT-S (MCTformer) by URL, once for both MCTformer branches
     # base and base + FSAE are the same pipeline, job for job, and nothing of one serves the other
     assert sorted(by_branch["ppc"]) == sorted(by_branch["ppc_fsae"])
     assert sorted(by_branch["sipe"]) == sorted(by_branch["sipe_fsae"])
@@ -145,17 +145,19 @@ def test_voc_fsae_dag_shares_only_dataset_and_saliency_jobs(tmp_path):
 
 
 def test_voc_mctformer_branch_is_shared_by_its_report_and_the_fsae_report(tmp_path):
-    """voc_mctformer_report (V1, V2) with voc_fsae_report: the V2 branch is built once for both; the DeiT weights
-    are named with their download address when missing."""
+    """voc_mctformer_report (V1, V2) with voc_fsae_report: the V2 branch is built once for both, the DeiT-S file is
+    fetched once by URL; a local weights.path that is missing is named with the download address."""
     root = _voc_tree(tmp_path / "VOC2012")
     sal = tmp_path / "SALImages"
     sal.mkdir()
-    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}}})
+    local = {"stages": {"classifier": {"backbone": {"weights": {"path": f"weights/{DEIT}"}}}}}
+    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}},
+                                            "experiments": {"mctformer_v1": local}})
     _resnet38_weights(tmp_path, deit=False)
     proc = run_snakemake(tmp_path, "-n", "voc_mctformer_report", configfile=cfg, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and DEIT in out and "dl.fbaipublicfiles.com/deit" in out
-    _resnet38_weights(tmp_path)
+    cfg = write_yaml(tmp_path / "voc2.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}}})
     proc = run_snakemake(tmp_path, "-n", "voc_mctformer_report", "voc_fsae_report", configfile=cfg)
     assert proc.elapsed < 60, f"DAG took {proc.elapsed:.1f} s"  # gross-regression guard; timings: bench/
     jobs = _dry_run_jobs(proc.stdout)
@@ -167,6 +169,8 @@ def test_voc_mctformer_branch_is_shared_by_its_report_and_the_fsae_report(tmp_pa
         assert count("random_walk", exp) == 8 and count("train_segmentation", exp) == 1, exp
     rules = [r for r, _ in jobs]
     assert rules.count("prepare_dataset") == 1 and rules.count("report") == 2
+    (deit,) = [o for r, outs in jobs if r == "fetch_url_weights" for o in outs]
+    assert deit.endswith(f"weights/url/{DEIT}")
     reports = sorted(o for r, outs in jobs if r == "report" for o in outs if o.endswith("report.md"))
     assert [Path(p).parent.name for p in reports] == ["fsae", "mctformer"]
 

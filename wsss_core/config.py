@@ -10,11 +10,27 @@ from typing import Any, Mapping
 STAGES = ("classifier", "cams", "eval", "crf", "affinity", "irn", "segmentation")
 
 
+def url_file_name(url: str) -> str:
+    """The file name a ``{url: ...}`` weights spec is cached under: the URL path's last component."""
+    from pathlib import PurePosixPath
+    from urllib.parse import urlparse
+
+    name = PurePosixPath(urlparse(url).path).name
+    if not name:
+        raise ValueError(f"weights url {url!r} has no file name")
+    return name
+
+
+#: keys whose value replaces the base's as a whole: a weights spec ({path}, {torchvision}, {url}) names one source
+ATOMIC_KEYS = frozenset({"weights"})
+
+
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Recursively merge ``override`` into a copy of ``base`` (dicts merge, everything else replaces)."""
+    """Recursively merge ``override`` into a copy of ``base`` (dicts merge, everything else replaces; the dicts under
+    :data:`ATOMIC_KEYS` replace too, so an experiment's ``{url: ...}`` weights do not inherit a ``torchvision``)."""
     out = copy.deepcopy(dict(base))
     for key, value in (override or {}).items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if key not in ATOMIC_KEYS and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 5,           # timm cosine schedule, stepped per epoch (§5)
     "warmup_lr": 1.0e-6,
     "min_lr": 1.0e-5,
-    "auto_augment": "rand-m9-mstd0.5-inc1",
+    "auto_augment": "rand-m9-mstd0.5-inc1",   # timm policy string; "none" = no RandAugment
     "rrc_scale": [0.08, 1.0],     # RandomResizedCrop scale range
     "re_prob": 0.25,              # random erasing (mode pixel, one box)
     "fsae_tau": 0.1,              # FSAE: logits = [t, normalised maps] / tau (see cam_logits)
@@ -217,7 +217,8 @@ def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weight
 def data_needs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """§5: timm's training transform on ``crop_size`` crops (no colour jitter: timm skips it with RandAugment)."""
     s = mct_settings(cfg)
-    return {"views": False, "timm": {"auto_augment": s["auto_augment"], "scale": tuple(s["rrc_scale"]),
+    aa = None if str(s["auto_augment"]).lower() == "none" else s["auto_augment"]
+    return {"views": False, "timm": {"auto_augment": aa, "scale": tuple(s["rrc_scale"]),
                                      "re_prob": float(s["re_prob"])}}
 
 

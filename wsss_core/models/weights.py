@@ -6,6 +6,8 @@ A weights spec (one config entry per backbone) is a dict with one of:
   a ``.params`` file is the MXNet ImageNet ResNet-38 checkpoint, see :mod:`wsss_core.models.mxnet_params`);
 - ``torchvision``: a torchvision weights name such as ``ResNet50_Weights.IMAGENET1K_V1``, fetched into
   ``cache_dir`` by the ``fetch_weights`` rule (hash checked by torchvision) when online;
+- ``url``: a published checkpoint (e.g. DeiT-S for MCTformer), fetched into ``cache_dir/url/<file name>`` by the
+  ``fetch_url_weights`` rule when online (the sha256 prefix in a ``name-<hex>.pth`` file name is checked);
 - neither (``null``): random initialisation (the toy configuration).
 
 ``sha256`` (optional) pins the file's checksum. Missing files give a :class:`WeightsError` naming the
@@ -22,6 +24,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..config import url_file_name
 from ..errors import WeightsError, missing_weights_message
 
 
@@ -41,7 +44,10 @@ def resolve_weights_path(spec: Mapping[str, Any] | None, cache_dir: str | os.Pat
         return Path(spec["path"]).expanduser()
     if spec.get("torchvision"):
         return Path(cache_dir) / f"{spec['torchvision']}.pth"
+    if spec.get("url"):
+        return Path(cache_dir) / "url" / url_file_name(spec["url"])
     return None
+
 
 
 def fetch_torchvision_weights(name: str, dest: str | os.PathLike) -> Path:
@@ -51,18 +57,24 @@ def fetch_torchvision_weights(name: str, dest: str | os.PathLike) -> Path:
     """
     from torchvision.models import get_weight
 
-    from ..store.atomic import atomic_path
-
     try:
         weights = get_weight(name)
     except Exception as exc:
         raise WeightsError(f"unknown torchvision weights name {name!r}: {exc}") from exc
+    return download_weights(weights.url, dest, name)
+
+
+def download_weights(url: str, dest: str | os.PathLike, what: str | None = None) -> Path:
+    """Download ``url`` to ``dest`` atomically, checking the sha256 prefix a ``name-<hex>.pth`` file name carries
+    (torch.hub's convention, used by torchvision and DeiT). Raises WeightsError naming the file when it fails."""
+    from ..store.atomic import atomic_path
+
     dest = Path(dest)
     try:
-        with atomic_path(dest, suffix=".pth") as tmp:
-            torch.hub.download_url_to_file(weights.url, str(tmp), hash_prefix=_hash_prefix(weights.url), progress=True)
+        with atomic_path(dest, suffix=dest.suffix or ".pth") as tmp:
+            torch.hub.download_url_to_file(url, str(tmp), hash_prefix=_hash_prefix(url), progress=True)
     except Exception as exc:
-        raise WeightsError(f"could not download {name} from {weights.url} ({exc}). Offline? Download that file "
+        raise WeightsError(f"could not download {what or url} from {url} ({exc}). Offline? Download that file "
                            f"by hand and place it at {dest}, or set the backbone's weights.path in config.yaml.") from exc
     return dest
 
