@@ -103,6 +103,17 @@ def _dry_run_jobs(stdout: str) -> list[tuple[str, list[str]]]:
     return jobs
 
 
+def _unique_jobs(stdout: str):
+    """The dry run's jobs (asserting that no output is made twice) and ``count(rule, experiment)``."""
+    jobs = _dry_run_jobs(stdout)
+    outputs = [o for _, outs in jobs for o in outs]
+    assert len(outputs) == len(set(outputs))  # no output is made twice
+
+    def count(rule: str, exp: str) -> int:
+        return sum(1 for r, outs in jobs if r == rule and any(f"/voc/{exp}/" in o for o in outs))
+    return jobs, count
+
+
 def test_voc_fsae_dag_shares_only_dataset_and_saliency_jobs(tmp_path):
     root = _voc_tree(tmp_path / "VOC2012")
     sal = tmp_path / "SALImages"
@@ -160,10 +171,7 @@ def test_voc_mctformer_branch_is_shared_by_its_report_and_the_fsae_report(tmp_pa
     cfg = write_yaml(tmp_path / "voc2.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}}})
     proc = run_snakemake(tmp_path, "-n", "voc_mctformer_report", "voc_fsae_report", configfile=cfg)
     assert proc.elapsed < 60, f"DAG took {proc.elapsed:.1f} s"  # gross-regression guard; timings: bench/
-    jobs = _dry_run_jobs(proc.stdout)
-    outputs = [o for _, outs in jobs for o in outs]
-    assert len(outputs) == len(set(outputs))  # no output is made twice
-    count = lambda rule, exp: sum(1 for r, outs in jobs if r == rule and any(f"/voc/{exp}/" in o for o in outs))  # noqa: E731
+    jobs, count = _unique_jobs(proc.stdout)
     for exp in ("mctformer_v1", "mctformer", "mctformer_fsae"):
         assert count("train_classifier", exp) == 1 and count("train_affinity", exp) == 1, exp
         assert count("random_walk", exp) == 8 and count("train_segmentation", exp) == 1, exp
@@ -184,10 +192,7 @@ def test_voc_sipe_sfc_and_fsae_reports_share_the_sipe_branch(tmp_path):
     cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}}})
     _resnet38_weights(tmp_path)
     proc = run_snakemake(tmp_path, "-n", "voc_sipe_report", "voc_sfc_report", "voc_fsae_report", configfile=cfg)
-    jobs = _dry_run_jobs(proc.stdout)
-    outputs = [o for _, outs in jobs for o in outs]
-    assert len(outputs) == len(set(outputs))  # no output is made twice
-    count = lambda rule, exp: sum(1 for r, outs in jobs if r == rule and any(f"/voc/{exp}/" in o for o in outs))  # noqa: E731
+    jobs, count = _unique_jobs(proc.stdout)
     for exp in ("sipe", "sfc", "sipe_fsae"):
         assert count("train_classifier", exp) == 1 and count("train_irn", exp) == 1, exp
         assert count("make_sem_seg_labels", exp) == 8 and count("train_segmentation", exp) == 1, exp
