@@ -21,7 +21,7 @@ rule train_affinity:
         weights_dir=config["weights_dir"],
     threads: 2
     resources:
-        gpu=1,
+        gpu=lambda w: train_gpus(w.dataset, w.experiment, "affinity"),  # n_procs: one DDP process per GPU
     conda:
         "../envs/wsss.yaml"
     log:

@@ -22,7 +22,7 @@ rule train_classifier:
         saliency=lambda w: (saliency_inputs(w.dataset, w.experiment) or [None])[0],
     threads: 2
     resources:
-        gpu=1,
+        gpu=lambda w: train_gpus(w.dataset, w.experiment, "classifier"),  # n_procs: one DDP process per GPU
     conda:
         "../envs/wsss.yaml"
     log:

@@ -54,6 +54,11 @@ def scfg(dataset, experiment, stage):
     return stage_config(config, dataset, experiment, stage)
 
 
+def train_gpus(dataset, experiment, stage):
+    """The `gpu` resource of a training job: the stage's n_procs (data-parallel processes, one per GPU; default 1)."""
+    return int(scfg(dataset, experiment, stage).get("n_procs", 1))
+
+
 def dataset_root(dataset):
     ds = dataset_cfg(dataset)
     if ds["kind"] == "toy":

@@ -46,7 +46,7 @@ rule train_irn:
         weights_dir=config["weights_dir"],
     threads: 2
     resources:
-        gpu=1,
+        gpu=lambda w: train_gpus(w.dataset, w.experiment, "irn"),  # n_procs: one DDP process per GPU
     conda:
         "../envs/wsss.yaml"
     log:

@@ -80,3 +80,30 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, tim
 def write_yaml(path: Path, obj) -> Path:
     path.write_text(yaml.safe_dump(obj))
     return path
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A single-node SLURM cluster (slurmctld, slurmd, munged) for the session, all state in a temp folder;
+    skips with the reason when it cannot be started (not root, binaries missing, daemons not up in time).
+    See tests/slurm_cluster.py. The daemons are stopped (by pid) at the end of the session."""
+    import shutil
+    import tempfile
+
+    from slurm_cluster import SlurmCluster, SlurmUnavailable, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    # a short root: munge's socket path must stay well under the 108-byte limit of a unix socket name
+    cluster = SlurmCluster(tempfile.mkdtemp(prefix="wsss-slurm-"))
+    try:
+        cluster.start(timeout=float(os.environ.get("WSSS_SLURM_START_TIMEOUT", "60")))
+    except SlurmUnavailable as e:
+        shutil.rmtree(cluster.root, ignore_errors=True)
+        pytest.skip(f"SLURM test cluster did not start: {str(e)[:2000]}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)

@@ -14,12 +14,15 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
-def setup_job_logging(log_path: str | os.PathLike | None, level: int = logging.INFO) -> logging.Logger:
-    """Send the ``wsss`` logger, stdout/stderr (progress bars, warnings) and tracebacks to ``log_path``."""
+def setup_job_logging(log_path: str | os.PathLike | None, level: int = logging.INFO, tag: str = "") -> logging.Logger:
+    """Send the ``wsss`` logger, stdout/stderr (progress bars, warnings) and tracebacks to ``log_path``.
+
+    ``tag`` prefixes every message (e.g. ``[rank 1/2]`` in a multi-process job, whose ranks share the log)."""
     logger = get_logger()
     logger.setLevel(level)
     logger.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s" if tag else "%(asctime)s %(levelname)s %(message)s",
+                            "%Y-%m-%d %H:%M:%S")
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         stream = open(log_path, "a", buffering=1, encoding="utf-8")

@@ -22,6 +22,7 @@ from ..data.io import IGNORE_INDEX, read_image
 from ..data.prepare import DatasetInfo
 from ..data.transforms import color_jitter, normalize, random_crop, to_tensor
 from ..engine.context import start_job
+from ..engine.distributed import launch_ranks
 from ..engine.logs import progress
 from ..engine.trainer import batch_to_device, load_final, train_stage
 from ..errors import ConfigError
@@ -140,6 +141,8 @@ def train_affinity(prepared: str, split: str, cam_shards: Sequence[str], cfg: Ma
         raise ConfigError(f"affinity.crop_size {cfg['crop_size']} gives a {side}x{side} label grid, too small for "
                           f"affinity.radius {radius} (needs >= {2 * radius - 1} cells, i.e. crop_size >= "
                           f"{8 * (2 * radius - 1)}); raise crop_size or lower radius")
+    if launch_ranks(train_affinity, locals()):  # cfg n_procs / ddp_cpu_procs > 1: each rank ran this function
+        return
     job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
     info = DatasetInfo(prepared)
     model = aff.build_affinity_net(cfg, cache_dir=weights_dir).to(job.device)

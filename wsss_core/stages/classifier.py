@@ -11,6 +11,7 @@ from ..data.datasets import ClassificationDataset, TimmClassificationDataset, Vi
 from ..data.io import read_image
 from ..data.prepare import DatasetInfo
 from ..engine.context import start_job
+from ..engine.distributed import launch_ranks
 from ..engine.logs import progress
 from ..engine.trainer import batch_to_device, load_final, train_stage
 from ..errors import ConfigError
@@ -29,6 +30,8 @@ def train_classifier(prepared: str, split: str, method: str, cfg: Mapping[str, A
 
     ``saliency``: the saliency stage's manifest (needed when the method's ``data_needs`` asks for saliency).
     """
+    if launch_ranks(train_classifier, locals()):  # cfg n_procs / ddp_cpu_procs > 1: each rank ran this function
+        return
     job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
     info = DatasetInfo(prepared)
     ids = info.ids(split)

@@ -23,6 +23,7 @@ from ..data.io import IGNORE_INDEX, read_image
 from ..data.prepare import DatasetInfo
 from ..data.transforms import crop_with_box, normalize, to_tensor
 from ..engine.context import start_job
+from ..engine.distributed import launch_ranks
 from ..engine.logs import progress, setup_job_logging
 from ..engine.trainer import load_final, poly_sgd_param_groups, train_stage
 from ..errors import ConfigError, DataError
@@ -177,6 +178,8 @@ def train_irn(prepared: str, ir_label_shards: Sequence[str], split: str, cfg: Ma
               classifier_model: str | None = None, mean_shift_split: str | None = None) -> None:
     """Train IRN on the confident-region labels of ``split`` (resumable; §3), then store the mean shift computed
     on ``mean_shift_split`` (default ``split``) in the final weights."""
+    if launch_ranks(train_irn, locals()):  # cfg n_procs / ddp_cpu_procs > 1: each rank ran this function
+        return
     job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
     info = DatasetInfo(prepared)
     init_clf = bool(cfg.get("init_from_classifier"))

@@ -14,6 +14,7 @@ from ..data.io import IGNORE_INDEX, read_image
 from ..data.prepare import DatasetInfo
 from ..data.transforms import normalize, to_tensor
 from ..engine.context import start_job
+from ..engine.distributed import launch_ranks
 from ..engine.logs import progress, setup_job_logging
 from ..engine.trainer import load_final, train_stage
 from ..models.deeplab import build_deeplabv2
@@ -26,6 +27,8 @@ def train_segmentation(prepared: str, split: str, mask_shards: Sequence[str], cf
                        lock_dir: str = ".wsss/gpu-locks", weights_dir: str = "weights", config_hash: str = "",
                        log: str | None = None, threads: int = 1) -> None:
     """Train DeepLab-V2 on the pseudo-masks of ``split``; pixel CE with ignore 255; poly LR; resumable."""
+    if launch_ranks(train_segmentation, locals()):  # cfg n_procs / ddp_cpu_procs > 1: each rank ran this function
+        return
     job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
     info = DatasetInfo(prepared)
     ids = info.ids(split)
