@@ -7,12 +7,42 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from wsss_core.config import config_hash, stage_config, url_file_name
-from wsss_core.data.prepare import VOC_HOWTO, voc_layout_problems
+from wsss_core.data.prepare import VOC_HOWTO, voc_layout_problems, voc_lists
 from wsss_core.data.prepare import SALIENCY_HOWTO
-from wsss_core.errors import missing_weights_message
+from wsss_core.errors import CONFIG_FIX, config_problems, missing_weights_message
 
 
-validate(config, "../schemas/config.schema.yaml")
+def _config_sources():
+    """Where settings come from, most specific first: --config, each --configfile, then config.yaml."""
+    import yaml
+
+    sources = {}
+    if workflow.config_settings.config:
+        sources["--config on the command line"] = dict(workflow.config_settings.config)
+    files = list(workflow.config_settings.configfiles)
+    files.extend(f for f in workflow.configfiles if Path(f).absolute() not in files)
+    for f in files:
+        try:
+            sources[str(f)] = yaml.safe_load(Path(f).read_text()) or {}
+        except Exception:  # unreadable here: Snakemake has read it already, just don't name it
+            pass
+    return sources
+
+
+def _validate_config():
+    """Schema check with one readable message (dotted key, the file it is in, closest spelling) instead of the schema
+    dump of snakemake.utils.validate, which still runs afterwards (it would fill in schema defaults)."""
+    import yaml
+
+    schema = yaml.safe_load((Path(workflow.basedir) / "schemas" / "config.schema.yaml").read_text())
+    problems = config_problems(config, schema, _config_sources())
+    if problems:
+        listed = "\n  - ".join(["invalid configuration:", *problems])
+        raise WorkflowError(f"{listed}\n{CONFIG_FIX}")
+    validate(config, "../schemas/config.schema.yaml")
+
+
+_validate_config()
 
 R = config["results_dir"]
 L = config["logs_dir"]
@@ -85,7 +115,7 @@ def dataset_inputs(wildcards):
     ds = dataset_cfg(wildcards.dataset)
     if ds["kind"] == "toy":
         return {"root": dataset_root(wildcards.dataset)}
-    problems = voc_layout_problems(ds)
+    problems = voc_layout_problems(ds, wildcards.dataset)
     if problems:
         raise WorkflowError(
             f"dataset {wildcards.dataset!r} (datasets.{wildcards.dataset}.root = {ds['root']}) is not usable:\n  - "
@@ -93,11 +123,8 @@ def dataset_inputs(wildcards):
             + "\n"
             + VOC_HOWTO
         )
-    root = Path(ds["root"])
-    lists = {
-        f"list_{s}": str(Path(p) if Path(p).is_absolute() else root / p)
-        for s, p in ds["lists"].items()
-    }
+    root = Path(ds["root"]).expanduser()
+    lists = {f"list_{s}": str(p) for s, p in voc_lists(ds, wildcards.dataset)[0].items()}
     return {"images": str(root / "JPEGImages"), **lists}
 
 
@@ -217,7 +244,8 @@ def weights_inputs(cfg):
     """torchvision weights files a stage needs (fetched by fetch_weights); a local path is checked now (DAG build)."""
     w = cfg["backbone"].get("weights")
     if w and w.get("path") and not Path(w["path"]).expanduser().is_file():
-        raise WorkflowError(missing_weights_message(w["path"]))
+        raise WorkflowError(f"{missing_weights_message(w['path'])} (Set in config: the backbone.weights.path of "
+                            "this rule's stage, for the dataset and experiment shown below.)")
     if w and w.get("torchvision") and not w.get("path"):
         return [f"{config['weights_dir']}/{w['torchvision']}.pth"]
     if w and w.get("url") and not w.get("path"):

@@ -13,6 +13,7 @@ Masks are only for evaluation; training stages read ``labels.json``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import xml.etree.ElementTree as ET
 from concurrent.futures import ProcessPoolExecutor
@@ -21,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, first_few
 from ..store.atomic import read_json, write_json, write_text
 from .io import IGNORE_INDEX, read_label_png
 
@@ -48,21 +49,40 @@ def _resolve(root: Path, p: str) -> Path:
     return q if q.is_absolute() else root / q
 
 
-def voc_layout_problems(ds: Mapping[str, Any]) -> list[str]:
+def voc_lists(ds: Mapping[str, Any], name: str = "<name>") -> tuple[dict[str, Path], list[str]]:
+    """The id lists to prepare (split -> path) and the problems with them. A list that a split role uses
+    (``datasets.<name>.splits``) must exist; any other (e.g. ``test`` when ``splits.test`` is null) is prepared
+    only when present."""
+    root = Path(ds["root"]).expanduser()
+    used = {v for v in (ds.get("splits") or {}).values() if v}
+    lists, problems = {}, []
+    for split, rel in ds["lists"].items():
+        p = _resolve(root, rel)
+        if p.is_file():
+            lists[split] = p
+        elif split in used or not ds.get("splits"):
+            roles = sorted(r for r, v in (ds.get("splits") or {}).items() if v == split)
+            skip = (f" (or set datasets.{name}.splits.test: null to do without the test split)" if roles == ["test"]
+                    else "")
+            problems.append(f"missing id list for split {split!r} (datasets.{name}.lists.{split}): {p.resolve()}"
+                            + skip)
+    return lists, problems
+
+
+def voc_layout_problems(ds: Mapping[str, Any], name: str = "<name>") -> list[str]:
     """Cheap checks (no per-file work) of a VOC-style tree; each problem names the path. Used at DAG build time."""
     root = Path(ds["root"]).expanduser()
     if not root.is_dir():
-        return [f"dataset root {root.resolve()} does not exist"]
+        return [f"dataset root {root.resolve()} does not exist (datasets.{name}.root)"]
     problems = []
-    for sub in ("JPEGImages", ds.get("mask_dir", "SegmentationClassAug")):
+    for key, sub in (("root", "JPEGImages"), ("mask_dir", ds.get("mask_dir", "SegmentationClassAug"))):
         if not (root / sub).is_dir():
-            problems.append(f"missing folder {(root / sub).resolve()}")
-    for split, rel in ds["lists"].items():
-        p = _resolve(root, rel)
-        if not p.is_file():
-            problems.append(f"missing id list for split {split!r}: {p.resolve()}")
+            problems.append(f"missing folder {(root / sub).resolve()}"
+                            + (f" (datasets.{name}.mask_dir)" if key == "mask_dir" else ""))
+    problems += voc_lists(ds, name)[1]
     if ds.get("cls_labels") and not Path(ds["cls_labels"]).expanduser().is_file():
-        problems.append(f"missing cls_labels file {Path(ds['cls_labels']).expanduser().resolve()}")
+        problems.append(f"missing cls_labels file {Path(ds['cls_labels']).expanduser().resolve()} "
+                        f"(datasets.{name}.cls_labels; set it to null to derive the labels from the masks)")
     return problems
 
 
@@ -81,21 +101,101 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
     return ids
 
 
-def _labels_from_mask(args: tuple[str, str, int]) -> tuple[str, list[int] | None, str | None]:
-    image_id, mask_path, n_classes = args
+def _check_item(args: tuple[str, str, str, int]) -> tuple[str, str | None, list[int] | None, str | None]:
+    """(id, image problem, class values of its mask (None: no mask), mask problem) of one listed image.
+
+    The image is decoded (JPEG at 1/8 scale: the whole entropy-coded stream is still read, so a truncated or
+    garbled file fails here, in prepare_dataset, and not hours later in a training job)."""
+    from PIL import Image
+
+    image_id, image_path, mask_path, n_classes = args
+    image_err = None
+    try:
+        with Image.open(image_path) as im:
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception as exc:  # PIL raises several types for truncated/corrupt files
+        image_err = f"{image_id}: {image_path} ({type(exc).__name__}: {exc})"
     if not os.path.isfile(mask_path):
-        return image_id, None, None
+        return image_id, image_err, None, None
     try:
         mask = read_label_png(mask_path, n_classes)
     except Exception as exc:  # reported together below
-        return image_id, None, str(exc)
+        return image_id, image_err, None, str(exc)
     vals = np.unique(mask)
-    return image_id, [int(v) for v in vals if 0 < v < n_classes and v != IGNORE_INDEX], None
+    return image_id, image_err, [int(v) for v in vals if 0 < v < n_classes and v != IGNORE_INDEX], None
 
 
 def _labels_from_xml(path: Path, classes: Sequence[str]) -> list[int]:
     names = {obj.findtext("name", "").strip() for obj in ET.parse(path).getroot().iter("object")}
     return sorted(classes.index(n) for n in names if n in classes)
+
+
+# How far a cls_labels file may disagree with the masks before it is an error (fractions of the images that have
+# both). Measured on the standard VOC12 cls_labels.npy (IRN/PSA, from the XML annotations) against
+# SegmentationClassAug: 1 of 12,031 images lacks a class its mask shows, 817 (6.8 %) name a class their mask does
+# not show (objects that the SBD masks leave out) -- both tolerated, with a warning. A file for another dataset, id
+# set or class order disagrees on most images.
+CLS_LABELS_MAX_LACKING = 0.01
+CLS_LABELS_MAX_EXTRA = 0.20
+
+
+def _cls_labels_fix(classes: Sequence[str], name: str) -> str:
+    return (f"Fix: regenerate cls_labels.npy for this dataset (a dict id -> {len(classes) - 1}-d multi-hot over "
+            f"{classes[1]}..{classes[-1]}, background excluded, saved with np.save), or drop "
+            f"datasets.{name}.cls_labels (set it to null) to derive the labels from the masks.")
+
+
+def read_cls_labels(path: str | os.PathLike, classes: Sequence[str], name: str = "<name>") -> dict[str, list[int]]:
+    """Image-level labels (class values 1..C-1) of a ``cls_labels.npy`` (dict id -> (C-1)-d multi-hot);
+    raises DatasetError naming the file, the problem and the fix when it is unreadable or of the wrong shape."""
+    fix = _cls_labels_fix(classes, name)
+    try:
+        obj = np.load(path, allow_pickle=True)
+        table = obj.item() if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == () else obj
+    except Exception as exc:
+        raise DatasetError(f"cannot read cls_labels file {path} (datasets.{name}.cls_labels): "
+                           f"{type(exc).__name__}: {exc}. {fix}") from exc
+    if not isinstance(table, dict):
+        raise DatasetError(f"cls_labels file {path} (datasets.{name}.cls_labels) holds a {type(table).__name__}, "
+                           f"not a dict id -> multi-hot. {fix}")
+    n_fg = len(classes) - 1
+    bad = [f"{k}: shape {np.shape(v)}" for k, v in table.items() if np.shape(v) != (n_fg,)]
+    if bad:
+        raise DatasetError(f"cls_labels file {path} (datasets.{name}.cls_labels): {len(bad)} of {len(table)} "
+                           f"entries are not {n_fg}-d multi-hot vectors ({first_few(bad, 3)}). {fix}")
+    return {str(k): [int(c) + 1 for c in np.flatnonzero(np.asarray(v) > 0.5)] for k, v in table.items()}
+
+
+def check_cls_labels(table: Mapping[str, list[int]], mask_labels: Mapping[str, list[int]], classes: Sequence[str],
+                     path: str | os.PathLike, mask_dir: str | os.PathLike, name: str = "<name>") -> dict[str, Any]:
+    """Compare cls_labels with the classes the masks show (images with both). Raises DatasetError (counts, first
+    ids, fix) beyond the tolerances above; logs a warning listing the first ids below them. Returns the counts."""
+    common = sorted(set(table) & set(mask_labels))
+    lacking = [i for i in common if set(mask_labels[i]) - set(table[i])]
+    extra = [i for i in common if set(table[i]) - set(mask_labels[i])]
+
+    def show(ids):
+        names = lambda labs: "[" + ", ".join(classes[c] for c in sorted(labs)) + "]"  # noqa: E731
+        return first_few([f"{i} (cls_labels {names(table[i])}, mask {names(mask_labels[i])})" for i in ids], 3)
+
+    parts = []
+    if lacking:
+        parts.append(f"{len(lacking)} lack a class their mask shows: {show(lacking)}")
+    if extra:
+        parts.append(f"{len(extra)} name a class their mask does not show: {show(extra)}")
+    what = (f"cls_labels file {path} (datasets.{name}.cls_labels) disagrees with the masks in {mask_dir}: of "
+            f"{len(common)} images with both, " + "; ".join(parts) + ".")
+    n = max(len(common), 1)
+    if len(lacking) > CLS_LABELS_MAX_LACKING * n or len(extra) > CLS_LABELS_MAX_EXTRA * n:
+        raise DatasetError(f"{what} That is more than the {CLS_LABELS_MAX_LACKING:.0%} / "
+                           f"{CLS_LABELS_MAX_EXTRA:.0%} tolerated: is the file for another dataset, id set or class "
+                           f"order? {_cls_labels_fix(classes, name)}")
+    if parts:
+        logging.getLogger("wsss").warning("%s Tolerated (XML-derived labels name objects the masks leave out); "
+                                          "the labels of these images come from the cls_labels file.", what)
+    return {"compared": len(common), "lacking_mask_class": len(lacking), "extra_class": len(extra),
+            "lacking_examples": lacking[:10], "extra_examples": extra[:10]}
 
 
 def _sha256(path: Path) -> str:
@@ -105,19 +205,24 @@ def _sha256(path: Path) -> str:
 def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.PathLike, n_workers: int = 1) -> dict:
     """Write lists, labels and manifest for dataset config ``ds`` (kind toy or voc); returns the manifest.
 
-    Raises DatasetError naming the path for a missing folder/list/image, and DataError naming the mask for
-    a mask with values outside 0..C-1/255.
+    Checks everything before writing anything, and raises DatasetError naming the paths (first few), the counts and
+    the fix for: a missing folder or id list; listed ids without an image; images that do not decode (each listed
+    image is decoded, JPEGs at 1/8 scale); masks with values outside 0..C-1/255; a ``cls_labels`` file that is
+    unreadable, of the wrong shape, or disagrees with the masks beyond :data:`CLS_LABELS_MAX_LACKING` /
+    :data:`CLS_LABELS_MAX_EXTRA` (below them: a warning on the ``wsss`` logger, counts in the manifest under
+    ``cls_labels_check``); training images without any label.
     """
     out = Path(out_dir)
     kind = ds["kind"]
     root = Path(ds["root"]).expanduser().resolve()
     if kind == "voc":
-        problems = voc_layout_problems(ds)
+        problems = voc_layout_problems(ds, dataset_name)
         if problems:
-            raise DatasetError("VOC dataset is not usable:\n  - " + "\n  - ".join(problems) + "\n" + VOC_HOWTO)
+            raise DatasetError(f"dataset {dataset_name!r} (datasets.{dataset_name}.root = {ds['root']}) is not "
+                               "usable:\n  - " + "\n  - ".join(problems) + "\n" + VOC_HOWTO)
         classes = list(VOC_CLASSES)
         mask_dir = root / ds.get("mask_dir", "SegmentationClassAug")
-        lists = {s: _resolve(root, p) for s, p in ds["lists"].items()}
+        lists = voc_lists(ds, dataset_name)[0]
     elif kind == "toy":
         classes = [c.strip() for c in (root / "classes.txt").read_text().splitlines() if c.strip()]
         mask_dir = root / "SegmentationClass"
@@ -132,35 +237,59 @@ def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.
     split_ids = {s: sorted(read_id_list(p)) for s, p in lists.items()}
     all_ids = sorted(set().union(*split_ids.values()))
 
+    def listed_in(ids) -> str:
+        ids = set(ids)
+        return ", ".join(str(p) for s, p in lists.items() if ids & set(split_ids[s]))
+
     missing = [i for i in all_ids if not (image_dir / f"{i}.jpg").is_file()]
     if missing:
-        raise DatasetError(f"{len(missing)} listed images are missing from {image_dir}, e.g. "
-                           f"{[str(image_dir / (i + '.jpg')) for i in missing[:3]]}")
+        raise DatasetError(
+            f"{len(missing)} of {len(all_ids)} listed images are missing from {image_dir}: "
+            f"{first_few(f'{i} ({image_dir / i}.jpg)' for i in missing)}. They are listed in "
+            f"{listed_in(missing)}. Fix: put the images there as <id>.jpg (an incomplete download or extraction?) "
+            f"or remove these ids from those lists.")
+
+    todo = [(i, str(image_dir / f"{i}.jpg"), str(mask_dir / f"{i}.png"), n_classes) for i in all_ids]
+    if n_workers > 1 and len(todo) > 256:
+        with ProcessPoolExecutor(n_workers) as pool:
+            results = list(pool.map(_check_item, todo, chunksize=64))
+    else:
+        results = [_check_item(t) for t in todo]
+    bad_images = [(i, err) for i, err, _, _ in results if err]
+    if bad_images:
+        raise DatasetError(
+            f"{len(bad_images)} of {len(all_ids)} listed images are corrupt or unreadable:\n  - "
+            + "\n  - ".join(err for _, err in bad_images[:5])
+            + (f"\n  - ... ({len(bad_images) - 5} more)" if len(bad_images) > 5 else "")
+            + f"\nFix: replace these files with valid JPEGs (download or extract the dataset again) or remove their "
+            f"ids from {listed_in(i for i, _ in bad_images)}.")
+    bad_masks = [(i, err) for i, _, _, err in results if err]
+    if bad_masks:
+        fix = (f"point datasets.{dataset_name}.mask_dir at single-channel index PNGs with values 0 (background), "
+               f"1..{n_classes - 1} ({classes[1]}..{classes[-1]}) and 255 (void)" if kind == "voc" else
+               f"regenerate the toy dataset (delete {root} and rerun the make_toy_dataset rule)")
+        raise DatasetError(
+            f"{len(bad_masks)} of {len(all_ids)} masks in {mask_dir} are invalid:\n  - "
+            + "\n  - ".join(err for _, err in bad_masks[:5])
+            + (f"\n  - ... ({len(bad_masks) - 5} more)" if len(bad_masks) > 5 else "")
+            + f"\nFix: {fix}, or remove these ids from {listed_in(i for i, _ in bad_masks)}.")
+    mask_labels = {i: labs for i, _, labs, _ in results if labs is not None}
 
     labels: dict[str, list[int]] = {}
     source = {}
+    cls_check = None
     if ds.get("cls_labels"):
-        table = np.load(Path(ds["cls_labels"]).expanduser(), allow_pickle=True).item()
+        cls_path = Path(ds["cls_labels"]).expanduser().resolve()
+        table = read_cls_labels(cls_path, classes, dataset_name)
+        cls_check = check_cls_labels(table, mask_labels, classes, cls_path, mask_dir, dataset_name)
         for i in all_ids:
             if i in table:
-                labels[i] = [int(k) + 1 for k in np.flatnonzero(np.asarray(table[i]) > 0.5)]
+                labels[i] = table[i]
                 source[i] = "cls_labels"
-    todo = [(i, str(mask_dir / f"{i}.png"), n_classes) for i in all_ids if i not in labels]
-    errors = []
-    if todo:
-        if n_workers > 1 and len(todo) > 256:
-            with ProcessPoolExecutor(n_workers) as pool:
-                results = list(pool.map(_labels_from_mask, todo, chunksize=64))
-        else:
-            results = [_labels_from_mask(t) for t in todo]
-        for image_id, labs, err in results:
-            if err:
-                errors.append(err)
-            elif labs is not None:
-                labels[image_id] = labs
-                source[image_id] = "mask"
-    if errors:
-        raise DatasetError(f"{len(errors)} masks are invalid:\n  " + "\n  ".join(errors[:5]))
+    for i, labs in mask_labels.items():
+        if i not in labels:
+            labels[i] = labs
+            source[i] = "mask"
     ann_dir = root / ds.get("annotations_dir", "Annotations")
     for i in all_ids:
         if i not in labels and (ann_dir / f"{i}.xml").is_file():
@@ -169,8 +298,11 @@ def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.
     train_like = set(split_ids.get("train_aug", [])) | set(split_ids.get("train", []))
     unlabeled = [i for i in all_ids if i not in labels and i in train_like]
     if unlabeled:
-        raise DatasetError(f"{len(unlabeled)} training images have no image-level label (no mask in {mask_dir}, "
-                           f"no XML in {ann_dir}, not in cls_labels), e.g. {unlabeled[:3]}")
+        raise DatasetError(
+            f"{len(unlabeled)} training images have no image-level label (no mask in {mask_dir}, no XML in "
+            f"{ann_dir}, not in cls_labels): {first_few(unlabeled)}. Fix: add their masks or annotations, give "
+            f"datasets.{dataset_name}.cls_labels a file that covers them, or remove them from "
+            f"{listed_in(unlabeled)}.")
 
     list_paths = {}
     for s, ids in split_ids.items():
@@ -196,6 +328,8 @@ def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.
                    "labels.json": _sha256(out / "labels.json")},
         "synthetic": kind == "toy",
     }
+    if cls_check is not None:
+        manifest["cls_labels_check"] = cls_check
     write_json(out / "manifest.json", manifest)
     return manifest
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, first_few
 from ..store.atomic import write_json
 from .io import IGNORE_INDEX, read_label_png, write_image
 from .prepare import SALIENCY_HOWTO, DatasetInfo
@@ -70,7 +70,7 @@ def check_saliency_folder(folder: str | os.PathLike, ids: Sequence[str], ext: st
     """Ids of ``ids`` whose ``folder/<id><ext>`` is missing (raises DatasetError if the folder is missing)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DatasetError(f"saliency folder {folder} does not exist. {SALIENCY_HOWTO}")
+        raise DatasetError(f"saliency folder {folder.resolve()} does not exist. {SALIENCY_HOWTO}")
     present = {p.name for p in os.scandir(folder)}
     return [i for i in ids if f"{i}{ext}" not in present]
 
@@ -83,16 +83,21 @@ def saliency_manifest(dataset_cfg: dict, prepared: str | os.PathLike, splits: Se
         man = make_standin_saliency(prepared, splits, out.parent, seed)
     else:
         sal = dataset_cfg.get("saliency") or {}
-        if not sal.get("dir"):
-            raise DatasetError(f"this experiment needs saliency maps, but datasets.<name>.saliency.dir is not set. "
-                               f"{SALIENCY_HOWTO}")
         info = DatasetInfo(prepared)
+        name = info.manifest.get("name", "<name>")
+        if not sal.get("dir"):
+            raise DatasetError(f"this experiment needs saliency maps, but datasets.{name}.saliency.dir is not set. "
+                               f"{SALIENCY_HOWTO}")
         ids = sorted({i for s in splits for i in info.ids(s)})
         ext = sal.get("ext", ".png")
         missing = check_saliency_folder(sal["dir"], ids, ext)
         if missing:
-            raise DatasetError(f"saliency folder {sal['dir']} lacks {len(missing)} of {len(ids)} maps, e.g. "
-                               f"{missing[0]}{ext}. {SALIENCY_HOWTO}")
+            folder = Path(sal["dir"]).expanduser().resolve()
+            raise DatasetError(
+                f"saliency folder {folder} (datasets.{name}.saliency.dir) lacks {len(missing)} of the {len(ids)} "
+                f"maps of split(s) {', '.join(splits)} (one <id>{ext} per image): {first_few(missing, 8)}. Fix: add "
+                f"the missing maps (e.g. {folder / (missing[0] + ext)}), or point datasets.{name}.saliency.dir "
+                f"(and .ext) at a complete folder of maps for this dataset. {SALIENCY_HOWTO}")
         man = {"kind": "folder", "dir": str(Path(sal["dir"]).resolve()), "ext": ext, "n_maps": len(ids),
                "description": sal.get("description", "precomputed saliency maps")}
     write_json(out, man)

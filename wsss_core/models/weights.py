@@ -101,12 +101,15 @@ def load_state_dict_file(path: str | os.PathLike, sha256: str | None = None) -> 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+        raise WeightsError(f"cannot read weights file {path} ({type(exc).__name__}: {exc}). Is it truncated or not a "
+                           f"PyTorch state dict? Download it again, or fix the stage's backbone.weights.") from exc
     for key in ("state_dict", "model", "net"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise WeightsError(f"{path} does not hold a state dict")
+        raise WeightsError(f"{path} does not hold a state dict (a dict parameter name -> tensor, optionally under "
+                           f"'state_dict' or 'model'), but a {type(obj).__name__}. Save model.state_dict(), or fix "
+                           f"the stage's backbone.weights.")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -131,7 +134,14 @@ def load_weights(model: nn.Module, spec: Mapping[str, Any] | None, cache_dir: st
     bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad:
-        raise WeightsError(f"weights {path} do not fit the model: " + "; ".join(bad[:5]))
+        shared = sum(1 for k in state if k in own)
+        raise WeightsError(
+            f"weights {path} do not fit the model: {len(bad)} of the {shared} parameters they share have other "
+            f"shapes: " + "; ".join(bad[:5]) + (f"; ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
+            + ". The file is for another architecture or size (arch, layers, width, number of classes) than the "
+            "backbone in config.yaml. Fix: use the weights file made for this backbone (set the stage's "
+            "backbone.weights), change the backbone settings to match the file, or set backbone.weights: null "
+            "to start from random initialisation.")
     unexpected = [k for k in state if k not in own and not k.startswith(ignore_prefixes)]
     result = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(ignore_prefixes)]

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 from ..data.prepare import prepare_dataset
 from ..data.toy import make_toy_dataset
 from ..engine.logs import setup_job_logging
+from ..errors import bad_input_ends_job
 
 
 def make_toy(out_dir: str, generator: Mapping[str, Any], log: str | None = None) -> dict:
@@ -18,7 +19,8 @@ def make_toy(out_dir: str, generator: Mapping[str, Any], log: str | None = None)
 
 def prepare(ds: Mapping[str, Any], name: str, out_dir: str, log: str | None = None, threads: int = 1) -> dict:
     logger = setup_job_logging(log)
-    manifest = prepare_dataset(ds, name, out_dir, n_workers=threads)
+    with bad_input_ends_job(logger, in_job=log is not None):
+        manifest = prepare_dataset(ds, name, out_dir, n_workers=threads)
     logger.info("prepared %s: splits %s, labels from %s", name, manifest["splits"], manifest["label_source"])
     return manifest
 
@@ -29,5 +31,6 @@ def make_saliency(dataset_cfg: dict, prepared: str, splits: list[str], out: str,
     from ..data.saliency import saliency_manifest
 
     logger = setup_job_logging(log)
-    man = saliency_manifest(dataset_cfg, prepared, splits, out, seed)
+    with bad_input_ends_job(logger, in_job=log is not None):
+        man = saliency_manifest(dataset_cfg, prepared, splits, out, seed)
     logger.info("saliency (%s): %d maps in %s", man["kind"], man["n_maps"], man["dir"])
