@@ -228,3 +228,18 @@ def test_affinity_refinement_replaces_the_crf_jobs(tmp_path):
     fsae = [r for r, outs in jobs if any("/voc/ppc_fsae/" in o for o in outs)]
     assert ppc.count("train_affinity") == 1 and ppc.count("random_walk") == 8 and "refine_crf" not in ppc
     assert "train_affinity" not in fsae and fsae.count("refine_crf") == 8
+
+
+def test_every_toy_stage_is_cpu_sized():
+    """No experiment's full-scale schedule leaks into the toy dataset (experiment settings override dataset ones,
+    so a VOC max_steps at experiment level needs a toy override under experiments.E.datasets.toy)."""
+    import yaml
+
+    from wsss_core.config import STAGES, stage_config
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    for exp in config["experiments"]:
+        for stage in STAGES:
+            cfg = stage_config(config, "toy", exp, stage)
+            assert cfg.get("max_steps", 0) <= 1200, (exp, stage, cfg.get("max_steps"))
+            assert cfg.get("crop_size", 0) <= 96, (exp, stage, cfg.get("crop_size"))
