@@ -290,3 +290,10 @@ def test_url_weights_resolve_to_the_cache_and_a_missing_file_names_it(tmp_path):
     cfg = {"backbone": {"arch": "deit_small", "weights": {"url": url}}, "mctformer": {}}
     with pytest.raises(WeightsError, match="deit_small_patch16_224-cd65a155.pth"):
         M.build_model(cfg, 20, cache_dir=str(tmp_path))
+
+
+def test_layer_index_beyond_the_depth_is_a_config_error():
+    from wsss_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="layer_index 4 must be in 1..3"):
+        M.build_model(tiny_cfg(layer_index=4), C)

@@ -140,7 +140,7 @@ def test_toy_sfc_report_end_to_end_through_irn(tmp_path):
 
 TINY_MCT = {"classifier": {"max_steps": 20, "checkpoint_every": 10, "batch_size": 4, "crop_size": 64,
                            "resize_long": [56, 72],
-                           "backbone": {"img_size": 64, "embed_dim": 32, "depth": 2, "heads": 2}},
+                           "backbone": {"img_size": 64, "embed_dim": 32, "depth": 3, "heads": 2}},
             "cams": {"scales": [1.0], "n_shards": 1},
             "affinity": {"batch_size": 4, "crop_size": 72, "max_steps": 10, "checkpoint_every": 5, "n_shards": 1,
                          "backbone": {"width": 0.0625}},

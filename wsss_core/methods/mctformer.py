@@ -206,6 +206,9 @@ def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weight
 
     s = mct_settings(cfg)
     v = vit_settings(cfg["backbone"])
+    if not 1 <= int(s["layer_index"]) <= int(v["depth"]):
+        raise ConfigError(f"classifier.mctformer.layer_index {s['layer_index']} must be in 1..{v['depth']} (the "
+                          "backbone's number of blocks, backbone.depth)")
     model = MCTNet(n_classes, s["version"], **v)
     info = load_weights(model, cfg["backbone"].get("weights"), cache_dir, ignore_prefixes=(),
                         adapt=lambda st: adapt_deit_state(st, model))
