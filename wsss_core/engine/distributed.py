@@ -223,6 +223,7 @@ def _worker(rank: int, fn: Callable[..., Any], kwargs: dict, world: int, backend
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         fn(**kwargs)
+        dist.barrier()  # every rank done (rank 0 has written the model) before any tears its gloo threads down
     finally:
         dist.destroy_process_group()
 
