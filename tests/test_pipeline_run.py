@@ -165,7 +165,7 @@ def test_toy_fsae_report_end_to_end_with_all_rows(tmp_path):
     })
     # the PPC row takes its pseudo-masks from the AffinityNet random walk (the optional refinement)
     tiny_aff = {"enabled": True, "backbone": {"width": 0.0625, "weights": None, "frozen_bn": False},
-                "batch_size": 4, "crop_size": 64, "max_steps": 10, "checkpoint_every": 5, "num_workers": 0,
+                "batch_size": 4, "crop_size": 72, "max_steps": 10, "checkpoint_every": 5, "num_workers": 0,
                 "n_shards": 1}
     import yaml
     doc = yaml.safe_load(cfg.read_text())

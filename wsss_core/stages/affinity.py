@@ -135,15 +135,15 @@ def train_affinity(prepared: str, split: str, cam_shards: Sequence[str], cfg: Ma
                    lock_dir: str = ".wsss/gpu-locks", weights_dir: str = "weights", config_hash: str = "",
                    log: str | None = None, threads: int = 1) -> None:
     """Train AffinityNet on the confident labels of ``split``'s CAMs (resumable; spec A5/A6)."""
+    if launch_ranks(train_affinity, locals()):  # cfg n_procs / ddp_cpu_procs > 1: each rank ran this function
+        return
+    job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
     radius = int(cfg["radius"])
     side = int(cfg["crop_size"]) // 8
     if side < 2 * radius - 1:  # pair_indices: "from" columns r-1..w-r need w >= 2r - 1
         raise ConfigError(f"affinity.crop_size {cfg['crop_size']} gives a {side}x{side} label grid, too small for "
                           f"affinity.radius {radius} (needs >= {2 * radius - 1} cells, i.e. crop_size >= "
                           f"{8 * (2 * radius - 1)}); raise crop_size or lower radius")
-    if launch_ranks(train_affinity, locals()):  # cfg n_procs / ddp_cpu_procs > 1: each rank ran this function
-        return
-    job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
     info = DatasetInfo(prepared)
     model = aff.build_affinity_net(cfg, cache_dir=weights_dir).to(job.device)
     groups = ppc_param_groups(model, model.new_layers, cfg["lr"], cfg.get("weight_decay", 5e-4),
