@@ -107,3 +107,32 @@ def slurm_cluster():
     finally:
         cluster.stop()
         shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+
+def make_tiny_data(n: int, seed: int, flip: bool = False):
+    """A torch Dataset of fixed tensors plus augmentation seeded by (seed, epoch, index), like the real datasets
+    (trainer and DDP tests). item: ``{"x": (1, 6, 6), "y": (2,), "index": i}``; ``flip``: a seeded h-flip too."""
+    import numpy as np
+    import torch
+
+    from wsss_core.data.datasets import _Seeded
+
+    class TinyData(_Seeded, torch.utils.data.Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(123)
+            self.x = torch.randn(n, 1, 6, 6, generator=g)
+            self.y = torch.randn(n, 2, generator=g)
+            self.seed = seed
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> dict:
+            rng = self.rng(i)
+            x = self.x[i] + torch.from_numpy(rng.normal(0.0, 0.2, size=(1, 6, 6)).astype(np.float32))
+            if flip and rng.random() < 0.5:
+                x = x.flip(-1)
+            return {"x": x, "y": self.y[i], "index": i}
+
+    return TinyData()

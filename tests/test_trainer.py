@@ -8,9 +8,9 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_data
 from torch import nn
 
-from wsss_core.data.datasets import _Seeded
 from wsss_core.engine.trainer import (
     batch_stream,
     epoch_batches,
@@ -29,24 +29,8 @@ MAX_STEPS, CKPT_EVERY = 12, 4
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-class TinyData(_Seeded, torch.utils.data.Dataset):
-    """Fixed tensors plus augmentation seeded by (seed, epoch, index), like the real datasets."""
-
-    def __init__(self, n: int = N_ITEMS, seed: int = SEED):
-        g = torch.Generator().manual_seed(123)
-        self.x = torch.randn(n, 1, 6, 6, generator=g)
-        self.y = torch.randn(n, 2, generator=g)
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        rng = self.rng(i)
-        x = self.x[i] + torch.from_numpy(rng.normal(0.0, 0.2, size=(1, 6, 6)).astype(np.float32))
-        if rng.random() < 0.5:
-            x = x.flip(-1)
-        return {"x": x, "y": self.y[i], "index": i}
+def TinyData(n: int = N_ITEMS, seed: int = SEED):  # noqa: N802 (the dataset's former class name)
+    return make_tiny_data(n, seed, flip=True)
 
 
 def tiny_model() -> nn.Module:
