@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -166,3 +167,61 @@ def test_select_device_cuda_without_cuda_raises(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA"):
         select_device("cuda", lock_dir=tmp_path)
     assert select_device("auto", lock_dir=tmp_path) == torch.device("cpu")
+
+
+WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    from wsss_core.engine.devices import lease_gpus
+    lock_dir, n, hold, log = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    ids = lease_gpus(n, lock_dir, timeout=60, poll=0.02)
+    t0 = time.monotonic()
+    with open(log + ".start", "w") as fh:  # tells the test we hold the lease (it may SIGKILL us now)
+        fh.write(",".join(ids))
+    time.sleep(hold)
+    with open(log, "w") as fh:
+        json.dump({"ids": ids, "cvd": os.environ["CUDA_VISIBLE_DEVICES"], "t0": t0, "t1": time.monotonic()}, fh)
+""")
+
+
+def test_many_concurrent_jobs_never_share_a_device_and_a_killed_job_frees_its(tmp_path):
+    """Eight jobs (wanting 1 or 2 GPUs) start at once on 3 faked GPUs: every lease interval on a device is
+    disjoint from the others on it, each job sees only its own devices, and a job SIGKILLed while holding two
+    GPUs lets the waiting jobs through (all finish)."""
+    lock_dir = tmp_path / "locks"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0,1,2", PYTHONPATH=str(REPO))
+    env.pop("SLURM_JOB_ID", None)
+    victim_log = tmp_path / "victim.json"
+    victim = subprocess.Popen([sys.executable, "-c", WORKER, str(lock_dir), "2", "30", str(victim_log)], env=env)
+    deadline = time.monotonic() + 30
+    while not victim_log.with_suffix(".json.start").exists():
+        assert victim.poll() is None and time.monotonic() < deadline, "victim never got its lease"
+        time.sleep(0.02)
+    victim_ids = victim_log.with_suffix(".json.start").read_text().split(",")
+    assert len(victim_ids) == 2
+    wants = [1, 2, 1, 1, 2, 1, 1]
+    logs = [tmp_path / f"job{i}.json" for i in range(len(wants))]
+    jobs = [subprocess.Popen([sys.executable, "-c", WORKER, str(lock_dir), str(n), "0.4", str(log)], env=env)
+            for n, log in zip(wants, logs)]
+    try:
+        time.sleep(1.5)  # the jobs wanting 2 GPUs cannot start while the victim holds 2 of the 3
+        assert all(not logs[i].with_suffix(".json.start").exists() for i, n in enumerate(wants) if n == 2)
+        killed_at = time.monotonic()  # CLOCK_MONOTONIC is system-wide: comparable with the jobs' stamps
+        victim.kill()  # SIGKILL: no cleanup code runs; the kernel drops its flocks
+        victim.wait()
+        for p in jobs:
+            assert p.wait(timeout=120) == 0
+    finally:
+        for p in [victim, *jobs]:
+            if p.poll() is None:
+                p.kill()
+    records = [json.loads(log.read_text()) for log in logs]
+    for n, r in zip(wants, records):
+        assert len(r["ids"]) == n and len(set(r["ids"])) == n
+        assert r["cvd"] == ",".join(r["ids"]) and set(r["ids"]) <= {"0", "1", "2"}
+    for gpu in "012":
+        spans = sorted((r["t0"], r["t1"]) for r in records if gpu in r["ids"])
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), f"GPU {gpu} leased twice at once: {spans}"
+    # the two-GPU jobs got their lease only once the victim's died, and one of them got a victim's GPU
+    two = [r for n, r in zip(wants, records) if n == 2]
+    assert all(r["t0"] >= killed_at for r in two)
+    assert any(set(victim_ids) & set(r["ids"]) for r in records if r["t0"] >= killed_at)
