@@ -1,6 +1,7 @@
 # wsss-flow: the two commands of the README.
 #   make demo   set up .venv and run the toy pipeline end to end (reports in results/toy/reports/{cam,fsae}/)
 #   make test   set up .venv and run the test suite
+#   make bench  run the benchmarks of bench/ (about 10 min on 2 cores), print the table, update bench/README.md
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -24,7 +25,7 @@ demo: setup
 	@echo "reports: results/toy/reports/cam/report.md results/toy/reports/fsae/report.md"
 
 test: setup
-	$(PY) -m pytest -q -rs tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -rs --durations=15 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 lint: setup
 	$(SNAKEMAKE) --lint

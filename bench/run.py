@@ -1,97 +1,79 @@
-"""Benchmarks (not timed tests): each measures a wsss_core path against a plain baseline in the same run
-and reports the ratio. Results go to bench/out/results.json and stdout.
+"""Run every benchmark (``make bench``), print the table and write it into bench/README.md.
 
-    python bench/run.py [--images N]
+Each ``bench/bench_<item>.py`` runs in its own process (so thread settings and memory do not carry over), writes
+``bench/out/<item>.json``, and exits non-zero when its correctness guard fails (a faster but wrong path). This script
+exits non-zero when any benchmark failed; a benchmark that runs but misses its goal is listed in the table's
+"miss" list, not an error.
 
-- threshold_curve: ``ThresholdCurve`` (one bincount pass for all 60 thresholds) vs the plain reference
-  loop (threshold, argmax, confusion matrix, once per threshold), on real VOC masks from
-  ../shared/data when present (CAMs synthesised from the masks), else on toy masks.
+    python bench/run.py [--only cam_inference eval ...] [--no-readme]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import re
+import subprocess
 import sys
-import tarfile
 import time
-from pathlib import Path
 
-import numpy as np
+from common import OUT, REPO, load_results, table
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+#: (name = bench/bench_<name>.py and bench/out/<name>.json, extra arguments), in table order.
+BENCHES: list[tuple[str, list[str]]] = [
+    ("cam_inference", []),
+    ("eval", []),
+    ("cam_cache", []),
+    ("crf", []),
+    ("workflow", []),
+    ("train_step", []),
+]
 
-from wsss_core.data.io import read_label_png  # noqa: E402
-from wsss_core.metrics import ConfusionMatrix, ThresholdCurve, cam_to_labels  # noqa: E402
-
-TARBALL = REPO.parent / "shared" / "data" / "voc12_SegmentationClassAug.tar.gz"
-
-
-def load_masks(n: int, tmp: Path) -> tuple[list[np.ndarray], str]:
-    if TARBALL.is_file():
-        masks = []
-        with tarfile.open(TARBALL) as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".png"):
-                    tar.extract(member, tmp, filter="data")
-                    masks.append(read_label_png(tmp / member.name, 21))
-                    if len(masks) == n:
-                        break
-        return masks, f"real VOC SegmentationClassAug masks ({TARBALL.name})"
-    from wsss_core.data.toy import render_sample
-
-    rng = np.random.default_rng(0)
-    return [render_sample(rng, 128)[1] for _ in range(n)], "toy masks (../shared absent)"
+README = REPO / "bench" / "README.md"
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
 
-def fake_cams(mask: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
-    keys = np.array(sorted(int(v) for v in np.unique(mask) if 0 < v < 255) or [1])
-    cams = rng.random((len(keys),) + mask.shape, dtype=np.float32) * 0.4
-    for k, c in enumerate(keys):
-        cams[k][mask == c] += 0.5
-    return np.clip(cams, 0, 1), keys
+def write_readme_table(text: str, note: str) -> None:
+    """Replace the generated block of bench/README.md (between the markers) with ``text``."""
+    block = f"{START}\n{note}\n\n{text}\n{END}"
+    old = README.read_text() if README.is_file() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in old:
+        old = old.rstrip("\n") + f"\n\n{START}\n{END}\n"
+    README.write_text(re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, old, flags=re.S))
 
 
-def bench_threshold_curve(masks, thresholds) -> dict:
-    rng = np.random.default_rng(0)
-    data = [(m, *fake_cams(m, rng)) for m in masks]
-    t0 = time.perf_counter()
-    curve = ThresholdCurve(21, thresholds)
-    for gt, cams, keys in data:
-        curve.update(gt, cams, keys)
-    fast = curve.result()
-    t_fast = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    plain = []
-    for t in thresholds:
-        conf = ConfusionMatrix(21)
-        for gt, cams, keys in data:
-            conf.update(gt, cam_to_labels(cams, keys, t))
-        plain.append(conf.scores()["miou"])
-    t_plain = time.perf_counter() - t0
-    assert np.allclose(fast["miou"], plain), "fast and plain curves disagree"
-    return {"images": len(data), "thresholds": len(thresholds), "plain_s": t_plain, "wsss_core_s": t_fast,
-            "speedup": t_plain / t_fast, "best_t": fast["best_t"]}
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--images", type=int, default=100)
-    args = ap.parse_args()
-    out = REPO / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        masks, source = load_masks(args.images, Path(tmp))
-    thresholds = np.round(np.arange(0, 0.6, 0.01), 2)
-    results = {"data": source, "threshold_curve": bench_threshold_curve(masks, thresholds)}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    r = results["threshold_curve"]
-    print(f"threshold curve on {r['images']} images ({source}), {r['thresholds']} thresholds: "
-          f"plain loop {r['plain_s']:.2f} s, wsss_core {r['wsss_core_s']:.2f} s, speed-up x{r['speedup']:.1f}")
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=[n for n, _ in BENCHES], help="run only these benchmarks")
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md's table")
+    args = ap.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    failed, t_all = [], time.perf_counter()
+    for name, extra in BENCHES:
+        if args.only and name not in args.only:
+            continue
+        print(f"=== bench_{name}.py {' '.join(extra)}", flush=True)
+        (OUT / f"{name}.json").unlink(missing_ok=True)  # no stale result stands in for a failed run
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / f"bench_{name}.py"), *extra], cwd=REPO)
+        print(f"=== bench_{name}.py: exit {proc.returncode} after {time.perf_counter() - t0:.0f} s", flush=True)
+        if proc.returncode != 0:
+            failed.append(name)
+    total = time.perf_counter() - t_all
+    recs = load_results([n for n, _ in BENCHES])
+    text = table(recs)
+    print()
+    print(text)
+    print(f"\nall benchmarks: {total / 60:.1f} min" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    if not args.no_readme and not args.only:
+        m = recs[0]["machine"] if recs else {}
+        note = (f"Generated by `make bench` (bench/run.py) on {time.strftime('%Y-%m-%d')}: {m.get('cpu_count')} CPU "
+                f"cores, torch {m.get('torch')} ({m.get('torch_threads')} threads), CUDA "
+                f"{'yes' if m.get('cuda') else 'no'}; all benchmarks took {total / 60:.1f} min. Ratios are measured in "
+                "one run on the same inputs; absolute times depend on the machine.")
+        write_readme_table(text, note)
+        print(f"wrote the table into {README.relative_to(REPO)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -42,7 +42,7 @@ rule random_walk:
         prepared=lambda w: prepared(w.dataset),
         split=lambda w: split_name(w.dataset, "train"),
         cfg=lambda w: scfg(w.dataset, w.experiment, "affinity"),
-        hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier", "cams", "eval", "affinity"),
+        hash=lambda w: rw_hash(w.dataset, w.experiment),
         seed=config["seed"],
         device=config["device"],
         locks=GPU_LOCKS,

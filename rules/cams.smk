@@ -10,7 +10,7 @@ rule infer_cams:
     params:
         prepared=lambda w: prepared(w.dataset),
         cfg=lambda w: scfg(w.dataset, w.experiment, "cams"),
-        hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier", "cams"),
+        hash=lambda w: cams_hash(w.dataset, w.experiment),
         seed=config["seed"],
         device=config["device"],
         locks=GPU_LOCKS,

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from wsss_core.config import config_hash, stage_config, url_file_name
@@ -152,9 +153,49 @@ def cam_splits(dataset, experiment):
     return list(dict.fromkeys(split_name(dataset, r) for r in roles))
 
 
+_SHARDS_CHECKED = set()
+
+
+def checked_shards(paths, kind, split, hash_now):
+    """``paths``, after a check of those that exist (once per file and Snakemake process, when the DAG is built):
+    an invalid shard (truncated or unreadable, incomplete, of another kind / split / shard number) is renamed to
+    ``<name>.invalid-<time>``, a valid one made with other settings (its config_hash attr is not ``hash_now()``, the
+    hash its rule writes now) is marked out of date (mtime 1970), so that this run rebuilds them (wsss_core.store.shards.
+    set_aside_invalid_shard). Dry runs, --touch, --report and --summary only warn."""
+    todo = [p for p in paths if p not in _SHARDS_CHECKED and os.path.exists(p)]
+    _SHARDS_CHECKED.update(paths)
+    if not todo:
+        return paths
+    from wsss_core.store.shards import set_aside_invalid_shard  # h5py: imported only when a shard exists
+
+    act = workflow.executor_plugin is not None and not workflow.dryrun and not workflow.touch
+    expect = {"kind": kind, "split": split, "config_hash": hash_now()}
+    stale, changed = [], False
+    for p in todo:
+        found = set_aside_invalid_shard(p, expect, dry_run=not act)
+        changed = changed or bool(found and act)
+        if found and found[0] == "out of date":
+            stale.append(p)
+        elif found:
+            logger.warning(f"invalid shard: {found[1]}")
+    if changed:  # Snakemake may have listed the folder already: forget what it saw
+        workflow.iocache.clear()
+    if stale:  # after a settings change Snakemake reruns these jobs anyway ("params changed"): one line
+        logger.warning(f"{len(stale)} shard(s) were made with other settings (their config_hash is not the current "
+                       f"settings' {expect['config_hash']}): {', '.join(stale)}; "
+                       + ("marked out of date (mtime 1970) so that their jobs run again" if act else
+                          "a real run marks them out of date (mtime 1970) so that their jobs run again"))
+    return paths
+
+
+def cams_hash(dataset, experiment):
+    return stage_hash(dataset, experiment, "classifier", "cams")
+
+
 def cam_shards(dataset, experiment, split):
     n = n_shards(dataset, experiment, "cams")
-    return [f"{R}/{dataset}/{experiment}/cams/{split}/{k}-of-{n}.h5" for k in range(n)]
+    paths = [f"{R}/{dataset}/{experiment}/cams/{split}/{k}-of-{n}.h5" for k in range(n)]
+    return checked_shards(paths, "cams", split, lambda: cams_hash(dataset, experiment))
 
 
 def all_cam_shards(wildcards):
@@ -177,10 +218,16 @@ def mask_stages(dataset, experiment):
     return base + ("affinity",) if uses_affinity(dataset, experiment) else base
 
 
+def ir_label_hash(dataset, experiment):
+    """IRN stage without the random walk: confident-region labels and the IRN network."""
+    return stage_hash(dataset, experiment, "classifier", "cams", "eval", "irn-")
+
+
 def ir_label_shards(dataset, experiment):
     """IRN stage: the confident-region labels (cam_to_ir_label), one shard set per experiment."""
     n = n_shards(dataset, experiment, "irn")
-    return [f"{R}/{dataset}/{experiment}/irn/ir_label/{k}-of-{n}.h5" for k in range(n)]
+    paths = [f"{R}/{dataset}/{experiment}/irn/ir_label/{k}-of-{n}.h5" for k in range(n)]
+    return checked_shards(paths, "masks", split_name(dataset, "train"), lambda: ir_label_hash(dataset, experiment))
 
 
 def irn_classifier_inputs(w):
@@ -190,22 +237,50 @@ def irn_classifier_inputs(w):
     return []
 
 
+def crf_hash(dataset, experiment):
+    return stage_hash(dataset, experiment, "classifier", "cams", "eval", "crf")
+
+
+def rw_hash(dataset, experiment):
+    return stage_hash(dataset, experiment, "classifier", "cams", "eval", "affinity")
+
+
+def irn_mask_hash(dataset, experiment):
+    return stage_hash(dataset, experiment, "classifier", "cams", "eval", "irn")
+
+
+def pseudo_mask_hash(dataset, experiment):
+    """The config hash of the pseudo-masks (make_sem_seg_labels, random_walk or refine_crf)."""
+    if uses_irn(dataset, experiment):
+        return irn_mask_hash(dataset, experiment)
+    return (rw_hash if uses_affinity(dataset, experiment) else crf_hash)(dataset, experiment)
+
+
 def pseudo_mask_shards(dataset, experiment):
     """Pseudo-mask shards: IRN random walk (irn.enabled), AffinityNet random walk (affinity.enabled), else the
     CRF-refined CAMs."""
     if uses_irn(dataset, experiment):
         n = n_shards(dataset, experiment, "irn")
-        return [f"{R}/{dataset}/{experiment}/pseudo_masks_irn/{k}-of-{n}.h5" for k in range(n)]
-    if uses_affinity(dataset, experiment):
+        folder = "pseudo_masks_irn"
+    elif uses_affinity(dataset, experiment):
         n = n_shards(dataset, experiment, "affinity")
-        return [f"{R}/{dataset}/{experiment}/pseudo_masks_rw/{k}-of-{n}.h5" for k in range(n)]
-    n = n_shards(dataset, experiment, "crf")
-    return [f"{R}/{dataset}/{experiment}/pseudo_masks/{k}-of-{n}.h5" for k in range(n)]
+        folder = "pseudo_masks_rw"
+    else:
+        n = n_shards(dataset, experiment, "crf")
+        folder = "pseudo_masks"
+    paths = [f"{R}/{dataset}/{experiment}/{folder}/{k}-of-{n}.h5" for k in range(n)]
+    return checked_shards(paths, "masks", split_name(dataset, "train"), lambda: pseudo_mask_hash(dataset, experiment))
+
+
+def seg_hash(dataset, experiment):
+    """Segmentation network and its predictions."""
+    return stage_hash(dataset, experiment, *mask_stages(dataset, experiment), "segmentation")
 
 
 def seg_pred_shards(dataset, experiment, split):
     n = n_shards(dataset, experiment, "segmentation")
-    return [f"{R}/{dataset}/{experiment}/segmentation/pred/{split}/{k}-of-{n}.h5" for k in range(n)]
+    paths = [f"{R}/{dataset}/{experiment}/segmentation/pred/{split}/{k}-of-{n}.h5" for k in range(n)]
+    return checked_shards(paths, "masks", split, lambda: seg_hash(dataset, experiment))
 
 
 def stage_hash(dataset, experiment, *stages):

@@ -14,7 +14,7 @@ rule cam_to_ir_label:
         prepared=lambda w: prepared(w.dataset),
         split=lambda w: split_name(w.dataset, "train"),
         cfg=lambda w: irn_cfg(w.dataset, w.experiment, walk=False),
-        hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier", "cams", "eval", "irn-"),
+        hash=lambda w: ir_label_hash(w.dataset, w.experiment),
     threads: 2
     conda:
         "../envs/wsss.yaml"
@@ -38,7 +38,7 @@ rule train_irn:
         mean_shift_split=lambda w: split_name(w.dataset, "mask_eval"),
         cfg=lambda w: irn_cfg(w.dataset, w.experiment, walk=False),
         state=lambda w: f"{R}/{w.dataset}/{w.experiment}/irn/state",
-        hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier", "cams", "eval", "irn-"),
+        hash=lambda w: ir_label_hash(w.dataset, w.experiment),
         classifier_model=lambda w: (irn_classifier_inputs(w) or [None])[0],
         seed=config["seed"],
         device=config["device"],
@@ -67,7 +67,7 @@ rule make_sem_seg_labels:
         prepared=lambda w: prepared(w.dataset),
         split=lambda w: split_name(w.dataset, "train"),
         cfg=lambda w: scfg(w.dataset, w.experiment, "irn"),
-        hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier", "cams", "eval", "irn"),
+        hash=lambda w: irn_mask_hash(w.dataset, w.experiment),
         seed=config["seed"],
         device=config["device"],
         locks=GPU_LOCKS,

@@ -12,7 +12,7 @@ rule refine_crf:
         prepared=lambda w: prepared(w.dataset),
         split=lambda w: split_name(w.dataset, "train"),
         cfg=lambda w: scfg(w.dataset, w.experiment, "crf"),
-        hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier", "cams", "eval", "crf"),
+        hash=lambda w: crf_hash(w.dataset, w.experiment),
     threads: 2
     conda:
         "../envs/wsss.yaml"

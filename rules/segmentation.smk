@@ -13,7 +13,7 @@ rule train_segmentation:
         split=lambda w: split_name(w.dataset, "train"),
         cfg=lambda w: scfg(w.dataset, w.experiment, "segmentation"),
         state=lambda w: f"{R}/{w.dataset}/{w.experiment}/segmentation/state",
-        hash=lambda w: stage_hash(w.dataset, w.experiment, *mask_stages(w.dataset, w.experiment), "segmentation"),
+        hash=lambda w: seg_hash(w.dataset, w.experiment),
         seed=config["seed"],
         device=config["device"],
         locks=GPU_LOCKS,
@@ -38,7 +38,7 @@ rule infer_segmentation:
     params:
         prepared=lambda w: prepared(w.dataset),
         cfg=lambda w: scfg(w.dataset, w.experiment, "segmentation"),
-        hash=lambda w: stage_hash(w.dataset, w.experiment, *mask_stages(w.dataset, w.experiment), "segmentation"),
+        hash=lambda w: seg_hash(w.dataset, w.experiment),
         seed=config["seed"],
         device=config["device"],
         locks=GPU_LOCKS,

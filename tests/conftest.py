@@ -65,16 +65,41 @@ def snakemake_cmd(workdir: Path, *args: str, configfile: Path | None = None) -> 
 
 
 def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: float = 1800,
-                  check: bool = True) -> subprocess.CompletedProcess:
-    """Run Snakemake on the repo's Snakefile with ``workdir`` as working directory; returns the process."""
+                  check: bool = True, env: dict | None = None, new_session: bool = False) -> subprocess.CompletedProcess:
+    """Run Snakemake on the repo's Snakefile with ``workdir`` as working directory; returns the process.
+    ``env``: extra environment variables; ``new_session``: run it as its own process group (a job that SIGKILLs its
+    group, ``WSSS_FAULT=...!group``, then kills Snakemake and not the test)."""
     t0 = time.time()
     proc = subprocess.run(snakemake_cmd(workdir, *args, configfile=configfile), cwd=workdir, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                          start_new_session=new_session)
     proc.elapsed = time.time() - t0
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")
     return proc
+
+
+def start_snakemake(workdir: Path, *args: str, configfile: Path | None = None, output: Path | None = None,
+                    env: dict | None = None) -> subprocess.Popen:
+    """Start Snakemake in the background as its own process group, so that a test can SIGKILL it together with its
+    running jobs (:func:`kill_group`); its stdout and stderr go to ``output`` (or nowhere)."""
+    out = open(output, "w") if output is not None else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(snakemake_cmd(workdir, *args, configfile=configfile), cwd=workdir, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    finally:
+        if output is not None:
+            out.close()
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started by :func:`start_snakemake` and everything in its process group (its jobs)."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def write_yaml(path: Path, obj) -> Path:

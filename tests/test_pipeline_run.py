@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import time
 
 import pytest
 
-from conftest import run_snakemake, snakemake_cmd, write_yaml
+from conftest import kill_group, run_snakemake, start_snakemake, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +26,7 @@ def test_sigkill_during_classifier_training_resumes_from_checkpoint(tmp_path):
     target = "results/toy/cam/classifier/model.pt"
     ckpts = tmp_path / "results/toy/cam/classifier/state/checkpoints"
     log = tmp_path / "logs/toy/cam/train_classifier.log"
-    proc = subprocess.Popen(snakemake_cmd(tmp_path, "--cores", "2", target, configfile=cfg), cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_snakemake(tmp_path, "--cores", "2", target, configfile=cfg)
     try:
         deadline = time.time() + 600
         while time.time() < deadline and not list(ckpts.glob("step_*.pt")):
@@ -39,8 +35,7 @@ def test_sigkill_during_classifier_training_resumes_from_checkpoint(tmp_path):
         assert list(ckpts.glob("step_*.pt")), "no checkpoint within 10 minutes"
         time.sleep(1.0)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: snakemake and the training job
-        proc.wait()
+        kill_group(proc)  # the whole process group: snakemake and the training job
     assert not (tmp_path / target).exists(), "a killed job must not leave its output"
     killed_at = max(int(p.stem.split("_")[1]) for p in ckpts.glob("step_*.pt"))
     assert 0 < killed_at < 400

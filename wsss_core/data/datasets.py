@@ -146,7 +146,7 @@ class SegmentationDataset(_Seeded, torch.utils.data.Dataset):
         if self._store is None:  # opened lazily: one handle per worker process
             from ..store.shards import ShardedStore
 
-            self._store = ShardedStore(self.mask_shards)
+            self._store = ShardedStore(self.mask_shards, kind="masks")
         return self._store
 
     def __getitem__(self, i: int) -> dict:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..faults import fault_point
 from ..store.atomic import atomic_path
 from . import distributed as ddp
 from .logs import get_logger, progress
@@ -70,12 +71,14 @@ def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int, drop_las
 
 
 def batch_stream(dataset, batch_size: int, seed: int, start_step: int, num_workers: int = 0,
-                 collate_fn=None, rank: int = 0, world: int = 1) -> Iterator[Any]:
+                 collate_fn=None, rank: int = 0, world: int = 1, pin_memory: bool = False) -> Iterator[Any]:
     """Infinite stream of batches starting at global step ``start_step``.
 
     ``dataset.set_epoch(epoch)`` (if present) is called before each epoch so that augmentation can be
     seeded per (seed, epoch, index). ``rank`` of ``world`` ranks gets the ``rank``-th of ``world`` consecutive
-    equal slices of each global batch of ``batch_size`` items (which must divide evenly).
+    equal slices of each global batch of ``batch_size`` items (which must divide evenly). ``pin_memory``: batches
+    in page-locked memory (set when training on CUDA: the host-to-device copies of :func:`batch_to_device` are then
+    asynchronous); the values are unchanged.
     """
     n = len(dataset)
     if n < batch_size:
@@ -96,7 +99,8 @@ def batch_stream(dataset, batch_size: int, seed: int, start_step: int, num_worke
         # change dropout etc. relative to an uninterrupted run.
         gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                             collate_fn=collate_fn, persistent_workers=False, generator=gen)
+                                             collate_fn=collate_fn, persistent_workers=False, generator=gen,
+                                             pin_memory=pin_memory)
         yield from loader
         epoch, pos = epoch + 1, 0
 
@@ -147,7 +151,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
         **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
         **dict(extra),
     }
-    with atomic_path(path, suffix=".pt") as tmp:
+    with atomic_path(path, suffix=".pt", clean_stale=True) as tmp:
         torch.save(state, tmp)
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         old.unlink(missing_ok=True)
@@ -296,6 +300,7 @@ def fit(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[str, Any
                         os.fsync(metrics_fh.fileno())
                     save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, identity, keep_checkpoints,
                                     rng_ranks=rng_ranks)
+            fault_point("train_step", done, ckpt_dir)  # test hook (WSSS_FAULT), a no-op otherwise
         state.step = max_steps
     finally:
         bar.close()
@@ -326,7 +331,7 @@ def _json_line(obj: Mapping[str, Any]) -> str:
 
 def save_final(path: str | os.PathLike, model: nn.Module, meta: Mapping[str, Any]) -> None:
     """Atomically write the final weights (``{"model": state_dict, "meta": {...}}``)."""
-    with atomic_path(path, suffix=".pt") as tmp:
+    with atomic_path(path, suffix=".pt", clean_stale=True) as tmp:
         torch.save({"model": model.state_dict(), "meta": dict(meta)}, tmp)
 
 
@@ -337,6 +342,12 @@ def load_final(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
 def batch_to_device(batch: Mapping[str, Any], device: torch.device) -> dict:
     """Move the tensors of a batch dict to ``device`` (other entries, e.g. ids, unchanged)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _on_cuda(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters live on a CUDA device (then batches are pinned)."""
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type == "cuda"
 
 
 def train_stage(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[str, Any]], dataset,
@@ -368,7 +379,7 @@ def train_stage(model: nn.Module, step_fn: Callable[[nn.Module, Any, int], dict[
     t0 = time.time()
     state = fit(model, step_fn,
                 lambda start: batch_stream(dataset, cfg["batch_size"], seed, start, cfg.get("num_workers", 0),
-                                           rank=r.rank, world=r.world),
+                                           rank=r.rank, world=r.world, pin_memory=_on_cuda(model)),
                 optimizer, scheduler, cfg["max_steps"], ckpt_dir, cfg["checkpoint_every"],
                 cfg.get("keep_checkpoints", 2), identity={"seed": seed, "config_hash": config_hash},
                 metrics_path=metrics, desc=desc, after_step=after_step,

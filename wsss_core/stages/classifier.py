@@ -17,7 +17,7 @@ from ..engine.trainer import batch_to_device, load_final, train_stage
 from ..errors import ConfigError
 from ..methods import get_method
 from ..methods.base import make_lr_lambda, make_optimizer
-from ..methods.inference import method_cams
+from ..methods.inference import compiled_cam_fn, frozen_cam_fn, method_cams
 from ..store.atomic import read_json
 from ..store.shards import ShardWriter, shard_ids
 
@@ -99,6 +99,19 @@ def infer_cams(prepared: str, split: str, shard: int, n_shards: int, model_path:
     info = DatasetInfo(prepared)
     ids = shard_ids(info.ids(split), shard, n_shards)
     m, model, meta = load_method_model(model_path, job.device)
+    amp = bool(cfg.get("amp", False))
+    # CPU: the method's cam_forward frozen (TorchScript) or compiled once per job (bench/bench_cam_inference.py);
+    # CUDA, optimize false or a failed check: the eager function on channels-last views
+    cam_fn = None
+    optimize = cfg.get("optimize", "freeze")  # freeze (true) | compile | false
+    if not hasattr(m, "infer_cams"):
+        if job.device.type == "cpu" and optimize:
+            cam_fn, how = (compiled_cam_fn if optimize == "compile" else frozen_cam_fn)(model, m.cam_forward)
+            job.logger.info("CAM inference: %s", how)
+            if how.startswith("eager"):
+                cam_fn = None
+        if cam_fn is None:
+            model = model.to(memory_format=torch.channels_last)  # multiscale_cams feeds NHWC views
     attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash,
              "scales": list(cfg["scales"]), "flip": bool(cfg["flip"]), "model": str(model_path),
              "method": meta["method"], "classes": info.classes}
@@ -106,6 +119,7 @@ def infer_cams(prepared: str, split: str, shard: int, n_shards: int, model_path:
         for image_id in progress(ids, desc=f"cams {split} {shard + 1}/{n_shards}"):
             keys = info.labels(image_id)
             image = read_image(info.image_path(image_id))
-            keys, cams, aux = method_cams(m, model, image, keys, cfg["scales"], cfg["flip"], job.device)
+            keys, cams, aux = method_cams(m, model, image, keys, cfg["scales"], cfg["flip"], job.device, amp=amp,
+                                          cam_fn=cam_fn)
             writer.add_cams(image_id, keys, cams, aux)
     job.logger.info("wrote %d CAMs to %s", len(ids), out)

@@ -64,7 +64,7 @@ def eval_cams(prepared: str, cam_shards: Sequence[str], threshold_split: str, ev
     if search not in SEARCHES:
         raise ConfigError(f"stages.eval.search must be one of {SEARCHES}, got {search!r}")
     result: dict[str, Any] = {"classes": info.classes, "mean": cfg.get("mean", "present"), "curves": {}, "scores": {}}
-    with ShardedStore(cam_shards) as store:
+    with ShardedStore(cam_shards, kind="cams") as store:
         own_bg = has_bg_maps(store)
         # CAMs with their own background map (SIPE/SFC IS-CAM, key 0): pred = keys[argmax], which is the
         # t = 0 point of the curve (a pixel is labelled by its strongest map, bg included); no sweep.
@@ -101,7 +101,7 @@ def label_pairs(info: DatasetInfo, mask_shards: Sequence[str], split: str, what:
                 ids_out: list | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """``(id, GT (H, W), label map (H, W))`` for the ids of ``split`` that ``mask_shards`` contain, with a progress
     bar; no such id or a shape mismatch is a :class:`DataError`. ``ids_out`` receives the ids."""
-    with ShardedStore(mask_shards) as store:
+    with ShardedStore(mask_shards, kind="masks") as store:
         ids = [i for i in info.ids(split) if i in store]
         if not ids:
             raise DataError(f"no {what} of split {split!r} in {list(mask_shards)}")

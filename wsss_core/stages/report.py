@@ -21,6 +21,7 @@ from ..data.io import colorize, read_image, read_label_png
 from ..data.prepare import DatasetInfo
 from ..engine.logs import setup_job_logging
 from ..errors import DataError
+from ..faults import fault_point
 from ..metrics import ConfusionMatrix, cam_to_labels
 from ..report import build as rb
 from ..store.atomic import atomic_path, read_json, write_text
@@ -435,10 +436,12 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
     json_text = json.dumps(report, indent=2, default=_json_default) + "\n"
 
     # ----- write: plots, JSON, then the Markdown (the rule's main target) last
-    for path, data in figures.values():
+    for n, (path, data) in enumerate(figures.values(), 1):
         with atomic_path(path, suffix=".png") as tmp:
             tmp.write_bytes(data)
+        fault_point("report_write", n, path)  # test hook (WSSS_FAULT), a no-op otherwise
     write_text(out_json, json_text)
+    fault_point("report_write", len(figures) + 1, out_json)
     write_text(out_md, md)
     for row in rows:
         logger.info("%s (%s): t=%s CAM %.4f, pseudo-mask %s, segmentation %s", row["experiment"], row["method"],

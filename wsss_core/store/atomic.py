@@ -1,12 +1,14 @@
 """Atomic file writes: write to a temporary name in the same folder, then ``os.replace``.
 
 A killed process therefore never leaves a file at the final path that looks complete; at worst a
-``.tmp-*`` file is left behind, which no rule declares as output.
+``.<name>.tmp-*`` file is left behind, which no rule declares as output (``atomic_path(..., clean_stale=True)``,
+used for large files in small folders: shards, checkpoints, weights, removes those of the same path first).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -22,14 +24,20 @@ def _default_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str | None = None, clean_stale: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed to ``path``.
 
     On an exception the temporary file is removed and ``path`` is left untouched.
     ``suffix`` defaults to the final suffix of ``path`` (some writers infer the format from it).
+    ``clean_stale``: first remove the temporary files of ``path`` that a killed writer left behind (lists the folder:
+    for large files in small folders; there must be one writer per path, as for a rule's output).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if clean_stale:
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix if suffix is not None else path.suffix,
                                dir=path.parent)
     os.close(fd)
