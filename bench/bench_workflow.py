@@ -28,14 +28,7 @@ import yaml
 
 from common import COCO_LISTS, MASK_TARBALL, REPO, result, voc_ids, write_result
 
-TINY = {"datasets": {"toy": {
-    "generator": {"n_train_aug": 16, "n_train": 8, "n_val": 8, "image_size": 64},
-    "stages": {"classifier": {"max_steps": 10, "checkpoint_every": 5, "batch_size": 4, "crop_size": 64,
-                              "resize_long": [56, 72]},
-               "cams": {"scales": [1.0], "n_shards": 1},
-               "crf": {"n_shards": 1},
-               "segmentation": {"max_steps": 10, "crop_size": 64, "batch_size": 4, "n_shards": 1}},
-}}}
+TINY = REPO / "tests" / "configs" / "tiny_toy_cam.yaml"  # the SLURM test's tiny toy_cam_report
 
 
 def snakemake(workdir: Path, *args: str, configfile: Path | None = None) -> tuple[float, subprocess.CompletedProcess]:
@@ -147,8 +140,7 @@ def main(argv=None) -> int:
         else:
             work = tmp / "toy"
             work.mkdir()
-            cfgfile = tmp / "tiny.yaml"
-            cfgfile.write_text(yaml.safe_dump(TINY))
+            cfgfile = TINY
             t_full, _ = snakemake(work, "--cores", "2", "toy_cam_report", configfile=cfgfile)
             times = []
             for _ in range(args.reps):
@@ -159,8 +151,8 @@ def main(argv=None) -> int:
                     raise SystemExit(f"FAIL: the rerun of a finished toy run did work:\n{out[-3000:]}")
             print(f"toy no-op rerun: {min(times):.1f} s (the full tiny run took {t_full:.0f} s)")
             recs.append(_rec("5c", "Workflow: no-op rerun of a finished toy run", 10, min(times), times,
-                             {"full_tiny_run_s": t_full, "config": TINY},
-                             "tiny toy configuration (tests/test_slurm.py)"))
+                             {"full_tiny_run_s": t_full, "config": str(TINY.relative_to(REPO))},
+                             "tiny toy configuration (tests/configs/tiny_toy_cam.yaml)"))
     write_result(recs, "workflow")
     return 0
 

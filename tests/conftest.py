@@ -161,3 +161,20 @@ def make_tiny_data(n: int, seed: int, flip: bool = False):
             return {"x": x, "y": self.y[i], "index": i}
 
     return TinyData()
+
+
+def tiny_cam_classifier(tmp_path: Path, **overrides) -> tuple[str, dict]:
+    """A prepared tiny toy dataset (8 + 4 + 4 images of 48 px, 3 classes) under ``tmp_path / "prepared"`` and the
+    classifier stage settings of a tiny ResNet-50-shaped CAM net (one block per layer, width 4, OS 16) training
+    2 steps on 32 px crops; ``overrides`` update the settings. Returns (prepared folder, settings)."""
+    from wsss_core.data.prepare import prepare_dataset
+    from wsss_core.data.toy import make_toy_dataset
+
+    make_toy_dataset(tmp_path / "toy", seed=3, image_size=48, n_train_aug=8, n_train=4, n_val=4, n_classes=3)
+    prepare_dataset({"kind": "toy", "root": str(tmp_path / "toy")}, "toy", tmp_path / "prepared")
+    cfg = {"backbone": {"arch": "resnet50", "layers": [1, 1, 1, 1], "width_per_group": 4, "output_stride": 16,
+                        "weights": None},
+           "batch_size": 4, "crop_size": 32, "resize_long": [40, 56], "max_steps": 2, "lr": 0.01,
+           "head_lr_mult": 10.0, "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9, "checkpoint_every": 2,
+           "num_workers": 0, **overrides}
+    return str(tmp_path / "prepared"), cfg

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_data
+from conftest import make_tiny_data, tiny_cam_classifier
 import torch.nn.functional as F
 from torch import nn
 
@@ -254,23 +254,14 @@ def test_train_classifier_two_cpu_processes(tmp_path, monkeypatch):
     ResNet (its BatchNorm trains, so the loss is only close to a 1-process run's: not compared here)."""
     import sys
 
-    from wsss_core.data.prepare import prepare_dataset
-    from wsss_core.data.toy import make_toy_dataset
     from wsss_core.stages.classifier import load_method_model, train_classifier
 
     monkeypatch.setattr(sys, "stdout", sys.stdout)  # the launcher points them at the job log: restore afterwards
     monkeypatch.setattr(sys, "stderr", sys.stderr)
-    make_toy_dataset(tmp_path / "toy", seed=3, image_size=48, n_train_aug=8, n_train=4, n_val=4, n_classes=3)
-    prepare_dataset({"kind": "toy", "root": str(tmp_path / "toy")}, "toy", tmp_path / "prepared")
-    cfg = {"backbone": {"arch": "resnet50", "layers": [1, 1, 1, 1], "width_per_group": 4, "output_stride": 16,
-                        "weights": None},
-           "batch_size": 4, "crop_size": 32, "resize_long": [40, 56], "max_steps": 4, "lr": 0.01,
-           "head_lr_mult": 10.0, "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9, "checkpoint_every": 2,
-           "num_workers": 0, "ddp_cpu_procs": 2}
+    prepared, cfg = tiny_cam_classifier(tmp_path, max_steps=4, ddp_cpu_procs=2)
     state, log = tmp_path / "state", tmp_path / "train.log"
-    train_classifier(str(tmp_path / "prepared"), "train_aug", "cam", cfg, str(tmp_path / "model.pt"),
-                     str(state / "checkpoints"), str(state / "metrics.jsonl"), seed=0, device="cpu",
-                     config_hash="h", log=str(log), threads=2)
+    train_classifier(prepared, "train_aug", "cam", cfg, str(tmp_path / "model.pt"), str(state / "checkpoints"),
+                     str(state / "metrics.jsonl"), seed=0, device="cpu", config_hash="h", log=str(log), threads=2)
     text = log.read_text()
     assert "2 training processes (cpu, gloo backend" in text and "rank 0 of 2" in text
     assert [m["step"] for m in metrics(state)] == [1, 2, 3, 4]

@@ -17,7 +17,7 @@ from wsss_core.methods.inference import frozen_cam_fn, multiscale_cams
 from wsss_core.metrics import ConfusionMatrix, ThresholdCurve, cam_to_labels
 from wsss_core.metrics.miou import _count_below, _max_and_index
 
-from conftest import randomize_bn
+from conftest import randomize_bn, tiny_cam_classifier
 
 TINY = {"arch": "resnet50", "layers": [1, 1, 1, 1], "width_per_group": 8, "weights": None}
 
@@ -193,19 +193,11 @@ def test_pinned_batches_only_for_cuda_models():
 def test_infer_cams_stage_frozen_path_equals_the_eager_path(tmp_path):
     """stages.classifier.infer_cams on the CPU (frozen TorchScript, the default) writes the maps of the eager
     channels-last path (``cams.optimize: false``) within 1e-4, and logs which path it used."""
-    from wsss_core.data.prepare import prepare_dataset
-    from wsss_core.data.toy import make_toy_dataset
     from wsss_core.stages.classifier import infer_cams, train_classifier
     from wsss_core.store import ShardedStore
 
-    make_toy_dataset(tmp_path / "toy", seed=3, image_size=48, n_train_aug=8, n_train=4, n_val=4, n_classes=3)
-    prepare_dataset({"kind": "toy", "root": str(tmp_path / "toy")}, "toy", tmp_path / "prepared")
-    cfg = {"backbone": {"arch": "resnet50", "layers": [1, 1, 1, 1], "width_per_group": 4, "output_stride": 16,
-                        "weights": None},
-           "batch_size": 4, "crop_size": 32, "resize_long": [40, 56], "max_steps": 2, "lr": 0.01,
-           "head_lr_mult": 10.0, "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9, "checkpoint_every": 2,
-           "num_workers": 0}
-    prepared, model = str(tmp_path / "prepared"), str(tmp_path / "model.pt")
+    prepared, cfg = tiny_cam_classifier(tmp_path)
+    model = str(tmp_path / "model.pt")
     train_classifier(prepared, "train_aug", "cam", cfg, model, str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl"),
                      seed=0, device="cpu", log=str(tmp_path / "train.log"))
     cams_cfg = {"scales": [1.0, 0.5, 1.5], "flip": True}

@@ -11,19 +11,11 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake, write_yaml
+from conftest import REPO, run_snakemake
 
 PROFILE = REPO / "profiles" / "slurm"
 
-# toy_cam_report on 16 + 8 + 8 images of 64 px, 10 classifier and 10 DeepLab steps: 12 SLURM jobs
-TINY = {"datasets": {"toy": {
-    "generator": {"n_train_aug": 16, "n_train": 8, "n_val": 8, "image_size": 64},
-    "stages": {"classifier": {"max_steps": 10, "checkpoint_every": 5, "batch_size": 4, "crop_size": 64,
-                              "resize_long": [56, 72]},
-               "cams": {"scales": [1.0], "n_shards": 1},
-               "crf": {"n_shards": 1},
-               "segmentation": {"max_steps": 10, "crop_size": 64, "batch_size": 4, "n_shards": 1}},
-}}}
+TINY = REPO / "tests" / "configs" / "tiny_toy_cam.yaml"  # toy_cam_report, 12 jobs
 
 
 def rule_names() -> dict[str, bool]:
@@ -50,8 +42,7 @@ def test_slurm_profile_resources_dry_run(tmp_path, monkeypatch):
     gpu=1; the profile replaces profiles/default (latency-wait 60)."""
     monkeypatch.setenv("WSSS_SLURM_PARTITION", "gpu-part")
     monkeypatch.delenv("WSSS_SLURM_ACCOUNT", raising=False)
-    cfg = write_yaml(tmp_path / "tiny.yaml", TINY)
-    dry = run_snakemake(tmp_path, "--workflow-profile", str(PROFILE), "-n", "toy_cam_report", configfile=cfg)
+    dry = run_snakemake(tmp_path, "--workflow-profile", str(PROFILE), "-n", "toy_cam_report", configfile=TINY)
     out = dry.stdout + dry.stderr
     assert f"workflow specific profile {PROFILE}" in out
     res = resources_by_rule(out)
@@ -70,11 +61,10 @@ def test_slurm_profile_resources_dry_run(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_toy_cam_report_through_slurm_equals_local_run(tmp_path, slurm_cluster, monkeypatch):
-    cfg = write_yaml(tmp_path / "tiny.yaml", TINY)
     local, remote = tmp_path / "local", tmp_path / "slurm"
     local.mkdir()
     remote.mkdir()
-    run_snakemake(local, "--cores", "2", "toy_cam_report", configfile=cfg)
+    run_snakemake(local, "--cores", "2", "toy_cam_report", configfile=TINY)
 
     # the shipped profile, with what a 2-CPU node without GPUs and accounting needs on top: partition, small
     # memory requests, gpu=0 for the GPU rules, squeue for job status, short first status check
@@ -90,7 +80,7 @@ def test_toy_cam_report_through_slurm_equals_local_run(tmp_path, slurm_cluster, 
     # the target before --set-resources, which takes several values and would swallow it
     proc = run_snakemake(remote, "toy_cam_report", "--workflow-profile", str(PROFILE),
                          "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-                         "--latency-wait", "5", "--slurm-keep-successful-logs", "--set-resources", *set_resources, configfile=cfg, timeout=1500)
+                         "--latency-wait", "5", "--slurm-keep-successful-logs", "--set-resources", *set_resources, configfile=TINY, timeout=1500)
     log = proc.stdout + proc.stderr
     assert "has been submitted with SLURM jobid" in log
 
