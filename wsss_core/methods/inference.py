@@ -85,20 +85,12 @@ def frozen_cam_fn(model: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torc
             wrapped = _CamModule(model, fn).eval()
             traced = torch.jit.trace(wrapped, torch.randn(2, 3, *trace_hw, generator=gen), check_trace=False)
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-            x = torch.randn(1, 3, *check_hw, generator=gen)
-            a, b = eager(x).float(), frozen(x).float()
-        scale = float(a.abs().max())
-        err = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
-        if not err <= rtol * max(scale, 1e-12):
-            return eager, f"eager (frozen trace differs at another size: {err:.2e} of max {scale:.2e})"
+            differs = _differs(eager, frozen, torch.randn(1, 3, *check_hw, generator=gen), rtol)
+        if differs:
+            return eager, f"eager (frozen trace differs at another size: {differs})"
     except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to the eager function
         return eager, f"eager (tracing failed: {_first_line(exc)})"
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return frozen(x.contiguous())
-
-    return run, "TorchScript frozen + optimize_for_inference (checked against eager at another size)"
+    return _no_grad(frozen), "TorchScript frozen + optimize_for_inference (checked against eager at another size)"
 
 
 def compiled_cam_fn(model: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
@@ -119,19 +111,29 @@ def compiled_cam_fn(model: nn.Module, fn: Callable[[nn.Module, torch.Tensor], to
         compiled = torch.compile(_CamModule(model, fn).eval(), dynamic=True, options={"freezing": True})
         with torch.no_grad():
             x = torch.randn(2, 3, *check_hw, generator=torch.Generator().manual_seed(0))
-            a, b = eager(x).float(), compiled(x).float()
-        scale = float(a.abs().max())
-        err = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
-        if not err <= rtol * max(scale, 1e-12):
-            return eager, f"eager (compiled function differs: {err:.2e} of max {scale:.2e})"
+            differs = _differs(eager, compiled, x, rtol)
+        if differs:
+            return eager, f"eager (compiled function differs: {differs})"
     except Exception as exc:  # noqa: BLE001 - no compiler, unsupported op, ...: the eager function
         return eager, f"eager (torch.compile failed: {_first_line(exc)})"
+    return _no_grad(compiled), "torch.compile (inductor, freezing, dynamic shapes; checked against eager)"
 
+
+def _differs(eager: Callable, fast: Callable, x: torch.Tensor, rtol: float) -> str:
+    """'' when ``fast(x)`` equals ``eager(x)`` within ``rtol`` times the maps' maximum, else what differs."""
+    a, b = eager(x).float(), fast(x).float()
+    scale = float(a.abs().max())
+    err = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
+    return "" if err <= rtol * max(scale, 1e-12) else f"{err:.2e} of max {scale:.2e}"
+
+
+def _no_grad(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> fn(x.contiguous())`` without autograd (the frozen / compiled graphs take NCHW-contiguous inputs)."""
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return compiled(x.contiguous())
+            return fn(x.contiguous())
 
-    return run, "torch.compile (inductor, freezing, dynamic shapes; checked against eager)"
+    return run
 
 
 @torch.inference_mode()
