@@ -1,29 +1,20 @@
-# Optional AffinityNet refinement (PSA): train on confident CAM labels, random-walk the CAMs into pseudo-masks.
-# Used instead of the CRF pseudo-masks when affinity.enabled is true for an experiment.
+# Pseudo-masks of `refine: affinity` (PSA's AffinityNet): train on confident CAM labels, random-walk the CAMs.
 
 
 rule train_affinity:
     input:
-        cams=lambda w: cam_shards(w.dataset, w.experiment, split_name(w.dataset, "train")),
-        manifest=lambda w: manifest(w.dataset),
-        weights=lambda w: weights_inputs(scfg(w.dataset, w.experiment, "affinity")),
+        cams=shards("cams", "train"),
+        manifest=rules.prepare_dataset.output.manifest,
+        weights=weights_inputs("affinity"),
     output:
-        model=f"{R}/{{dataset}}/{{experiment}}/affinity/model.pt",
+        model=out("affinity"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        split=lambda w: split_name(w.dataset, "train"),
-        cfg=lambda w: scfg(w.dataset, w.experiment, "affinity"),
-        state=lambda w: f"{R}/{w.dataset}/{w.experiment}/affinity/state",
-        hash=lambda w: stage_hash(w.dataset, w.experiment, "classifier", "cams", "affinity"),
-        seed=config["seed"],
-        device=config["device"],
-        locks=GPU_LOCKS,
-        weights_dir=config["weights_dir"],
+        job=job_params("affinity"),
     threads: 2
     resources:
-        gpu=lambda w: train_gpus(w.dataset, w.experiment, "affinity"),  # n_procs: one DDP process per GPU
+        gpu=train_gpus("affinity"),  # n_procs: one DDP process per GPU
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/train_affinity.log",
     script:
@@ -32,25 +23,19 @@ rule train_affinity:
 
 rule random_walk:
     input:
-        cams=lambda w: cam_shards(w.dataset, w.experiment, split_name(w.dataset, "train")),
-        cam_eval=f"{R}/{{dataset}}/{{experiment}}/eval/cams.json",
-        model=f"{R}/{{dataset}}/{{experiment}}/affinity/model.pt",
-        manifest=lambda w: manifest(w.dataset),
+        cams=shards("cams", "train"),
+        cam_eval=rules.eval_cams.output.json,
+        model=rules.train_affinity.output.model,
+        manifest=rules.prepare_dataset.output.manifest,
     output:
-        f"{R}/{{dataset}}/{{experiment}}/pseudo_masks_rw/{{shard}}-of-{{nshards}}.h5",
+        masks=out("rw_masks"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        split=lambda w: split_name(w.dataset, "train"),
-        cfg=lambda w: scfg(w.dataset, w.experiment, "affinity"),
-        hash=lambda w: rw_hash(w.dataset, w.experiment),
-        seed=config["seed"],
-        device=config["device"],
-        locks=GPU_LOCKS,
+        job=job_params("rw_masks"),
     threads: 2
     resources:
         gpu=1,
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/random_walk/{{shard}}-of-{{nshards}}.log",
     script:

@@ -3,22 +3,17 @@
 
 rule infer_cams:
     input:
-        model=f"{R}/{{dataset}}/{{experiment}}/classifier/model.pt",
-        manifest=lambda w: manifest(w.dataset),
+        model=rules.train_classifier.output.model,
+        manifest=rules.prepare_dataset.output.manifest,
     output:
-        f"{R}/{{dataset}}/{{experiment}}/cams/{{split}}/{{shard}}-of-{{nshards}}.h5",
+        cams=out("cams"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        cfg=lambda w: scfg(w.dataset, w.experiment, "cams"),
-        hash=lambda w: cams_hash(w.dataset, w.experiment),
-        seed=config["seed"],
-        device=config["device"],
-        locks=GPU_LOCKS,
+        job=job_params("cams"),
     threads: 2
     resources:
         gpu=1,
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/infer_cams/{{split}}_{{shard}}-of-{{nshards}}.log",
     script:
@@ -28,16 +23,13 @@ rule infer_cams:
 rule eval_cams:
     input:
         cams=all_cam_shards,
-        manifest=lambda w: manifest(w.dataset),
+        manifest=rules.prepare_dataset.output.manifest,
     output:
-        f"{R}/{{dataset}}/{{experiment}}/eval/cams.json",
+        json=out("cam_eval"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        threshold_split=lambda w: split_name(w.dataset, "threshold"),
-        eval_split=lambda w: split_name(w.dataset, "eval"),
-        cfg=lambda w: scfg(w.dataset, w.experiment, "eval"),
+        job=job_params("cam_eval"),
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/eval_cams.log",
     script:

@@ -1,4 +1,5 @@
-# Helpers shared by the rules: config validation, paths, per-stage settings, dataset checks.
+# Helpers shared by the rules: config validation, the artifact table (paths, settings, hashes), job settings,
+# input functions, dataset checks. Paths come from wsss_core/pipeline.py::ARTIFACTS, nowhere else.
 
 import os
 from pathlib import Path
@@ -7,10 +8,10 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
-from wsss_core.config import config_hash, stage_config, url_file_name
-from wsss_core.data.prepare import VOC_HOWTO, voc_layout_problems, voc_lists
-from wsss_core.data.prepare import SALIENCY_HOWTO
-from wsss_core.errors import CONFIG_FIX, config_problems, missing_weights_message
+from wsss_core.config import experiment_config, url_file_name
+from wsss_core.data.prepare import SALIENCY_HOWTO, VOC_HOWTO, voc_layout_problems, voc_lists
+from wsss_core.errors import CONFIG_FIX, ConfigError, config_problems, missing_weights_message
+from wsss_core.pipeline import ARTIFACTS, Pipeline
 
 
 def _config_sources():
@@ -32,7 +33,9 @@ def _config_sources():
 
 def _validate_config():
     """Schema check with one readable message (dotted key, the file it is in, closest spelling) instead of the schema
-    dump of snakemake.utils.validate, which still runs afterwards (it would fill in schema defaults)."""
+    dump of snakemake.utils.validate, which still runs afterwards (it would fill in schema defaults); then the
+    references between sections: suites name experiments, experiments extend experiments and name registered
+    methods (after importing method_plugins)."""
     import yaml
 
     schema = yaml.safe_load((Path(workflow.basedir) / "schemas" / "config.schema.yaml").read_text())
@@ -41,26 +44,32 @@ def _validate_config():
         listed = "\n  - ".join(["invalid configuration:", *problems])
         raise WorkflowError(f"{listed}\n{CONFIG_FIX}")
     validate(config, "../schemas/config.schema.yaml")
+    from wsss_core.methods import check_method_name, load_plugins
+
+    try:
+        load_plugins(config.get("method_plugins") or [])
+        for suite, s in config["suites"].items():
+            for exp in s["experiments"]:
+                if exp not in config["experiments"]:
+                    raise ConfigError(f"suites.{suite} names experiment {exp!r}, which is not under experiments "
+                                      f"(known: {sorted(config['experiments'])})")
+        for exp in config["experiments"]:
+            method = experiment_config(config, exp).get("method")
+            if method is None:
+                raise ConfigError(f"experiments.{exp} has no method (set method:, or extends: an experiment with one)")
+            try:
+                check_method_name(method)
+            except KeyError as exc:
+                raise ConfigError(f"experiments.{exp}.method: {exc.args[0]}") from None
+    except ConfigError as exc:
+        raise WorkflowError(f"invalid configuration: {exc}\n{CONFIG_FIX}") from None
 
 
 _validate_config()
 
-R = config["results_dir"]
+P = Pipeline(config)
 L = config["logs_dir"]
-GPU_LOCKS = config.get("gpu_lock_dir", ".wsss/gpu-locks")
-
-
-def _check_references():
-    for suite, s in config["suites"].items():
-        for exp in s["experiments"]:
-            if exp not in config["experiments"]:
-                raise WorkflowError(
-                    f"config: suites.{suite} names experiment {exp!r}, which is not under experiments "
-                    f"(known: {sorted(config['experiments'])})"
-                )
-
-
-_check_references()
+ENV = "../envs/wsss.yaml"
 
 
 wildcard_constraints:
@@ -72,44 +81,55 @@ wildcard_constraints:
     nshards=r"\d+",
 
 
+def out(artifact):
+    """A rule's output path: the artifact's template (wsss_core/pipeline.py::ARTIFACTS), wildcards left in."""
+    return P.template(artifact)
+
+
 def dataset_cfg(dataset):
     return config["datasets"][dataset]
 
 
-def split_name(dataset, role):
-    """Actual split name of a role (train, threshold, mask_eval, eval) of a dataset."""
-    return dataset_cfg(dataset)["splits"][role]
-
-
-def scfg(dataset, experiment, stage):
-    return stage_config(config, dataset, experiment, stage)
-
-
-def train_gpus(dataset, experiment, stage):
-    """The `gpu` resource of a training job: the stage's n_procs (data-parallel processes, one per GPU; default 1)."""
-    return int(scfg(dataset, experiment, stage).get("n_procs", 1))
+def prepared(dataset):
+    """The prepared dataset folder (manifest, labels, lists)."""
+    return os.path.dirname(P.path("manifest", dataset=dataset))
 
 
 def dataset_root(dataset):
     ds = dataset_cfg(dataset)
-    if ds["kind"] == "toy":
-        return f"{R}/{dataset}/source"
-    return ds["root"]
+    return P.path("toy_source", dataset=dataset) if ds["kind"] == "toy" else ds["root"]
 
 
-def dataset_for_prepare(dataset):
-    """What prepare_dataset depends on: the dataset's own settings, without stage overrides."""
-    ds = {k: v for k, v in dataset_cfg(dataset).items() if k not in ("stages", "saliency")}
-    return {**ds, "root": dataset_root(dataset)}
+def scfg(dataset, experiment, artifact):
+    return P.settings(dataset, experiment, artifact)
 
 
-def prepared(dataset):
-    return f"{R}/{dataset}/dataset"
+def job_params(artifact=None, **extra):
+    """``params: job=`` of a rule: the JobSettings fields that decide its outputs (wsss_core/stages/job.py) — the
+    artifact's stage settings and config hash, the dataset's folder and split roles, the method, and ``extra``
+    (values or functions of the wildcards). How the job runs (device, GPU lease folder, weights cache, seed) is
+    read from the config by the job itself, so changing it reruns nothing that is done."""
+
+    def params(w):
+        d, e = w.get("dataset"), w.get("experiment")
+        job = {"extra": {k: v(w) if callable(v) else v for k, v in extra.items()}}
+        if d is not None:
+            job.update(dataset=d, prepared=prepared(d), splits=dict(dataset_cfg(d)["splits"]))
+        if e is not None:
+            job.update(experiment=e, method=experiment_config(config, e)["method"])
+        if artifact is not None:
+            job.update(cfg=P.settings(d, e, artifact), config_hash=P.hash(d, e, artifact))
+        return job
+
+    return params
 
 
-def manifest(dataset):
-    return f"{prepared(dataset)}/manifest.json"
+def train_gpus(artifact):
+    """The `gpu` resource of a training job: its stage's n_procs (data-parallel processes, one per GPU; default 1)."""
+    return lambda w: int(P.settings(w.dataset, w.experiment, artifact).get("n_procs", 1))
 
+
+# ------------------------------------------------------------------------------------------- dataset inputs
 
 def dataset_inputs(wildcards):
     """Inputs of prepare_dataset; for a user dataset, check its layout now (at DAG build) and name what is missing."""
@@ -129,6 +149,11 @@ def dataset_inputs(wildcards):
     return {"images": str(root / "JPEGImages"), **lists}
 
 
+def dataset_for_prepare(dataset):
+    """What prepare_dataset depends on: the dataset's own settings (root resolved), without stage overrides."""
+    return {**P.dataset_settings(dataset), "root": dataset_root(dataset)}
+
+
 def saliency_inputs(dataset, experiment):
     """The saliency manifest when the experiment trains with saliency (classifier.saliency); checks a user folder now."""
     if not scfg(dataset, experiment, "classifier").get("saliency"):
@@ -141,17 +166,44 @@ def saliency_inputs(dataset, experiment):
                 f"experiment {experiment!r} trains with saliency maps, but datasets.{dataset}.saliency.dir "
                 f"({folder}) is not a folder.\n{SALIENCY_HOWTO}"
             )
-    return [f"{R}/{dataset}/saliency/manifest.json"]
+    return [P.path("saliency", dataset=dataset)]
 
 
-def n_shards(dataset, experiment, stage):
-    return int(scfg(dataset, experiment, stage)["n_shards"])
+def weights_inputs(artifact):
+    """Input function: the weights files a training stage needs (fetched by fetch_weights / fetch_url_weights); a
+    local path is checked now (DAG build)."""
+
+    def fn(w):
+        spec = P.settings(w.dataset, w.experiment, artifact)["backbone"].get("weights")
+        if spec and spec.get("path") and not Path(spec["path"]).expanduser().is_file():
+            raise WorkflowError(f"{missing_weights_message(spec['path'])} (Set in config: the backbone.weights.path "
+                                "of this rule's stage, for the dataset and experiment shown below.)")
+        if spec and spec.get("torchvision") and not spec.get("path"):
+            return [f"{config['weights_dir']}/{spec['torchvision']}.pth"]
+        if spec and spec.get("url") and not spec.get("path"):
+            return [f"{config['weights_dir']}/url/{url_file_name(spec['url'])}"]
+        return []
+
+    return fn
 
 
-def cam_splits(dataset, experiment):
-    roles = scfg(dataset, experiment, "cams")["splits"]
-    return list(dict.fromkeys(split_name(dataset, r) for r in roles))
+def weights_url(name):
+    """The URL of a ``{url: ...}`` weights spec whose file name is ``name`` (any stage of any experiment)."""
+    def walk(node):
+        if isinstance(node, dict):
+            u = node.get("url")
+            if isinstance(u, str) and url_file_name(u) == name:
+                yield u
+            for v in node.values():
+                yield from walk(v)
 
+    urls = sorted(set(walk(config)))
+    if not urls:
+        raise WorkflowError(f"no weights url in the config ends in {name!r}")
+    return urls[0]
+
+
+# ------------------------------------------------------------------------------------------- shard inputs
 
 _SHARDS_CHECKED = set()
 
@@ -188,186 +240,81 @@ def checked_shards(paths, kind, split, hash_now):
     return paths
 
 
-def cams_hash(dataset, experiment):
-    return stage_hash(dataset, experiment, "classifier", "cams")
+def shard_paths(artifact, dataset, experiment, split=None):
+    """Every (checked) shard of a sharded artifact; ``split`` for artifacts of any split (cams, seg_pred)."""
+    name = P.resolve(experiment, artifact)
+    a = ARTIFACTS[name]
+    split = P.split_name(dataset, a.split_role) if a.split_role else split
+    return checked_shards(P.shards(name, dataset, experiment, split), a.kind, split,
+                          lambda: P.hash(dataset, experiment, name))
 
 
-def cam_shards(dataset, experiment, split):
-    n = n_shards(dataset, experiment, "cams")
-    paths = [f"{R}/{dataset}/{experiment}/cams/{split}/{k}-of-{n}.h5" for k in range(n)]
-    return checked_shards(paths, "cams", split, lambda: cams_hash(dataset, experiment))
+def shards(artifact, role=None):
+    """Input function: the shards of ``artifact`` for the job's dataset and experiment, of the split of ``role``
+    (artifacts of any split, e.g. cams) or of their own split (pseudo-masks: the train split)."""
+    return lambda w: shard_paths(artifact, w.dataset, w.experiment, role and P.split_name(w.dataset, role))
 
 
-def all_cam_shards(wildcards):
-    return [p for s in cam_splits(wildcards.dataset, wildcards.experiment) for p in cam_shards(wildcards.dataset, wildcards.experiment, s)]
+def cam_splits(dataset, experiment):
+    roles = scfg(dataset, experiment, "cams")["splits"]
+    return list(dict.fromkeys(P.split_name(dataset, r) for r in roles))
 
 
-def uses_affinity(dataset, experiment):
-    return bool(scfg(dataset, experiment, "affinity").get("enabled"))
-
-
-def uses_irn(dataset, experiment):
-    return bool(scfg(dataset, experiment, "irn").get("enabled"))
-
-
-def mask_stages(dataset, experiment):
-    """The stages that determine the pseudo-masks (for hashes downstream of them)."""
-    if uses_irn(dataset, experiment):
-        return ("classifier", "cams", "eval", "irn")
-    base = ("classifier", "cams", "eval", "crf")
-    return base + ("affinity",) if uses_affinity(dataset, experiment) else base
-
-
-def ir_label_hash(dataset, experiment):
-    """IRN stage without the random walk: confident-region labels and the IRN network."""
-    return stage_hash(dataset, experiment, "classifier", "cams", "eval", "irn-")
-
-
-def ir_label_shards(dataset, experiment):
-    """IRN stage: the confident-region labels (cam_to_ir_label), one shard set per experiment."""
-    n = n_shards(dataset, experiment, "irn")
-    paths = [f"{R}/{dataset}/{experiment}/irn/ir_label/{k}-of-{n}.h5" for k in range(n)]
-    return checked_shards(paths, "masks", split_name(dataset, "train"), lambda: ir_label_hash(dataset, experiment))
+def all_cam_shards(w):
+    return [p for s in cam_splits(w.dataset, w.experiment) for p in shard_paths("cams", w.dataset, w.experiment, s)]
 
 
 def irn_classifier_inputs(w):
     """The trained classifier when the IRN backbone starts from it (irn.init_from_classifier, toy data)."""
     if scfg(w.dataset, w.experiment, "irn").get("init_from_classifier"):
-        return [f"{R}/{w.dataset}/{w.experiment}/classifier/model.pt"]
+        return [P.path("classifier", dataset=w.dataset, experiment=w.experiment)]
     return []
 
 
-def crf_hash(dataset, experiment):
-    return stage_hash(dataset, experiment, "classifier", "cams", "eval", "crf")
-
-
-def rw_hash(dataset, experiment):
-    return stage_hash(dataset, experiment, "classifier", "cams", "eval", "affinity")
-
-
-def irn_mask_hash(dataset, experiment):
-    return stage_hash(dataset, experiment, "classifier", "cams", "eval", "irn")
-
-
-def pseudo_mask_hash(dataset, experiment):
-    """The config hash of the pseudo-masks (make_sem_seg_labels, random_walk or refine_crf)."""
-    if uses_irn(dataset, experiment):
-        return irn_mask_hash(dataset, experiment)
-    return (rw_hash if uses_affinity(dataset, experiment) else crf_hash)(dataset, experiment)
-
-
-def pseudo_mask_shards(dataset, experiment):
-    """Pseudo-mask shards: IRN random walk (irn.enabled), AffinityNet random walk (affinity.enabled), else the
-    CRF-refined CAMs."""
-    if uses_irn(dataset, experiment):
-        n = n_shards(dataset, experiment, "irn")
-        folder = "pseudo_masks_irn"
-    elif uses_affinity(dataset, experiment):
-        n = n_shards(dataset, experiment, "affinity")
-        folder = "pseudo_masks_rw"
-    else:
-        n = n_shards(dataset, experiment, "crf")
-        folder = "pseudo_masks"
-    paths = [f"{R}/{dataset}/{experiment}/{folder}/{k}-of-{n}.h5" for k in range(n)]
-    return checked_shards(paths, "masks", split_name(dataset, "train"), lambda: pseudo_mask_hash(dataset, experiment))
-
-
-def seg_hash(dataset, experiment):
-    """Segmentation network and its predictions."""
-    return stage_hash(dataset, experiment, *mask_stages(dataset, experiment), "segmentation")
-
-
-def seg_pred_shards(dataset, experiment, split):
-    n = n_shards(dataset, experiment, "segmentation")
-    paths = [f"{R}/{dataset}/{experiment}/segmentation/pred/{split}/{k}-of-{n}.h5" for k in range(n)]
-    return checked_shards(paths, "masks", split, lambda: seg_hash(dataset, experiment))
-
-
-def stage_hash(dataset, experiment, *stages):
-    """Hash of everything that determines a stage's output (settings of it and its upstream stages, seed, method).
-    A stage named ``irn-`` stands for the IRN settings without the random walk's (``irn_cfg(..., walk=False)``)."""
-    exp = config["experiments"][experiment]
-    return config_hash(
-        {
-            "dataset": dataset_for_prepare(dataset),
-            "method": exp["method"],
-            "seed": config["seed"],
-            "stages": {
-                s: irn_cfg(dataset, experiment, walk=False) if s == "irn-" else scfg(dataset, experiment, s)
-                for s in stages
-            },
-        }
-    )
-
-
-def irn_cfg(dataset, experiment, walk=True):
-    """The irn stage settings; ``walk=False`` drops ``rw`` (the random walk's settings), so that changing them
-    reruns make_sem_seg_labels only, not cam_to_ir_label and train_irn."""
-    cfg = scfg(dataset, experiment, "irn")
-    return cfg if walk else {k: v for k, v in cfg.items() if k != "rw"}
-
-
-def report_md(dataset, suite):
-    return f"{R}/{dataset}/reports/{suite}/report.md"
-
-
-def suite_experiments(suite):
-    return config["suites"][suite]["experiments"]
-
-
-def weights_inputs(cfg):
-    """torchvision weights files a stage needs (fetched by fetch_weights); a local path is checked now (DAG build)."""
-    w = cfg["backbone"].get("weights")
-    if w and w.get("path") and not Path(w["path"]).expanduser().is_file():
-        raise WorkflowError(f"{missing_weights_message(w['path'])} (Set in config: the backbone.weights.path of "
-                            "this rule's stage, for the dataset and experiment shown below.)")
-    if w and w.get("torchvision") and not w.get("path"):
-        return [f"{config['weights_dir']}/{w['torchvision']}.pth"]
-    if w and w.get("url") and not w.get("path"):
-        return [f"{config['weights_dir']}/url/{url_file_name(w['url'])}"]
-    return []
-
-
-def weights_url(name):
-    """The URL of a ``{url: ...}`` weights spec whose file name is ``name`` (any stage of any experiment)."""
-    def walk(node):
-        if isinstance(node, dict):
-            u = node.get("url")
-            if isinstance(u, str) and url_file_name(u) == name:
-                yield u
-            for v in node.values():
-                yield from walk(v)
-
-    urls = sorted(set(walk(config)))
-    if not urls:
-        raise WorkflowError(f"no weights url in the config ends in {name!r}")
-    return urls[0]
-
-
-def report_inputs(wildcards):
-    ds, exps = wildcards.dataset, suite_experiments(wildcards.suite)
-    ev = split_name(ds, "eval")
-    return {
-        "manifest": manifest(ds),
-        "cam_evals": [f"{R}/{ds}/{e}/eval/cams.json" for e in exps],
-        "mask_evals": [f"{R}/{ds}/{e}/eval/pseudo_masks.json" for e in exps],
-        "seg_evals": [f"{R}/{ds}/{e}/eval/segmentation.json" for e in exps],
-        "cams": [p for e in exps for p in cam_shards(ds, e, ev)],
-        "masks": [p for e in exps for p in pseudo_mask_shards(ds, e)],
-        "preds": [p for e in exps for p in seg_pred_shards(ds, e, ev)],
-        "classifiers": [f"{R}/{ds}/{e}/classifier/model.pt" for e in exps],
-        "segmenters": [f"{R}/{ds}/{e}/segmentation/model.pt" for e in exps],
-        "saliency": sorted({p for e in exps for p in saliency_inputs(ds, e)}),
-        "submissions": [f"{R}/{ds}/{e}/submission/results.tar.gz" for e in exps] if has_test_split(ds) else [],
-        "ir_label_evals": [f"{R}/{ds}/{e}/eval/ir_labels.json" for e in exps if uses_irn(ds, e)],
-    }
-
+# ------------------------------------------------------------------------------------------- report inputs
 
 def has_test_split(dataset):
     """Datasets with a `test` split role (e.g. VOC2012 test) get a submission archive per experiment."""
     return bool(dataset_cfg(dataset)["splits"].get("test"))
 
 
+def experiment_files(dataset, experiment):
+    """What the report reads of one experiment (name -> path or list of paths)."""
+    d, e = dataset, experiment
+    ev = P.split_name(d, "eval")
+    files = {name: P.path(name, dataset=d, experiment=e)
+             for name in ("cam_eval", "mask_eval", "seg_eval", "classifier", "segmentation")}
+    files.update(cams=shard_paths("cams", d, e, ev), masks=shard_paths("pseudo_masks", d, e),
+                 preds=shard_paths("seg_pred", d, e, ev), saliency=saliency_inputs(d, e))
+    if P.mask_artifact(e) == "irn_masks":
+        files["ir_label_eval"] = P.path("ir_label_eval", dataset=d, experiment=e)
+    if has_test_split(d):
+        files["submission"] = P.path("submission", dataset=d, experiment=e)
+    return files
+
+
+def report_groups(w):
+    """The report's inputs grouped by experiment: {experiment: {name: path or paths}}."""
+    return {e: experiment_files(w.dataset, e) for e in config["suites"][w.suite]["experiments"]}
+
+
+def report_inputs(w):
+    """The same files, flat (named lists) for Snakemake."""
+    flat = {"manifest": [P.path("manifest", dataset=w.dataset)]}
+    for files in report_groups(w).values():
+        for name, paths in files.items():
+            flat.setdefault(name, []).extend([paths] if isinstance(paths, str) else paths)
+    return {name: list(dict.fromkeys(paths)) for name, paths in flat.items()}
+
+
 def experiment_label(experiment):
-    exp = config["experiments"][experiment]
+    exp = experiment_config(config, experiment)
     return exp.get("label") or exp["method"]
+
+
+def experiment_labels(w):
+    return {e: experiment_label(e) for e in config["suites"][w.suite]["experiments"]}
+
+
+def report_md(dataset, suite):
+    return os.path.join(P.path("report", dataset=dataset, suite=suite), "report.md")

@@ -3,11 +3,11 @@
 
 rule make_toy_dataset:
     output:
-        directory(f"{R}/{{dataset}}/source"),
+        root=directory(out("toy_source")),
     params:
-        generator=lambda w: dataset_cfg(w.dataset).get("generator", {}),
+        job=job_params(generator=lambda w: dataset_cfg(w.dataset).get("generator", {})),
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/make_toy_dataset.log",
     script:
@@ -18,15 +18,14 @@ rule prepare_dataset:
     input:
         unpack(dataset_inputs),
     output:
-        manifest=f"{R}/{{dataset}}/dataset/manifest.json",
-        labels=f"{R}/{{dataset}}/dataset/labels.json",
-        lists=directory(f"{R}/{{dataset}}/dataset/lists"),
+        manifest=out("manifest"),
+        labels=out("labels"),
+        lists=directory(out("lists")),
     params:
-        ds=lambda w: dataset_for_prepare(w.dataset),
-        out_dir=lambda w: prepared(w.dataset),
+        job=job_params(ds=lambda w: dataset_for_prepare(w.dataset)),
     threads: 2
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/prepare_dataset.log",
     script:

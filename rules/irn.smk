@@ -1,23 +1,19 @@
-# IRN refinement (SIPE / SFC; spec irn.md): CAMs -> confident-region labels (cam2ir, CPU CRFs) -> IRN boundary
-# network -> random walk of the CAMs along the boundaries -> pseudo-masks (pseudo_masks_irn). Used instead of the
-# CRF pseudo-masks when irn.enabled is true for an experiment; eval_pseudo_masks scores them as usual.
+# Pseudo-masks of `refine: irn` (IRN, jiwoon-ahn/irn, as SIPE / SFC use it): CAMs -> confident-region labels
+# (cam_to_ir_label, CPU CRFs) -> IRN boundary network -> random walk of the CAMs along the boundaries.
 
 
 rule cam_to_ir_label:
     input:
-        cams=lambda w: cam_shards(w.dataset, w.experiment, split_name(w.dataset, "train")),
-        cam_eval=f"{R}/{{dataset}}/{{experiment}}/eval/cams.json",
-        manifest=lambda w: manifest(w.dataset),
+        cams=shards("cams", "train"),
+        cam_eval=rules.eval_cams.output.json,
+        manifest=rules.prepare_dataset.output.manifest,
     output:
-        f"{R}/{{dataset}}/{{experiment}}/irn/ir_label/{{shard}}-of-{{nshards}}.h5",
+        masks=out("ir_labels"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        split=lambda w: split_name(w.dataset, "train"),
-        cfg=lambda w: irn_cfg(w.dataset, w.experiment, walk=False),
-        hash=lambda w: ir_label_hash(w.dataset, w.experiment),
+        job=job_params("ir_labels"),
     threads: 2
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/cam_to_ir_label/{{shard}}-of-{{nshards}}.log",
     script:
@@ -26,29 +22,19 @@ rule cam_to_ir_label:
 
 rule train_irn:
     input:
-        ir_labels=lambda w: ir_label_shards(w.dataset, w.experiment),
-        manifest=lambda w: manifest(w.dataset),
-        weights=lambda w: weights_inputs(scfg(w.dataset, w.experiment, "irn")),
+        ir_labels=shards("ir_labels"),
+        manifest=rules.prepare_dataset.output.manifest,
+        weights=weights_inputs("irn"),
         classifier=irn_classifier_inputs,
     output:
-        model=f"{R}/{{dataset}}/{{experiment}}/irn/model.pt",
+        model=out("irn"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        split=lambda w: split_name(w.dataset, "train"),
-        mean_shift_split=lambda w: split_name(w.dataset, "mask_eval"),
-        cfg=lambda w: irn_cfg(w.dataset, w.experiment, walk=False),
-        state=lambda w: f"{R}/{w.dataset}/{w.experiment}/irn/state",
-        hash=lambda w: ir_label_hash(w.dataset, w.experiment),
-        classifier_model=lambda w: (irn_classifier_inputs(w) or [None])[0],
-        seed=config["seed"],
-        device=config["device"],
-        locks=GPU_LOCKS,
-        weights_dir=config["weights_dir"],
+        job=job_params("irn"),
     threads: 2
     resources:
-        gpu=lambda w: train_gpus(w.dataset, w.experiment, "irn"),  # n_procs: one DDP process per GPU
+        gpu=train_gpus("irn"),  # n_procs: one DDP process per GPU
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/train_irn.log",
     script:
@@ -57,25 +43,19 @@ rule train_irn:
 
 rule make_sem_seg_labels:
     input:
-        cams=lambda w: cam_shards(w.dataset, w.experiment, split_name(w.dataset, "train")),
-        cam_eval=f"{R}/{{dataset}}/{{experiment}}/eval/cams.json",
-        model=f"{R}/{{dataset}}/{{experiment}}/irn/model.pt",
-        manifest=lambda w: manifest(w.dataset),
+        cams=shards("cams", "train"),
+        cam_eval=rules.eval_cams.output.json,
+        model=rules.train_irn.output.model,
+        manifest=rules.prepare_dataset.output.manifest,
     output:
-        f"{R}/{{dataset}}/{{experiment}}/pseudo_masks_irn/{{shard}}-of-{{nshards}}.h5",
+        masks=out("irn_masks"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        split=lambda w: split_name(w.dataset, "train"),
-        cfg=lambda w: scfg(w.dataset, w.experiment, "irn"),
-        hash=lambda w: irn_mask_hash(w.dataset, w.experiment),
-        seed=config["seed"],
-        device=config["device"],
-        locks=GPU_LOCKS,
+        job=job_params("irn_masks"),
     threads: 2
     resources:
         gpu=1,
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/make_sem_seg_labels/{{shard}}-of-{{nshards}}.log",
     script:
@@ -84,15 +64,14 @@ rule make_sem_seg_labels:
 
 rule eval_sem_seg:
     input:
-        ir_labels=lambda w: ir_label_shards(w.dataset, w.experiment),
-        manifest=lambda w: manifest(w.dataset),
+        masks=shards("ir_labels"),
+        manifest=rules.prepare_dataset.output.manifest,
     output:
-        f"{R}/{{dataset}}/{{experiment}}/eval/ir_labels.json",
+        json=out("ir_label_eval"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        split=lambda w: split_name(w.dataset, "mask_eval"),
+        job=job_params(what="ir_labels", role="mask_eval"),
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/eval_sem_seg.log",
     script:

@@ -1,21 +1,19 @@
-# Pseudo-masks: CAMs + chosen background threshold + dense CRF (pydensecrf2), sharded; and their evaluation.
+# Pseudo-masks of `refine: crf`: CAMs + chosen background threshold + dense CRF (pydensecrf2), sharded; and the
+# evaluation of every experiment's pseudo-masks, whichever refinement made them.
 
 
 rule refine_crf:
     input:
-        cams=all_cam_shards,
-        cam_eval=f"{R}/{{dataset}}/{{experiment}}/eval/cams.json",
-        manifest=lambda w: manifest(w.dataset),
+        cams=shards("cams", "train"),
+        cam_eval=rules.eval_cams.output.json,
+        manifest=rules.prepare_dataset.output.manifest,
     output:
-        f"{R}/{{dataset}}/{{experiment}}/pseudo_masks/{{shard}}-of-{{nshards}}.h5",
+        masks=out("crf_masks"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        split=lambda w: split_name(w.dataset, "train"),
-        cfg=lambda w: scfg(w.dataset, w.experiment, "crf"),
-        hash=lambda w: crf_hash(w.dataset, w.experiment),
+        job=job_params("crf_masks"),
     threads: 2
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/refine_crf/{{shard}}-of-{{nshards}}.log",
     script:
@@ -24,16 +22,14 @@ rule refine_crf:
 
 rule eval_pseudo_masks:
     input:
-        masks=lambda w: pseudo_mask_shards(w.dataset, w.experiment),
-        manifest=lambda w: manifest(w.dataset),
+        masks=shards("pseudo_masks"),
+        manifest=rules.prepare_dataset.output.manifest,
     output:
-        f"{R}/{{dataset}}/{{experiment}}/eval/pseudo_masks.json",
+        json=out("mask_eval"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        split=lambda w: split_name(w.dataset, "mask_eval"),
-        what="pseudo_masks",
+        job=job_params(what="pseudo_masks", role="mask_eval"),
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/eval_pseudo_masks.log",
     script:

@@ -5,39 +5,40 @@ rule report:
     input:
         unpack(report_inputs),
     output:
-        md=f"{R}/{{dataset}}/reports/{{suite}}/report.md",
-        json=f"{R}/{{dataset}}/reports/{{suite}}/report.json",
+        md=f"{out('report')}/report.md",
+        json=f"{out('report')}/report.json",
         curves=report(
-            f"{R}/{{dataset}}/reports/{{suite}}/threshold_curves.png",
+            f"{out('report')}/threshold_curves.png",
             category="{dataset} {suite}",
             caption="../report/threshold_curves.rst",
         ),
         per_class=report(
-            f"{R}/{{dataset}}/reports/{{suite}}/per_class_iou.png",
+            f"{out('report')}/per_class_iou.png",
             category="{dataset} {suite}",
             caption="../report/per_class_iou.rst",
         ),
         qualitative=report(
-            f"{R}/{{dataset}}/reports/{{suite}}/qualitative.png",
+            f"{out('report')}/qualitative.png",
             category="{dataset} {suite}",
             caption="../report/qualitative.rst",
         ),
         training=report(
-            f"{R}/{{dataset}}/reports/{{suite}}/training.png",
+            f"{out('report')}/training.png",
             category="{dataset} {suite}",
             caption="../report/training.rst",
         ),
     params:
-        experiments=lambda w: suite_experiments(w.suite),
-        suite=lambda w: w.suite,
-        dataset=lambda w: w.dataset,
-        prepared=lambda w: prepared(w.dataset),
-        eval_split=lambda w: split_name(w.dataset, "eval"),
-        mask_split=lambda w: split_name(w.dataset, "train"),
-        methods=lambda w: {e: experiment_label(e) for e in suite_experiments(w.suite)},
-        config=config,
+        job=job_params(
+            suite=lambda w: w.suite,
+            experiments=lambda w: config["suites"][w.suite]["experiments"],
+            labels=experiment_labels,
+            files=report_groups,
+            settings=lambda w: {e: experiment_config(config, e) for e in config["suites"][w.suite]["experiments"]},
+            seed=config["seed"],
+            eval_stage=config["stages"]["eval"],
+        ),
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/reports/{{suite}}.log",
     script:

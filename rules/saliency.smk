@@ -4,16 +4,13 @@
 
 rule saliency:
     input:
-        manifest=lambda w: manifest(w.dataset),
+        manifest=rules.prepare_dataset.output.manifest,
     output:
-        f"{R}/{{dataset}}/saliency/manifest.json",
+        manifest=out("saliency"),
     params:
-        ds=lambda w: {**dataset_for_prepare(w.dataset), "saliency": dataset_cfg(w.dataset).get("saliency")},
-        prepared=lambda w: prepared(w.dataset),
-        splits=lambda w: [split_name(w.dataset, "train")],
-        seed=config["seed"],
+        job=job_params(ds=lambda w: {**dataset_for_prepare(w.dataset), "saliency": dataset_cfg(w.dataset).get("saliency")}),
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/saliency.log",
     script:

@@ -3,26 +3,18 @@
 
 rule train_segmentation:
     input:
-        masks=lambda w: pseudo_mask_shards(w.dataset, w.experiment),
-        manifest=lambda w: manifest(w.dataset),
-        weights=lambda w: weights_inputs(scfg(w.dataset, w.experiment, "segmentation")),
+        masks=shards("pseudo_masks"),
+        manifest=rules.prepare_dataset.output.manifest,
+        weights=weights_inputs("segmentation"),
     output:
-        model=f"{R}/{{dataset}}/{{experiment}}/segmentation/model.pt",
+        model=out("segmentation"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        split=lambda w: split_name(w.dataset, "train"),
-        cfg=lambda w: scfg(w.dataset, w.experiment, "segmentation"),
-        state=lambda w: f"{R}/{w.dataset}/{w.experiment}/segmentation/state",
-        hash=lambda w: seg_hash(w.dataset, w.experiment),
-        seed=config["seed"],
-        device=config["device"],
-        locks=GPU_LOCKS,
-        weights_dir=config["weights_dir"],
+        job=job_params("segmentation"),
     threads: 2
     resources:
-        gpu=lambda w: train_gpus(w.dataset, w.experiment, "segmentation"),  # n_procs: one DDP process per GPU
+        gpu=train_gpus("segmentation"),  # n_procs: one DDP process per GPU
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/train_segmentation.log",
     script:
@@ -31,22 +23,17 @@ rule train_segmentation:
 
 rule infer_segmentation:
     input:
-        model=f"{R}/{{dataset}}/{{experiment}}/segmentation/model.pt",
-        manifest=lambda w: manifest(w.dataset),
+        model=rules.train_segmentation.output.model,
+        manifest=rules.prepare_dataset.output.manifest,
     output:
-        f"{R}/{{dataset}}/{{experiment}}/segmentation/pred/{{split}}/{{shard}}-of-{{nshards}}.h5",
+        masks=out("seg_pred"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        cfg=lambda w: scfg(w.dataset, w.experiment, "segmentation"),
-        hash=lambda w: seg_hash(w.dataset, w.experiment),
-        seed=config["seed"],
-        device=config["device"],
-        locks=GPU_LOCKS,
+        job=job_params("seg_pred"),
     threads: 2
     resources:
         gpu=1,
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/infer_segmentation/{{split}}_{{shard}}-of-{{nshards}}.log",
     script:
@@ -55,16 +42,14 @@ rule infer_segmentation:
 
 rule eval_segmentation:
     input:
-        masks=lambda w: seg_pred_shards(w.dataset, w.experiment, split_name(w.dataset, "eval")),
-        manifest=lambda w: manifest(w.dataset),
+        masks=shards("seg_pred", "eval"),
+        manifest=rules.prepare_dataset.output.manifest,
     output:
-        f"{R}/{{dataset}}/{{experiment}}/eval/segmentation.json",
+        json=out("seg_eval"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        split=lambda w: split_name(w.dataset, "eval"),
-        what="segmentation",
+        job=job_params(what="segmentation", role="eval"),
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/eval_segmentation.log",
     script:

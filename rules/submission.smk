@@ -3,16 +3,14 @@
 
 rule test_submission:
     input:
-        preds=lambda w: seg_pred_shards(w.dataset, w.experiment, split_name(w.dataset, "test")),
-        manifest=lambda w: manifest(w.dataset),
+        preds=shards("seg_pred", "test"),
+        manifest=rules.prepare_dataset.output.manifest,
     output:
-        f"{R}/{{dataset}}/{{experiment}}/submission/results.tar.gz",
+        archive=out("submission"),
     params:
-        prepared=lambda w: prepared(w.dataset),
-        split=lambda w: split_name(w.dataset, "test"),
-        comp="comp6",
+        job=job_params(comp="comp6"),
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/{{dataset}}/{{experiment}}/test_submission.log",
     script:

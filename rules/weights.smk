@@ -4,11 +4,13 @@
 
 rule fetch_weights:
     output:
-        f"{config['weights_dir']}/{{name}}.pth",
+        weights=f"{config['weights_dir']}/{{name}}.pth",
     wildcard_constraints:
         name=r"[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+",
+    params:
+        job=job_params(),
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/weights/{{name}}.log",
     script:
@@ -17,11 +19,11 @@ rule fetch_weights:
 
 rule fetch_url_weights:
     output:
-        f"{config['weights_dir']}/url/{{name}}",
+        weights=f"{config['weights_dir']}/url/{{name}}",
     params:
-        url=lambda w: weights_url(w.name),
+        job=job_params(url=lambda w: weights_url(w.name)),
     conda:
-        "../envs/wsss.yaml"
+        ENV
     log:
         f"{L}/weights/url/{{name}}.log",
     script:

@@ -1,4 +1,5 @@
-"""AffinityNet / random walk (PSA; ppc.md §9, psa_and_deeplab.md part A): pairs, labels, loss, transition matrix."""
+"""AffinityNet / random walk (PSA; ``usr922/wseg`` master ``aff_*.py``, ``xulianuwa/MCTformer`` ``psa/``): pairs,
+labels, loss, transition matrix."""
 
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def test_six_squarings_equal_the_64th_power():
                                atol=1e-5, rtol=0)
 
 
-# ----------------------------------------------------------------------------- la/ha labels (spec A1, A2)
+# ------------------------------------------------ la/ha labels (MCTformer engine.py, psa/voc12/data.py)
 
 def _square_scene(h=40, w=40):
     """Dark image with a grey ring around a bright square; CAM 0.9 on the square, 0.3 on the ring, 0 outside."""
@@ -292,6 +293,9 @@ def test_affinity_dataset_label_reduction(tmp_path, reduce):
 def test_affinity_crop_too_small_for_the_radius_is_a_config_error(tmp_path):
     from wsss_core.errors import ConfigError
     from wsss_core.stages.affinity import train_affinity
+    from wsss_core.stages.job import Files, JobSettings
 
+    job = JobSettings(prepared=str(tmp_path / "none"), splits={"train": "train"}, cfg={"radius": 5, "crop_size": 64},
+                      device="cpu")
     with pytest.raises(ConfigError, match=r"crop_size 64 .* affinity\.radius 5"):
-        train_affinity(str(tmp_path / "none.json"), "train", [], {"radius": 5, "crop_size": 64}, "m.pt", "ck", "m.jsonl")
+        train_affinity(job, Files(cams=[]), Files(model=str(tmp_path / "m.pt")))

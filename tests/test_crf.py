@@ -1,4 +1,4 @@
-"""Tests of wsss_core.refine (spec crf_and_eval.md, numerical test ideas 4-6)."""
+"""Tests of wsss_core.refine: pydensecrf label-unary energies, CRF label stability, bg-power monotonicity."""
 
 from __future__ import annotations
 

@@ -243,9 +243,11 @@ def test_plan_ranks(monkeypatch):
 
 
 def test_launch_ranks_is_a_no_op_for_one_rank():
-    assert ddp.launch_ranks(_train, {"cfg": {"batch_size": 4}, "device": "cpu"}) is False
+    from wsss_core.stages.job import JobSettings
+
+    assert ddp.launch_ranks(_train, {"job": JobSettings(cfg={"batch_size": 4}, device="cpu")}) is False
     with pytest.raises(ConfigError, match="not divisible"):
-        ddp.launch_ranks(_train, {"cfg": {"batch_size": 5, "ddp_cpu_procs": 2}, "device": "cpu"})
+        ddp.launch_ranks(_train, {"job": JobSettings(cfg={"batch_size": 5, "ddp_cpu_procs": 2}, device="cpu")})
 
 
 @pytest.mark.slow
@@ -255,13 +257,15 @@ def test_train_classifier_two_cpu_processes(tmp_path, monkeypatch):
     import sys
 
     from wsss_core.stages.classifier import load_method_model, train_classifier
+    from wsss_core.stages.job import Files, JobSettings
 
     monkeypatch.setattr(sys, "stdout", sys.stdout)  # the launcher points them at the job log: restore afterwards
     monkeypatch.setattr(sys, "stderr", sys.stderr)
     prepared, cfg = tiny_cam_classifier(tmp_path, max_steps=4, ddp_cpu_procs=2)
     state, log = tmp_path / "state", tmp_path / "train.log"
-    train_classifier(prepared, "train_aug", "cam", cfg, str(tmp_path / "model.pt"), str(state / "checkpoints"),
-                     str(state / "metrics.jsonl"), seed=0, device="cpu", config_hash="h", log=str(log), threads=2)
+    job = JobSettings(prepared=prepared, splits={"train": "train_aug"}, method="cam", cfg=cfg, device="cpu",
+                      config_hash="h", log=str(log), threads=2)
+    train_classifier(job, Files(saliency=[]), Files(model=str(tmp_path / "model.pt")))
     text = log.read_text()
     assert "2 training processes (cpu, gloo backend" in text and "rank 0 of 2" in text
     assert [m["step"] for m in metrics(state)] == [1, 2, 3, 4]

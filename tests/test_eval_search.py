@@ -16,7 +16,7 @@ from wsss_core.data.io import read_label_png
 from wsss_core.data.prepare import DatasetInfo
 from wsss_core.metrics import (ConfusionMatrix, cam_to_labels, greedy_scan, greedy_threshold_search,
                                search_criterion, select_index)
-from wsss_core.stages.evaluate import eval_cams
+from wsss_core.stages.evaluate import cam_scores as eval_cams
 from wsss_core.store.shards import ShardedStore, ShardWriter
 
 FIRST_PEAK, GLOBAL_PEAK = 2, 8    # indices into EVAL_CFG's thresholds 0.00, 0.05, ..., 0.55

@@ -1,7 +1,8 @@
-"""IRN refinement (irn.md): network, losses, random walk, cam2ir, and the stage functions on a toy dataset.
+"""IRN refinement (``chenqi1126/SIPE`` IRN stage): network, losses, random walk, cam2ir, and the stage functions on
+a toy dataset.
 
-Numerical test ideas of irn.md §10 (tiny CPU tensors). Transition-matrix convention of the code: ``T`` is
-column-normalised (every column sums to 1) and scores are row vectors, ``rw = v @ T``.
+Tiny CPU tensors. Transition-matrix convention of the code: ``T`` is column-normalised (every column sums to 1) and
+scores are row vectors, ``rw = v @ T``.
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def test_transition_columns_sum_to_one_and_constant_stays_constant():
         torch.testing.assert_close(t.sum(0), torch.ones(63, dtype=dtype), atol=tol, rtol=0)
         v = torch.full((3, 63), 0.37, dtype=dtype)
         torch.testing.assert_close(v @ t, v, atol=tol, rtol=0)
-    t1 = irn.rw_transition(edge, 5, 10, 0)  # before squaring: within 1e-5 (spec §10.3) in fp32
+    t1 = irn.rw_transition(edge, 5, 10, 0)  # before squaring: within 1e-5 in fp32
     torch.testing.assert_close(t1.sum(0), torch.ones(63), atol=1e-6, rtol=0)
 
 
@@ -227,7 +228,8 @@ def test_all_edge_gives_identity():
 
 
 def _reference_rw(x, edge, power, radius=5, beta=10, exp_times=8):
-    """Spec §5 by brute force: resize, power, v = X (1 - B), v T^(2^exp_times), x4 up, crop, / global max."""
+    """``make_seg_labels.py::_work`` / ``tool/indexing.py::propagate_to_edge`` by brute force: resize, power,
+    v = X (1 - B), v T^(2^exp_times), x4 up, crop, / global max."""
     k, hh, ww = x.shape
     h, w = edge.shape
     a = _brute_affinity(edge.double(), radius).pow(beta)
@@ -340,15 +342,30 @@ CFG = {
 }
 
 
+def _job(tmp, cfg, shard=0, **kw):
+    """Settings of a job on the toy dataset: train split train_aug, mean shift on train, shard ``shard`` of 2."""
+    from wsss_core.stages.job import JobSettings
+
+    return JobSettings(prepared=str(tmp / "prepared"), splits={"train": "train_aug", "mask_eval": "train"}, cfg=cfg,
+                       device="cpu", wildcards={"shard": shard, "nshards": 2}, **kw)
+
+
+def _ir_label(tmp, cams, cam_eval, k, cfg, out, **kw):
+    from wsss_core.stages.irn import cam_to_ir_label
+    from wsss_core.stages.job import Files
+
+    cam_to_ir_label(_job(tmp, cfg, k, **kw), Files(cams=cams, cam_eval=cam_eval), Files(masks=out))
+
+
 def test_stage_cam_to_ir_label_and_eval(toy):
-    from wsss_core.stages.irn import cam_to_ir_label, eval_ir_labels
+    from wsss_core.stages.irn import ir_label_scores as eval_ir_labels
 
     tmp, info, shards = toy
     for kind in ("bg", "nobg"):
         cfg = CFG if kind == "bg" else {**CFG, "cam_combine": {"cams": 1.0, "aux": 0.0}}
         paths = [str(tmp / f"ir_{kind}" / f"{k}-of-2.h5") for k in range(2)]
         for k, out in enumerate(paths):
-            cam_to_ir_label(str(tmp / "prepared"), shards[kind], str(tmp / "cams.json"), "train_aug", k, 2, cfg, out)
+            _ir_label(tmp, shards[kind], str(tmp / "cams.json"), k, cfg, out)
         with h5py.File(paths[0]) as fh:
             assert fh.attrs["bg_threshold"] == 0.3 and "eval_cams" in fh.attrs["bg_threshold_source"]
         with ShardedStore(paths) as store:
@@ -359,31 +376,29 @@ def test_stage_cam_to_ir_label_and_eval(toy):
         assert res["n_images"] == 4 and 0.3 < res["labelled_fraction"] <= 1.0
         assert res["miou_labelled"] > 0.6
     par = str(tmp / "ir_par.h5")  # a worker pool gives the same labels
-    cam_to_ir_label(str(tmp / "prepared"), shards["bg"], str(tmp / "cams.json"), "train_aug", 0, 2,
-                    {**CFG, "n_workers": 2}, par, threads=2)
+    _ir_label(tmp, shards["bg"], str(tmp / "cams.json"), 0, {**CFG, "n_workers": 2}, par, threads=2)
     with ShardedStore([par]) as a, ShardedStore([str(tmp / "ir_bg" / "0-of-2.h5")]) as b:
         assert a.ids() == b.ids() and all(np.array_equal(a[i], b[i]) for i in a.ids())
     with pytest.raises(DataError, match="no 'aux' maps"):
-        cam_to_ir_label(str(tmp / "prepared"), shards["nobg"], str(tmp / "cams.json"), "train_aug", 0, 2, CFG,
-                        str(tmp / "bad.h5"))
+        _ir_label(tmp, shards["nobg"], str(tmp / "cams.json"), 0, CFG, str(tmp / "bad.h5"))
 
 
 def test_stage_train_irn_and_random_walk(toy, tmp_path):
-    from wsss_core.stages.irn import cam_to_ir_label, make_sem_seg_labels, train_irn
+    from wsss_core.stages.irn import make_sem_seg_labels, train_irn
+    from wsss_core.stages.job import Files
 
     tmp, info, shards = toy
     ir = [str(tmp_path / "ir" / f"{k}-of-2.h5") for k in range(2)]
     for k, out in enumerate(ir):
-        cam_to_ir_label(str(tmp / "prepared"), shards["bg"], None, "train_aug", k, 2, CFG, out)
+        _ir_label(tmp, shards["bg"], None, k, CFG, out)
     model_path = tmp_path / "irn" / "model.pt"
-    train_irn(str(tmp / "prepared"), ir, "train_aug", CFG, str(model_path), str(tmp_path / "ckpt"),
-              str(tmp_path / "metrics.jsonl"), seed=0, device="cpu", lock_dir=str(tmp_path / "locks"),
-              mean_shift_split="train")
+    train_irn(_job(tmp, CFG, lock_dir=str(tmp_path / "locks")), Files(ir_labels=ir, classifier=[]),
+              Files(model=str(model_path)))
     ckpt = load_final(model_path)
     assert ckpt["meta"]["mean_shift_split"] == "train"
     assert torch.allclose(ckpt["model"]["mean_shift.running_mean"], torch.tensor(ckpt["meta"]["mean_shift"]))
     assert float(ckpt["model"]["mean_shift.running_mean"].abs().sum()) > 0
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "irn" / "state" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and {"loss", "loss_pos", "loss_neg", "loss_dfg", "loss_dbg", "n_bg_pos", "n_fg_pos",
                                 "n_neg"} <= set(lines[0])
     assert lines[0]["n_bg_pos"] + lines[0]["n_fg_pos"] + lines[0]["n_neg"] > 0
@@ -391,8 +406,8 @@ def test_stage_train_irn_and_random_walk(toy, tmp_path):
         cfg = CFG if kind == "bg" else {**CFG, "bg_threshold": 0.2,
                                         "rw": {**CFG["rw"], "combine": {"cams": 1.0, "aux": 0.0}, "two_pass": False}}
         out = tmp_path / f"pm_{kind}.h5"
-        make_sem_seg_labels(str(tmp / "prepared"), cams, None, str(model_path), "train_aug", 0, 2, cfg, str(out),
-                            device="cpu", lock_dir=str(tmp_path / "locks"))
+        make_sem_seg_labels(_job(tmp, cfg, lock_dir=str(tmp_path / "locks")),
+                            Files(cams=cams, cam_eval=None, model=str(model_path)), Files(masks=str(out)))
         with ShardedStore([out]) as store:
             assert set(store.ids()) == set(shard_ids(info.ids("train_aug"), 0, 2))
             for i, m in store.items():
@@ -401,17 +416,16 @@ def test_stage_train_irn_and_random_walk(toy, tmp_path):
 
 def test_train_irn_init_from_classifier_errors(toy, tmp_path):
     from wsss_core.stages.irn import train_irn
+    from wsss_core.stages.job import Files
 
     tmp, info, shards = toy
     cfg = {**CFG, "init_from_classifier": True}
+    job, out = _job(tmp, cfg, lock_dir=str(tmp_path / "locks")), Files(model=str(tmp_path / "m.pt"))
     with pytest.raises(ConfigError, match="no classifier model"):
-        train_irn(str(tmp / "prepared"), [], "train_aug", cfg, str(tmp_path / "m.pt"), str(tmp_path / "c"),
-                  str(tmp_path / "m.jsonl"), device="cpu", lock_dir=str(tmp_path / "locks"))
+        train_irn(job, Files(ir_labels=[], classifier=[]), out)
     torch.save({"model": {"backbone.conv1.weight": torch.zeros(1)}, "meta": {}}, tmp_path / "clf.pt")
     with pytest.raises(ConfigError, match="must match the classifier"):
-        train_irn(str(tmp / "prepared"), [], "train_aug", cfg, str(tmp_path / "m.pt"), str(tmp_path / "c"),
-                  str(tmp_path / "m.jsonl"), device="cpu", lock_dir=str(tmp_path / "locks"),
-                  classifier_model=str(tmp_path / "clf.pt"))
+        train_irn(job, Files(ir_labels=[], classifier=[str(tmp_path / "clf.pt")]), out)
 
 
 def test_resolve_bg(tmp_path):
@@ -433,4 +447,4 @@ def test_train_irn_rejects_a_crop_too_small_for_the_radius():
     check_pair_grid(96, 10)     # 24 cells > 18
     check_pair_grid(64, 5)      # 16 cells > 8
     with pytest.raises(ConfigError, match="crop_size"):
-        check_pair_grid(64, 10)  # 16 cells: no source column at radius 10 (the spec's 512 crop has 128)
+        check_pair_grid(64, 10)  # 16 cells: no source column at radius 10 (the reference's 512 crop has 128)

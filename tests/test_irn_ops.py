@@ -1,4 +1,5 @@
-"""IRN path index and edge-to-affinity (irn.md §3, numerical test ideas §10.1, §10.2, §10.5)."""
+"""IRN path index, edge-to-affinity and pair labels (``chenqi1126/SIPE`` ``tool/indexing.py::PathIndex``,
+``edge_to_affinity``; ``data/data_voc.py::GetAffinityLabelFromIndices``) on tiny CPU tensors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""MCTformer V1/V2 method module (mctformer.md §2-§6): tiny CPU models, real properties."""
+"""MCTformer V1/V2 method module (``xulianuwa/MCTformer`` branch ``MCTformerPlus``): tiny CPU models, real
+properties."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def model():
 
 
 def test_one_attention_map_per_class_token_on_a_non_square_input(model):
-    x = torch.randn(2, 3, 64, 48)  # grid h=4, w=3 (spec test idea 1)
+    x = torch.randn(2, 3, 64, 48)  # grid h=4, w=3 (non-square)
     out = model(x)
     assert out["grid"] == (4, 3) and out["logits"].shape == (2, C) and out["z"].shape == (2, C, 4, 3)
     n = C + 12
@@ -159,7 +160,8 @@ def test_schedule_equals_timm_cosine_stepped_once_per_epoch():
 
 
 def test_deit_checkpoint_loads_with_expanded_class_tokens(tmp_path):
-    """A DeiT-S state dict in timm's layout (random values) loads into the C-class-token model (§2)."""
+    """A DeiT-S state dict in timm's layout (random values) loads into the C-class-token model (``main.py::main``,
+    ``--finetune``)."""
     import timm
 
     deit = timm.create_model("deit_small_patch16_224", pretrained=False)

@@ -1,4 +1,5 @@
-"""MCTformer op core (mctformer.md §12 numerical test ideas), groundwork for issue 5."""
+"""MCTformer op core (``xulianuwa/MCTformer`` branch ``MCTformerPlus``: ``models.py``, ``engine.py``,
+``evaluation.py``) on tiny CPU tensors, groundwork for issue 5."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of wsss_core.metrics (spec crf_and_eval.md, numerical test ideas 1-3)."""
+"""Tests of wsss_core.metrics: hand-computed IoUs, the 255 ignore label, threshold-curve semantics."""
 
 from __future__ import annotations
 

@@ -194,16 +194,19 @@ def test_infer_cams_stage_frozen_path_equals_the_eager_path(tmp_path):
     """stages.classifier.infer_cams on the CPU (frozen TorchScript, the default) writes the maps of the eager
     channels-last path (``cams.optimize: false``) within 1e-4, and logs which path it used."""
     from wsss_core.stages.classifier import infer_cams, train_classifier
+    from wsss_core.stages.job import Files, JobSettings
     from wsss_core.store import ShardedStore
 
     prepared, cfg = tiny_cam_classifier(tmp_path)
     model = str(tmp_path / "model.pt")
-    train_classifier(prepared, "train_aug", "cam", cfg, model, str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl"),
-                     seed=0, device="cpu", log=str(tmp_path / "train.log"))
+    job = JobSettings(prepared=prepared, splits={"train": "train_aug"}, method="cam", cfg=cfg, device="cpu",
+                      log=str(tmp_path / "train.log"))
+    train_classifier(job, Files(saliency=[]), Files(model=model))
     cams_cfg = {"scales": [1.0, 0.5, 1.5], "flip": True}
     for name, extra in (("frozen", {}), ("eager", {"optimize": False})):
-        infer_cams(prepared, "train", 0, 1, model, {**cams_cfg, **extra}, str(tmp_path / f"{name}.h5"), device="cpu",
-                   log=str(tmp_path / f"{name}.log"))
+        job = JobSettings(prepared=prepared, cfg={**cams_cfg, **extra}, device="cpu", log=str(tmp_path / f"{name}.log"),
+                          wildcards={"split": "train", "shard": 0, "nshards": 1})
+        infer_cams(job, Files(model=model), Files(cams=str(tmp_path / f"{name}.h5")))
     assert "CAM inference: TorchScript" in (tmp_path / "frozen.log").read_text()
     assert "CAM inference" not in (tmp_path / "eager.log").read_text()
     with ShardedStore([tmp_path / "frozen.h5"]) as a, ShardedStore([tmp_path / "eager.h5"]) as b:

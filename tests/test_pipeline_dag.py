@@ -219,7 +219,7 @@ def test_affinity_refinement_replaces_the_crf_jobs(tmp_path):
     sal.mkdir()
     cfg = write_yaml(tmp_path / "voc.yaml", {
         "datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}},
-        "experiments": {"ppc": {"stages": {"affinity": {"enabled": True}}}},
+        "experiments": {"ppc": {"refine": "affinity"}, "ppc_fsae": {"refine": "crf"}},  # ppc_fsae extends ppc
     })
     _resnet38_weights(tmp_path)
     proc = run_snakemake(tmp_path, "-n", "voc_fsae_report", configfile=cfg)

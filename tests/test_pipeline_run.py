@@ -159,12 +159,13 @@ def test_toy_fsae_report_end_to_end_with_all_rows(tmp_path):
                            for e in ("mctformer_v1", "mctformer", "mctformer_fsae")}},
     })
     # the PPC row takes its pseudo-masks from the AffinityNet random walk (the optional refinement)
-    tiny_aff = {"enabled": True, "backbone": {"width": 0.0625, "weights": None, "frozen_bn": False},
+    tiny_aff = {"backbone": {"width": 0.0625, "weights": None, "frozen_bn": False},
                 "batch_size": 4, "crop_size": 72, "max_steps": 10, "checkpoint_every": 5, "num_workers": 0,
                 "n_shards": 1}
     import yaml
     doc = yaml.safe_load(cfg.read_text())
-    doc["experiments"]["ppc"]["stages"] = {"affinity": tiny_aff}
+    doc["experiments"]["ppc"].update(stages={"affinity": tiny_aff}, refine="affinity")
+    doc["experiments"]["ppc_fsae"]["refine"] = "crf"  # it extends ppc
     cfg.write_text(yaml.safe_dump(doc))
     run_snakemake(tmp_path, "--cores", "2", "toy_fsae_report", "toy_mctformer_report", configfile=cfg)
     md = (tmp_path / "results/toy/reports/fsae/report.md").read_text()

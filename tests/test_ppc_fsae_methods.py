@@ -96,13 +96,13 @@ def test_ppc_eps_without_saliency_says_so():
 def test_ppc_param_groups_reproduce_or_fix_the_momentum_quirk():
     cfg = _cfg()
     model = ppc.build_model(cfg, K)
-    groups = {g["name"]: g for g in ppc.param_groups(model, cfg)}
+    groups = {g["name"]: g for g in ppc.build_optimizer(model, cfg).param_groups}
     assert set(groups) == {"bw", "nw"}  # every conv is bias-free
     assert groups["bw"]["lr"] == 0.01 and groups["nw"]["lr"] == pytest.approx(0.1)
     assert groups["bw"]["momentum"] == 5e-4 and groups["bw"]["weight_decay"] == 5e-4
     head_ids = {id(p) for m in model.new_layers for p in m.parameters()}
     assert {id(p) for p in groups["nw"]["params"]} == head_ids
-    fixed = {g["name"]: g for g in ppc.param_groups(model, {**cfg, "fix_quirk": True, "momentum": 0.9})}
+    fixed = {g["name"]: g for g in ppc.build_optimizer(model, {**cfg, "fix_quirk": True, "momentum": 0.9}).param_groups}
     assert fixed["bw"]["momentum"] == 0.9 and fixed["nw"]["weight_decay"] == 5e-4
 
 
@@ -264,7 +264,9 @@ def test_experiment_dataset_overrides_are_applied_last():
     assert toy["backbone"]["width"] == 0.125 and toy["backbone"]["weights"] is None and toy["crop_size"] == 96
     assert voc["backbone"]["width"] == 1.0 and voc["backbone"]["weights"]["path"].endswith(".params")
     assert voc["max_steps"] == 40000 and stage_config(config, "voc", "ppc", "classifier")["max_steps"] == 20000
-    assert toy["fsae"]["bdry_cutoff"] == 0.8 and toy["fsae"]["p_cutoff"] == 0.95
+    assert toy["fsae"] == {"base": "ppc"}  # the rest: the reference defaults of wsss_core/methods/fsae.py
+    from wsss_core.methods.fsae import fsae_settings
+    assert fsae_settings(toy)["bdry_cutoff"] == 0.8 and fsae_settings(toy)["p_cutoff"] == 0.95
 
 
 def test_crf_bg_alpha_source():

@@ -1,5 +1,6 @@
-"""Tests of the PPC loss / op core (``wsss_core.methods.ppc_ops``); spec ``ppc.md`` §2a, §4, §5, §6 and the
-"Numerical test ideas" (§12). Tiny CPU tensors only."""
+"""Tests of the PPC loss / op core (``wsss_core.methods.ppc_ops``) against ``usr922/wseg`` (master
+``network/resnet38_contrast.py::Net.PCM``, ``contrast_train.py``, ``tool/torchutils.py::PolyOptimizer``; ``esp``
+``module/train.py::get_contrast_loss``). Tiny CPU tensors only."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_core.engine.optim import reference_sgd
 from wsss_core.methods import ppc_ops as P
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -40,7 +42,7 @@ def test_contrast_norm_cam_hand(bg_index):
     # channel 'fg' holds [1,2,3,5]: min 1, max 5; the min pixel is zeroed first -> (0-1-e)/(4+e)
     exp = torch.tensor([[(0 - 1 - e), (2 - 1 - e)], [(3 - 1 - e), (5 - 1 - e)]]) / (4 + e)
     assert torch.allclose(out[0, fg], exp, atol=1e-7)
-    assert out[0, fg, 0, 0] < 0  # minimum pixels end up negative (spec §5 A.1)
+    assert out[0, fg, 0, 0] < 0  # minimum pixels end up negative (get_contrast_loss's -1e-5)
     # channel 1 after relu holds [0,0,2,4]: min 0
     exp1 = (torch.tensor([[0.0, 0.0], [2.0, 4.0]]) - e) / (4 + e)  # channel 1 is fg in both layouts
     assert torch.allclose(out[0, 1], exp1, atol=1e-7)
@@ -68,7 +70,7 @@ def test_pcm_affinity_shape_and_columns_sum_to_one():
     a = P.pcm_affinity(feat)
     assert a.shape == (2, 15, 15)
     assert torch.all(a >= 0)
-    assert torch.allclose(a.sum(1), torch.ones(2, 15), atol=1e-4)  # columns (spec §2a step 4)
+    assert torch.allclose(a.sum(1), torch.ones(2, 15), atol=1e-4)  # columns (master Net.PCM)
     out = P.pcm(torch.randn(2, 21, 3, 5, generator=_g(3)), feat)
     assert out.shape == (2, 21, 3, 5)
 
@@ -359,18 +361,20 @@ def test_param_groups_quirk_default():
     assert by["bw"]["params"] == [net.body.weight] and by["nb"]["params"] == [net.fc8.bias]
     assert [by[k]["lr"] for k in ("bw", "bb", "nw", "nb")] == pytest.approx([0.01, 0.02, 0.1, 0.2])
     assert [by[k]["weight_decay"] for k in ("bw", "bb", "nw", "nb")] == [5e-4, 0.0, 5e-4, 0.0]
-    opt = P.PolySGD(groups, 0.01, 5e-4, max_step=10)
+    opt = reference_sgd(groups, {"lr": 0.01}, weight_decay=5e-4)
     assert all(g["momentum"] == 5e-4 for g in opt.param_groups)  # the quirk: momentum = weight decay
-    assert opt.defaults["momentum"] == 5e-4 and opt.defaults["weight_decay"] == 0
-    # groups keep their values even inside a plain SGD built with another global momentum (classifier stage)
-    sgd = torch.optim.SGD(P.ppc_param_groups(net, [net.fc8], lr=0.01), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    assert all(g["momentum"] == 5e-4 for g in sgd.param_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 0.0, 5e-4, 0.0]  # per-group decay kept
+    assert [g["name"] for g in opt.param_groups] == ["bw", "bb", "nw", "nb"]
+    # cfg's weight decay wins over the default, and is also the momentum
+    opt = reference_sgd(P.ppc_param_groups(net, [net.fc8], lr=0.01), {"lr": 0.01, "weight_decay": 1e-3,
+                                                                      "momentum": 0.9})
+    assert all(g["momentum"] == 1e-3 for g in opt.param_groups)
 
 
 def test_param_groups_fix_quirk():
     net = _Net()
-    opt = P.PolySGD(P.ppc_param_groups(net, [net.fc8], lr=0.01, fix_quirk=True), 0.01, 5e-4, max_step=10,
-                    fix_quirk=True)
+    opt = reference_sgd(P.ppc_param_groups(net, [net.fc8], lr=0.01), {"lr": 0.01, "fix_quirk": True},
+                        weight_decay=5e-4)
     assert all(g["momentum"] == 0.9 for g in opt.param_groups)
     assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 5e-4
     # weight decay is applied: with zero gradients one step shrinks weights by lr*wd
@@ -383,30 +387,8 @@ def test_param_groups_fix_quirk():
     assert torch.equal(net.body.bias, b0)  # biases: wd 0
 
 
-def test_polysgd_plain_params_quirk_vs_fixed():
-    prm = [nn.Parameter(torch.ones(3))]
-    q = P.PolySGD(prm, 0.1, 5e-4, max_step=4)
-    assert q.param_groups[0]["momentum"] == 5e-4 and q.param_groups[0]["weight_decay"] == 0
-    f = P.PolySGD([nn.Parameter(torch.ones(3))], 0.1, 5e-4, max_step=4, fix_quirk=True)
-    assert f.param_groups[0]["momentum"] == 0.9 and f.param_groups[0]["weight_decay"] == 5e-4
-
-
-def test_poly_schedule():
-    p = nn.Parameter(torch.ones(1))
-    opt = P.PolySGD([p], 0.1, 5e-4, max_step=3, power=0.9)
-    lrs = []
-    for _ in range(5):
-        p.grad = torch.zeros_like(p)
-        opt.step()
-        lrs.append(opt.param_groups[0]["lr"])
-    exp = [0.1 * (1 - t / 3) ** 0.9 for t in range(3)]
-    assert lrs[:3] == pytest.approx(exp)
-    assert lrs[3] == lrs[4] == pytest.approx(exp[-1])  # stays at the last value after max_step
-
-
-def test_build_ppc_optimizer_from_cfg():
-    net = _Net()
-    opt = P.build_ppc_optimizer(net, [net.fc8], {"lr": 0.01, "max_steps": 5})
-    assert all(g["momentum"] == 5e-4 for g in opt.param_groups)
-    opt = P.build_ppc_optimizer(net, [net.fc8], {"lr": 0.01, "max_steps": 5, "fix_quirk": True})
-    assert all(g["momentum"] == 0.9 for g in opt.param_groups)
+def test_reference_sgd_without_the_quirk_uses_cfg_momentum():
+    prm = nn.Parameter(torch.ones(3))
+    opt = reference_sgd([{"params": [prm], "lr": 0.1}], {"lr": 0.1, "momentum": 0.8, "weight_decay": 1e-4},
+                        quirk=False)
+    assert opt.param_groups[0]["momentum"] == 0.8 and opt.param_groups[0]["weight_decay"] == 1e-4

@@ -1,12 +1,12 @@
-"""Tests of the suite report (wsss_core.stages.report.build_report, wsss_core.report.build).
+"""Tests of the suite report (wsss_core.stages.report.report, wsss_core.report.build).
 
 The inputs are made for real on a hand-built 16x16 dataset: CAM/mask/prediction shards written with ShardWriter,
-eval JSONs produced by running eval_cams/eval_masks on them, fake weights saved with torch.save.
+eval JSONs produced by running the evaluation stage's cam_scores/mask_scores on them, fake weights saved with
+torch.save. The report job is called as the pipeline calls it: ``report(JobSettings, Files, Files)``.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import runpy
 import subprocess
@@ -22,7 +22,8 @@ from PIL import Image
 from wsss_core.data.io import write_image, write_label_png
 from wsss_core.report import build as rb
 from wsss_core.stages import report as stage
-from wsss_core.stages.evaluate import eval_cams, eval_masks
+from wsss_core.stages.evaluate import cam_scores, mask_scores
+from wsss_core.stages.job import Files, JobSettings
 from wsss_core.store.shards import ShardWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +31,7 @@ DS = "tinyds"
 SUITE = "pair"
 EXPS = ["alpha", "beta"]
 METHODS = {"alpha": "cam", "beta": "cam"}
+SETTINGS = {"alpha": {"method": "cam"}, "beta": {"method": "cam", "refine": "affinity"}}   # alpha: CRF by default
 CLASSES = ["background", "disc", "square", "bar"]
 SPLITS = {"train_aug": [f"a{i}" for i in range(6)], "train": ["a0", "a1", "a2"], "val": [f"v{i}" for i in range(4)]}
 EVAL_CFG = {"thresholds": {"start": 0.0, "stop": 0.6, "step": 0.05}, "mean": "present"}
@@ -104,8 +106,8 @@ def make_experiment(root: Path, prep: Path, masks: dict, exp: str, seed: int, wi
         for i in SPLITS["val"]:
             w.add_mask(i, _noisy_labels(rng, masks[i], 0.05, n_labels=3))   # never "bar"
     ev = base / "eval"
-    chosen = eval_cams(str(prep), [str(cam_paths["train"]), str(cam_paths["val"])], "train", "val", EVAL_CFG,
-                       str(ev / "cams.json"))
+    chosen = cam_scores(str(prep), [str(cam_paths["train"]), str(cam_paths["val"])], "train", "val", EVAL_CFG,
+                        str(ev / "cams.json"))
     # alpha's pseudo-masks use the chosen t (crf.bg_threshold auto); beta's a number set in the config
     t_used, t_src = ((chosen["threshold"]["value"], "chosen by eval_cams") if exp == "alpha"
                      else (0.123, "set in config"))
@@ -114,8 +116,8 @@ def make_experiment(root: Path, prep: Path, masks: dict, exp: str, seed: int, wi
                                    "bg_threshold_source": t_src}) as w:
         for i in SPLITS["train_aug"]:
             w.add_mask(i, _noisy_labels(rng, masks[i], 0.1))
-    eval_masks(str(prep), [str(pm)], "train", str(ev / "pseudo_masks.json"), what="pseudo_masks")
-    eval_masks(str(prep), [str(pred)], "val", str(ev / "segmentation.json"), what="segmentation")
+    mask_scores(str(prep), [str(pm)], "train", str(ev / "pseudo_masks.json"), what="pseudo_masks")
+    mask_scores(str(prep), [str(pred)], "val", str(ev / "segmentation.json"), what="segmentation")
 
     cls = base / "classifier" / "model.pt"
     cls.parent.mkdir(parents=True)
@@ -140,22 +142,33 @@ def make_experiment(root: Path, prep: Path, masks: dict, exp: str, seed: int, wi
             "preds": [str(pred)], "classifier": str(cls), "segmenter": str(seg)}
 
 
-def report_kwargs(world: dict, out_dir: Path) -> dict:
+def report_files(world: dict, experiments=EXPS) -> dict[str, dict]:
+    """The report job's inputs grouped by experiment (``extra.files``), as rules/common.smk makes them."""
     e = world["exps"]
-    return dict(
-        experiments=EXPS, suite=SUITE, dataset=DS, prepared=str(world["prep"]), eval_split="val",
-        mask_split="train_aug", methods=METHODS,
-        config={"seed": 3, "experiments": {x: {"method": "cam"} for x in EXPS}},
-        cam_evals=[e[x]["cam_eval"] for x in EXPS], mask_evals=[e[x]["mask_eval"] for x in EXPS],
-        seg_evals=[e[x]["seg_eval"] for x in EXPS],
-        cams=[p for x in EXPS for p in e[x]["cams"]], masks=[p for x in EXPS for p in e[x]["masks"]],
-        preds=[p for x in EXPS for p in e[x]["preds"]],
-        classifiers=[e[x]["classifier"] for x in EXPS], segmenters=[e[x]["segmenter"] for x in EXPS],
-        out_md=str(out_dir / "report.md"), out_json=str(out_dir / "report.json"),
-        out_curves=str(out_dir / "threshold_curves.png"), out_per_class=str(out_dir / "per_class_iou.png"),
-        out_qualitative=str(out_dir / "qualitative.png"), out_training=str(out_dir / "training.png"),
-        log=None,
-    )
+    return {x: {"cam_eval": e[x]["cam_eval"], "mask_eval": e[x]["mask_eval"], "seg_eval": e[x]["seg_eval"],
+                "classifier": e[x]["classifier"], "segmentation": e[x]["segmenter"], "cams": list(e[x]["cams"]),
+                "masks": list(e[x]["masks"]), "preds": list(e[x]["preds"]), "saliency": []} for x in experiments}
+
+
+def report_args(world: dict, out_dir: Path, files: dict | None = None, experiments=EXPS,
+                log: str | None = None) -> tuple[JobSettings, Files, Files]:
+    """(job, inp, out) of the report of ``experiments`` into ``out_dir``."""
+    files = report_files(world, experiments) if files is None else files
+    experiments = list(experiments)
+    job = JobSettings(
+        dataset=DS, prepared=str(world["prep"]), splits={"train": "train_aug", "threshold": "train", "eval": "val"},
+        log=log,
+        extra={"suite": SUITE, "experiments": experiments, "labels": {x: METHODS[x] for x in experiments},
+               "settings": {x: SETTINGS[x] for x in experiments}, "seed": 3, "eval_stage": EVAL_CFG,
+               "files": files})
+    flat: dict[str, list[str]] = {}
+    for f in files.values():
+        for name, paths in f.items():
+            flat.setdefault(name, []).extend([paths] if isinstance(paths, str) else paths)
+    out = Files(md=str(out_dir / "report.md"), json=str(out_dir / "report.json"),
+                curves=str(out_dir / "threshold_curves.png"), per_class=str(out_dir / "per_class_iou.png"),
+                qualitative=str(out_dir / "qualitative.png"), training=str(out_dir / "training.png"))
+    return job, Files(flat), out
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +181,7 @@ def world(tmp_path_factory):
     out = root / DS / "reports" / SUITE
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rb, "_git", lambda args, repo: None)     # hermetic: no git call from the tests
-        report = stage.build_report(**report_kwargs(world, out))
+        report = stage.report(*report_args(world, out))
     world.update(out=out, report=report, md=(out / "report.md").read_text(),
                  json=json.loads((out / "report.json").read_text()),
                  evals={x: {k: json.loads(Path(exps[x][k]).read_text()) for k in ("cam_eval", "mask_eval", "seg_eval")}
@@ -263,7 +276,7 @@ def test_cams_json_labels_the_split_the_threshold_was_chosen_on(world, tmp_path)
         assert ce["threshold"]["source"]["swept_on_reported_split"] is False
         assert ce["threshold"]["source"]["search"] == "grid"
     e = world["exps"]["alpha"]
-    same = eval_cams(str(world["prep"]), e["cams"], "val", "val", EVAL_CFG, str(tmp_path / "cams.json"))
+    same = cam_scores(str(world["prep"]), e["cams"], "val", "val", EVAL_CFG, str(tmp_path / "cams.json"))
     assert list(same["scores"]) == ["val"] and same["scores"]["val"]["threshold_chosen_on_this_split"] is True
     assert same["threshold"]["source"]["swept_on_reported_split"] is True
 
@@ -304,15 +317,15 @@ def test_threshold_swept_on_the_eval_split_is_marked_in_the_report(world, tmp_pa
     beta's do not."""
     e = world["exps"]["alpha"]
     alpha_json = tmp_path / "alpha_cams.json"
-    same = eval_cams(str(world["prep"]), e["cams"], "val", "val", {**EVAL_CFG, "search": "greedy"}, str(alpha_json))
-    kw = report_kwargs(world, tmp_path / "out")
-    kw["cam_evals"] = [str(alpha_json), world["exps"]["beta"]["cam_eval"]]
+    same = cam_scores(str(world["prep"]), e["cams"], "val", "val", {**EVAL_CFG, "search": "greedy"}, str(alpha_json))
+    files = report_files(world)
+    files["alpha"]["cam_eval"] = str(alpha_json)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rb, "_git", lambda args, repo: None)
         for name in ("plot_threshold_curves", "plot_per_class_iou", "plot_qualitative", "plot_training"):
             mp.setattr(rb, name, lambda *a, **k: None)              # the tables are under test, not the plots
         mp.setattr(rb, "figure_png_bytes", lambda fig, dpi=rb.DPI: b"")
-        stage.build_report(**kw)
+        stage.report(*report_args(world, tmp_path / "out", files))
     md = (tmp_path / "out" / "report.md").read_text()
     mark = rb.SAME_SPLIT_MARK
     beta = world["evals"]["beta"]["cam_eval"]
@@ -450,7 +463,7 @@ def test_nothing_is_written_when_a_plot_fails(world, tmp_path, monkeypatch):
     monkeypatch.setattr(rb, "plot_training", boom)
     out = tmp_path / "rep"
     with pytest.raises(RuntimeError, match="plot failed"):
-        stage.build_report(**report_kwargs(world, out))
+        stage.report(*report_args(world, out))
     assert not out.exists() or list(out.iterdir()) == []
 
 
@@ -458,12 +471,11 @@ def test_log_file_gets_the_summary(world, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdout", sys.stdout)        # setup_job_logging redirects these; restore after
     monkeypatch.setattr(sys, "stderr", sys.stderr)
     monkeypatch.setattr(rb, "_git", lambda args, repo: None)
-    kw = report_kwargs(world, tmp_path / "rep")
-    kw.update(log=str(tmp_path / "logs" / "report.log"), cams=kw["cams"][0])   # a single path as a str is fine
-    kw["experiments"], kw["cam_evals"], kw["mask_evals"], kw["seg_evals"] = (
-        ["alpha"], kw["cam_evals"][:1], kw["mask_evals"][:1], kw["seg_evals"][:1])
-    kw.update(masks=kw["masks"][:1], preds=kw["preds"][:1], classifiers=kw["classifiers"][:1], segmenters=[])
-    rep = stage.build_report(**kw)
+    files = report_files(world, ["alpha"])
+    files["alpha"]["cams"] = files["alpha"]["cams"][0]                        # a single path as a str is fine
+    files["alpha"]["segmentation"] = str(tmp_path / "never_trained" / "model.pt")
+    log = str(tmp_path / "logs" / "report.log")
+    rep = stage.report(*report_args(world, tmp_path / "rep", files, ["alpha"], log=log))
     text = (tmp_path / "logs" / "report.log").read_text()
     assert "wrote" in text and "alpha (cam)" in text
     assert [r["experiment"] for r in rep["rows"]] == ["alpha"]
@@ -473,23 +485,19 @@ def test_log_file_gets_the_summary(world, tmp_path, monkeypatch):
 
 def test_mismatched_shard_split_is_an_error(world, tmp_path, monkeypatch):
     monkeypatch.setattr(rb, "_git", lambda args, repo: None)
-    kw = report_kwargs(world, tmp_path / "rep")
-    kw["preds"] = kw["masks"]                                  # train_aug shards where val predictions belong
+    files = report_files(world)
+    for f in files.values():
+        f["preds"] = f["masks"]                                # train_aug shards where val predictions belong
     with pytest.raises(stage.DataError, match="expected 'val'"):
-        stage.build_report(**kw)
+        stage.report(*report_args(world, tmp_path / "rep", files))
     assert not (tmp_path / "rep").exists()
 
 
-def test_experiment_is_taken_from_the_path():
-    exps = ["cam", "seam"]
-    assert stage.experiment_of("results/toy/seam/cams/val/0-of-2.h5", "toy", exps) == "seam"
-    # the results folder itself may contain the dataset's name: the last match counts
-    assert stage.experiment_of("/x/toy/cam/results/toy/seam/pseudo_masks/1-of-2.h5", "toy", exps) == "seam"
-    with pytest.raises(stage.DataError, match="cannot tell"):
-        stage.experiment_of("results/voc/other/x.h5", "toy", exps)
-    assert stage.experiment_of("anything.h5", "toy", ["cam"]) == "cam"
-    grouped = stage.shards_by_experiment(["r/toy/cam/a.h5", "r/toy/seam/b.h5", "r/toy/cam/c.h5"], "toy", exps)
-    assert grouped == {"cam": ["r/toy/cam/a.h5", "r/toy/cam/c.h5"], "seam": ["r/toy/seam/b.h5"]}
+def test_refinement_kind_comes_from_the_experiment_settings(world):
+    assert stage.refinement_kind({}) == "dense CRF" and stage.refinement_kind({"refine": "irn"}) == "IRN random walk"
+    kinds = {r["experiment"]: r["refinement"] for r in world["json"]["refinement"]}
+    assert kinds == {"alpha": "dense CRF", "beta": "AffinityNet random walk"}
+    assert world["json"]["config"] == {"seed": 3, "experiments": SETTINGS, "eval": EVAL_CFG}
 
 
 def test_git_state_unknown_clean_and_dirty(monkeypatch):
@@ -515,24 +523,24 @@ def test_read_metrics_missing_file_is_none(tmp_path):
     assert stage.read_metrics(tmp_path / "nope.jsonl") is None
 
 
-def test_workflow_script_passes_the_rule_names(monkeypatch):
-    """workflow_scripts/report.py unpacks the rule's input/output/params/log names into build_report."""
+def test_workflow_script_passes_the_rule_names(monkeypatch, tmp_path):
+    """workflow_scripts/report.py runs the stage function ``report`` with the rule's params.job, input and output."""
     seen = {}
-    monkeypatch.setattr(stage, "build_report", lambda **kw: seen.update(kw))
-    inp = SimpleNamespace(manifest="m", cam_evals=["c"], mask_evals=["m"], seg_evals=["s"], cams=["x.h5"],
-                          masks=["y.h5"], preds=["z.h5"], classifiers=["a.pt"], segmenters=["b.pt"],
-                          saliency=["sal.json"], submissions=["results.tar.gz"],
-                          ir_label_evals=["ir.json"])
-    out = SimpleNamespace(md="r.md", json="r.json", curves="c.png", per_class="p.png", qualitative="q.png",
-                          training="t.png")
-    params = SimpleNamespace(experiments=["cam"], suite="cam", dataset="toy", prepared="d", eval_split="val",
-                             mask_split="train_aug", methods={"cam": "cam"}, config={"seed": 0})
-    snake = SimpleNamespace(input=inp, output=out, params=params, log=["l.log"])
+    monkeypatch.setattr(stage, "report", lambda job, inp, out: seen.update(job=job, inp=inp, out=out))
+    monkeypatch.setattr(sys, "stdout", sys.stdout)        # setup_job_logging redirects these; restore after
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    files = {"cam": {"cam_eval": "c.json", "cams": ["x.h5"], "segmentation": "b.pt"}}
+    params = {"job": {"dataset": "toy", "prepared": "d", "splits": {"eval": "val", "train": "train_aug"},
+                      "extra": {"suite": "cam", "experiments": ["cam"], "labels": {"cam": "cam"}, "files": files,
+                                "settings": {"cam": {"method": "cam"}}, "seed": 0, "eval_stage": {}}}}
+    inp = {"manifest": ["m"], "cam_eval": ["c.json"], "cams": ["x.h5"], "segmentation": ["b.pt"]}
+    out = {"md": "r.md", "json": "r.json", "curves": "c.png", "per_class": "p.png", "qualitative": "q.png",
+           "training": "t.png"}
+    log = str(tmp_path / "l.log")
+    snake = SimpleNamespace(input=inp, output=out, params=params, log=[log], threads=1, wildcards={"suite": "cam"})
     runpy.run_path(str(REPO / "workflow_scripts" / "report.py"), init_globals={"snakemake": snake})
-    assert seen["out_md"] == "r.md" and seen["out_json"] == "r.json" and seen["out_training"] == "t.png"
-    assert seen["cams"] == ["x.h5"] and seen["segmenters"] == ["b.pt"] and seen["log"] == "l.log"
-    assert seen["methods"] == {"cam": "cam"} and seen["config"] == {"seed": 0}
-    assert seen["saliency"] == ["sal.json"] and seen["submissions"] == ["results.tar.gz"]
-    assert seen["ir_label_evals"] == ["ir.json"]
-    monkeypatch.undo()
-    assert set(seen) <= set(inspect.signature(stage.build_report).parameters)
+    job = seen["job"]
+    assert isinstance(job, JobSettings) and job.log == log and job.prepared == "d" and job.split("eval") == "val"
+    assert job.extra["files"] == files and job.extra["experiments"] == ["cam"]
+    assert seen["out"].md == "r.md" and seen["out"].json == "r.json" and seen["out"].training == "t.png"
+    assert seen["inp"].cams == ["x.h5"] and seen["inp"].segmentation == ["b.pt"]

@@ -1,6 +1,7 @@
 """Tests of the ResNet-38 (resnet38d) backbone and the MXNet ``.params`` reader / key map.
 
-Spec: ``ppc.md`` §1 and ``psa_and_deeplab.md`` A4. Small inputs (64x64), one torch thread; the full model
+Upstream: ``usr922/wseg`` ``network/resnet38d.py`` (``Net``, ``convert_mxnet_to_torch``; the same file as
+``jiwoon-ahn/psa`` ``network/resnet38d.py``). Small inputs (64x64), one torch thread; the full model
 (~105 M parameters) is built only a few times.
 """
 
@@ -60,7 +61,8 @@ def test_output_shapes_and_stride_8(net, hw):
 
 
 def _expected_param_count() -> tuple[int, int]:
-    """(parameters, BN running-stat elements) computed independently from the spec's layer table."""
+    """(parameters, BN running-stat elements) computed independently from the layer table of
+    ``network/resnet38d.py::Net``."""
     basic = ([(64, 128, 128, True)] + [(128, 128, 128, False)] * 2
              + [(128, 256, 256, True)] + [(256, 256, 256, False)] * 2
              + [(256, 512, 512, True)] + [(512, 512, 512, False)] * 5

@@ -1,5 +1,6 @@
-"""SFC as a method plug-in (sfc.md §1-§4, numerical test ideas §8.2-§8.6): PCM, prototype seeds, T, the
-weighted loss terms, the image bank, and the method interface end to end on a tiny CPU ResNet-50."""
+"""SFC as a method plug-in (``Barrett-python/SFC`` ``network/resnet50_SFC.py``, ``train_resnet50_SFC.py``,
+``make_cam.py``): PCM, prototype seeds, T, the weighted loss terms, the image bank, and the method interface end to end
+on a tiny CPU ResNet-50."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _batch(b=2, size=CROP, seed=0):
     return {"image": random_images(b, size, size, seed), "label": label, "valid": valid}
 
 
-# ---- §1b PCM -------------------------------------------------------------------------------------------------
+# ---- PCM (network/resnet50_SFC.py::Net.PCM) ------------------------------------------------------------------
 
 def test_pcm_affinity_column_sums_and_propagation_invariants():
     g = torch.Generator().manual_seed(0)
@@ -92,7 +93,7 @@ def test_model_pcm_guide_is_resized_image_and_undetached_x4():
     assert x4.grad is not None and x4.grad.abs().sum() > 0 and model.f9.weight.grad.abs().sum() > 0
 
 
-# ---- §1c prototype seeds ---------------------------------------------------------------------------------------
+# ---- prototype seeds (Net.prototype) ---------------------------------------------------------------------------
 
 def test_prototype_seeds_bg_factor_and_masking():
     cam = torch.zeros(1, 21, 2, 2)
@@ -112,7 +113,7 @@ def test_prototype_seeds_bg_factor_and_masking():
     assert ops.prototype_seeds(cam, torch.ones(1, 21, 1, 1), bg_scale=0.6)[0, 0, 0, 1] == 1
 
 
-# ---- §4 T ------------------------------------------------------------------------------------------------------
+# ---- T (make_cam.py::_work) ------------------------------------------------------------------------------------
 
 def test_transform_t_argmax_and_ranges():
     x = torch.rand(5, 6, 7, generator=torch.Generator().manual_seed(2))
@@ -127,7 +128,7 @@ def test_transform_t_argmax_and_ranges():
     torch.testing.assert_close(t4[0, 1:], 3 * x[1:])
 
 
-# ---- §3b loss terms ----------------------------------------------------------------------------------------------
+# ---- loss terms (train_resnet50_SFC.py::train) -------------------------------------------------------------------
 
 def test_cross_scale_loss_zero_for_the_masked_downsample_and_linear_in_weights():
     g = torch.Generator().manual_seed(3)
@@ -165,7 +166,7 @@ def test_weighted_gsc_equals_sipe_gsc_with_unit_weights_and_is_linear():
     torch.testing.assert_close(ops.weighted_gsc_loss(cam1, cam2, w), base + diff[:, 0].mean() / (K + 1))
 
 
-# ---- §2 image bank ---------------------------------------------------------------------------------------------
+# ---- image bank (train_resnet50_SFC.py::train) -----------------------------------------------------------------
 
 def _bank(s=20, size=4):
     return torch.zeros(s, 3, size, size), torch.zeros(s, 1, size, size), torch.zeros(s, s)
@@ -239,7 +240,7 @@ def test_settings_registry_groups_and_needs():
             sfc.sfc_settings({"sfc": bad})
     model = _model(bg_seed_scale=0.4, infer_bg_add=0.3, fsae_tau=0.2)
     assert model.bg_seed_scale == 0.4 and model.infer_t == (0.3, 2.0) and model.fsae_tau == 0.2
-    groups = sfc.param_groups(model, _cfg())
+    groups = sfc.build_optimizer(model, _cfg()).param_groups
     new = {id(p) for p in groups[1]["params"]}
     assert id(model.f9.weight) in new and id(model.classifier.weight) in new and id(model.side4.weight) in new
     assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[0]["momentum"] == 1e-4

@@ -1,4 +1,5 @@
-"""SFC class-occurrence weights (sfc.md §3a, test ideas §8.1), on the spec's counts and on the real VOC labels."""
+"""SFC class-occurrence weights (``Barrett-python/SFC`` ``train_resnet50_SFC.py::train``), on the reference's counts
+and on the real VOC labels."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ REFERENCE_WEIGHTS = [0.8065, 0.9025, 0.7726, 0.9809, 0.7732, 1.2084, 0.8725, 0.8
 def test_weights_reproduce_the_reference_constants():
     n = np.array(VOC_COUNTS, dtype=float)
     ben = np.abs(n[:, None] - n[None, :]).sum(1)
-    assert ben[14] == 66642 and ben[8] == 13956  # person, chair (spec §8.1)
+    assert ben[14] == 66642 and ben[8] == 13956  # person, chair (the reference's hard-coded ``ben``)
     w = occurrence_weights(VOC_COUNTS)
     assert w.mean() == pytest.approx(1.0, abs=1e-12)
     np.testing.assert_allclose(w, REFERENCE_WEIGHTS, atol=6e-5)

@@ -1,4 +1,5 @@
-"""SIPE method module (sipe.md): backbone strides, freezing, fixed BN, training loss, inference, FSAE view."""
+"""SIPE method module (``chenqi1126/SIPE``): backbone strides, freezing, fixed BN, training loss, inference, FSAE
+view."""
 
 from __future__ import annotations
 
@@ -102,10 +103,10 @@ def test_training_norm_cam_is_masked_and_gsc_matches_ops():
 
 def test_param_groups_poly_sgd_quirk():
     m = _model()
-    g = sipe.param_groups(m, CFG)
+    g = sipe.build_optimizer(m, CFG).param_groups
     assert [x["lr"] for x in g] == [0.1, 1.0] and all(x["momentum"] == 1e-4 for x in g)
     assert all(x["weight_decay"] == 1e-4 for x in g)
-    assert sipe.param_groups(m, {**CFG, "fix_quirk": True, "momentum": 0.9})[0]["momentum"] == 0.9
+    assert sipe.build_optimizer(m, {**CFG, "fix_quirk": True, "momentum": 0.9}).param_groups[0]["momentum"] == 0.9
     n_new = sum(p.numel() for x in m.new_layers for p in x.parameters())
     assert sum(p.numel() for p in g[1]["params"]) == n_new
 
@@ -162,7 +163,8 @@ def test_fsae_wraps_sipe_and_passes_labels_and_valid():
 
 
 def test_is_cam_in_unit_interval_with_max_one_per_seeded_class_after_fusion():
-    """§4c + §8: IS-CAM = ReLU(cos) in [0, 1]; after the scale fusion each channel with a seed peaks at ~1."""
+    """SIPE ``Net.reactivate`` + ``make_cam.py::_work``: IS-CAM = ReLU(cos) in [0, 1]; after the scale fusion each
+    channel with a seed peaks at ~1."""
     g = torch.Generator().manual_seed(3)
     feat = torch.randn(1, 16, 6, 7, generator=g)
     cams = torch.rand(1, 4, 6, 7, generator=g)

@@ -1,4 +1,5 @@
-"""SIPE op core (sipe.md §3-§5, numerical test ideas §13)."""
+"""SIPE op core (``chenqi1126/SIPE`` ``network/resnet50_SIPE.py::Net``: norm_cam, get_seed, get_prototype,
+reactivate; GSC loss of ``train_resnet50_SIPE.py::train``), on tiny CPU tensors."""
 
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ import pytest
 from wsss_core.data.io import read_label_png
 from wsss_core.data.prepare import DatasetInfo, prepare_dataset
 from wsss_core.data.toy import make_toy_dataset
-from wsss_core.stages.evaluate import eval_cams, eval_masks
+from wsss_core.stages.evaluate import cam_scores as eval_cams
+from wsss_core.stages.evaluate import mask_scores as eval_masks
+from wsss_core.stages.job import Files, JobSettings
 from wsss_core.stages.refine import refine_crf
 from wsss_core.store.shards import ShardedStore, ShardWriter, shard_ids
 
@@ -69,8 +71,9 @@ def test_refine_crf_parallel_equals_serial_and_is_scored(setup):
         paths = []
         for k in range(2):
             out = tmp / f"masks{workers}" / f"{k}-of-2.h5"
-            refine_crf(str(tmp / "prepared"), shards, "train_aug", k, 2, {"preset": "seam_label", "n_workers": workers},
-                       str(tmp / "cams.json"), str(out), threads=2)
+            job = JobSettings(prepared=str(tmp / "prepared"), splits={"train": "train_aug"}, threads=2,
+                              cfg={"preset": "seam_label", "n_workers": workers}, wildcards={"shard": k, "nshards": 2})
+            refine_crf(job, Files(cams=shards, cam_eval=str(tmp / "cams.json")), Files(masks=str(out)))
             paths.append(str(out))
             with h5py.File(out) as fh:
                 assert fh.attrs["bg_threshold_source"].startswith("chosen by eval_cams")

@@ -1,12 +1,3 @@
-from wsss_core.stages.evaluate import eval_cams
+from wsss_core.stages import run_job
 
-p = snakemake.params
-eval_cams(
-    prepared=p.prepared,
-    cam_shards=list(snakemake.input.cams),
-    threshold_split=p.threshold_split,
-    eval_split=p.eval_split,
-    cfg=p.cfg,
-    out=snakemake.output[0],
-    log=snakemake.log[0],
-)
+run_job(snakemake, "eval_cams")

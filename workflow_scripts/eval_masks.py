@@ -1,11 +1,3 @@
-from wsss_core.stages.evaluate import eval_masks
+from wsss_core.stages import run_job
 
-p = snakemake.params
-eval_masks(
-    prepared=p.prepared,
-    mask_shards=list(snakemake.input.masks),
-    split=p.split,
-    out=snakemake.output[0],
-    what=p.what,
-    log=snakemake.log[0],
-)
+run_job(snakemake, "eval_masks")

@@ -1,10 +1,3 @@
-from wsss_core.stages.irn import eval_ir_labels
+from wsss_core.stages import run_job
 
-p = snakemake.params
-eval_ir_labels(
-    prepared=p.prepared,
-    ir_label_shards=list(snakemake.input.ir_labels),
-    split=p.split,
-    out=snakemake.output[0],
-    log=snakemake.log[0],
-)
+run_job(snakemake, "eval_ir_labels")

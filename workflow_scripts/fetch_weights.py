@@ -1,4 +1,3 @@
-from wsss_core.stages.weights import fetch
+from wsss_core.stages import run_job
 
-fetch(name=snakemake.wildcards.name, dest=snakemake.output[0], log=snakemake.log[0],
-      url=snakemake.params.get("url"))
+run_job(snakemake, "fetch_weights")

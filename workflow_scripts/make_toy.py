@@ -1,3 +1,3 @@
-from wsss_core.stages.dataset import make_toy
+from wsss_core.stages import run_job
 
-make_toy(out_dir=snakemake.output[0], generator=snakemake.params.generator, log=snakemake.log[0])
+run_job(snakemake, "make_toy")

@@ -1,9 +1,3 @@
-from wsss_core.stages.dataset import prepare
+from wsss_core.stages import run_job
 
-prepare(
-    ds=snakemake.params.ds,
-    name=snakemake.wildcards.dataset,
-    out_dir=snakemake.params.out_dir,
-    log=snakemake.log[0],
-    threads=snakemake.threads,
-)
+run_job(snakemake, "prepare")

@@ -1,4 +1,3 @@
-from wsss_core.stages.dataset import make_saliency
+from wsss_core.stages import run_job
 
-p = snakemake.params
-make_saliency(dict(p.ds), p.prepared, list(p.splits), snakemake.output[0], seed=p.seed, log=snakemake.log[0])
+run_job(snakemake, "saliency")

@@ -1,5 +1,3 @@
-from wsss_core.stages.segmentation import make_test_submission
+from wsss_core.stages import run_job
 
-p = snakemake.params
-make_test_submission(p.prepared, p.split, list(snakemake.input.preds), snakemake.output[0], comp=p.comp,
-                     log=snakemake.log[0])
+run_job(snakemake, "test_submission")

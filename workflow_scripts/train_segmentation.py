@@ -1,19 +1,3 @@
-from wsss_core.stages.segmentation import train_segmentation
+from wsss_core.stages import run_job
 
-p = snakemake.params
-train_segmentation(
-    prepared=p.prepared,
-    split=p.split,
-    mask_shards=list(snakemake.input.masks),
-    cfg=p.cfg,
-    out_model=snakemake.output.model,
-    ckpt_dir=f"{p.state}/checkpoints",
-    metrics=f"{p.state}/metrics.jsonl",
-    seed=p.seed,
-    device=p.device,
-    lock_dir=p.locks,
-    weights_dir=p.weights_dir,
-    config_hash=p.hash,
-    log=snakemake.log[0],
-    threads=snakemake.threads,
-)
+run_job(snakemake, "train_segmentation")

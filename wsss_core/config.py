@@ -37,18 +37,52 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> d
     return out
 
 
-def stage_config(config: Mapping[str, Any], dataset: str, experiment: str | None, stage: str) -> dict[str, Any]:
-    """Effective settings of ``stage`` for ``dataset`` and ``experiment``.
+#: keys of an experiment that ``extends`` does not inherit (a row's name is its own)
+NOT_INHERITED = frozenset({"extends", "label"})
 
-    ``stages.<stage>`` <- ``datasets.<dataset>.stages.<stage>`` <- ``experiments.<experiment>.stages.<stage>``
-    <- ``experiments.<experiment>.datasets.<dataset>.stages.<stage>`` (e.g. a narrow ResNet-38 for the toy data).
+
+def experiment_config(config: Mapping[str, Any], experiment: str) -> dict[str, Any]:
+    """``experiments.<experiment>`` with its ``extends`` chain resolved: the parent's settings (recursively, minus
+    ``label``) deep-merged under the experiment's own. An unknown parent or a cycle is a :class:`ConfigError`."""
+    from .errors import ConfigError
+
+    experiments = config["experiments"]
+    chain, name = [], experiment
+    while name is not None:
+        if name not in experiments:
+            where = f"experiments.{chain[-1]}.extends" if chain else "the experiment name"
+            raise ConfigError(f"{where}: unknown experiment {name!r} (known: {sorted(experiments)})")
+        if name in chain:
+            raise ConfigError("experiments extend each other in a cycle: " + " -> ".join([*chain, name]))
+        chain.append(name)
+        name = experiments[name].get("extends")
+    out: dict[str, Any] = {}
+    for i, name in enumerate(reversed(chain)):
+        own = experiments[name]
+        if i < len(chain) - 1:  # an ancestor: its row name stays its own
+            own = {k: v for k, v in own.items() if k not in NOT_INHERITED}
+        out = deep_merge(out, {k: v for k, v in own.items() if k != "extends"})
+    return out
+
+
+def stage_config(config: Mapping[str, Any], dataset: str, experiment: str | None, stage: str) -> dict[str, Any]:
+    """Effective settings of ``stage`` for ``dataset`` and ``experiment``; later levels override earlier ones
+    (deep merge; a ``weights`` spec replaces as a whole):
+
+    1. ``stages.<stage>`` (defaults of every experiment);
+    2. ``datasets.<dataset>.stages.<stage>`` (e.g. the CPU-sized toy settings);
+    3. ``experiments.<experiment>.stages.<stage>``;
+    4. ``experiments.<experiment>.datasets.<dataset>.stages.<stage>`` (e.g. a narrow ResNet-38 on the toy data).
+
+    Levels 3 and 4 are read from the experiment with its ``extends`` chain resolved
+    (:func:`experiment_config`: parent first), so an experiment that extends another inherits its toy settings.
     """
     if stage not in STAGES:
         raise KeyError(f"unknown stage {stage!r}")
     cfg = dict(config["stages"][stage])
     cfg = deep_merge(cfg, config["datasets"][dataset].get("stages", {}).get(stage))
     if experiment is not None:
-        exp = config["experiments"][experiment]
+        exp = experiment_config(config, experiment)
         cfg = deep_merge(cfg, exp.get("stages", {}).get(stage))
         cfg = deep_merge(cfg, (exp.get("datasets") or {}).get(dataset, {}).get("stages", {}).get(stage))
     return cfg

@@ -8,10 +8,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..methods.fsae_ops import apply_geometry, make_weak_strong_views
+from .augment import apply_geometry, make_weak_strong_views
 from .io import IGNORE_INDEX, read_image
 from .saliency import read_saliency
-from .transforms import color_jitter, normalize, random_crop, random_resize_long, resize, to_tensor
+from .transforms import color_jitter_fixed_order, normalize, random_crop, random_resize_long, resize, to_tensor
 
 
 class _Seeded:
@@ -30,10 +30,10 @@ class _Seeded:
 class ClassificationDataset(_Seeded, torch.utils.data.Dataset):
     """Training images with multi-hot labels.
 
-    item: ``{"image": float32 (3, crop, crop), "label": float32 (C,), "id": str}`` where C is the number
-    of foreground classes (background excluded), plus ``"valid": float32 (1, crop, crop)`` (1 on image pixels,
-    0 on padding) when ``valid``. Augmentation: random long side in ``resize_long``, colour jitter (unless
-    ``jitter=False``, e.g. SIPE §6), h-flip, normalise, random crop (zero pad after normalisation).
+    item: ``{"image": float32 (3, crop, crop), "label": float32 (C,), "id": str}`` where C is the number of foreground
+    classes (background excluded), plus ``"valid": float32 (1, crop, crop)`` (1 on image pixels, 0 on padding) when
+    ``valid``. Augmentation: random long side in ``resize_long``, colour jitter (unless ``jitter=False``, e.g. SIPE
+    ``data/data_voc.py::VOC12ClsDataset``), h-flip, normalise, random crop (zero pad after normalisation).
     """
 
     def __init__(self, image_dir: str | Path, ids: Sequence[str], labels: np.ndarray, crop_size: int,
@@ -51,7 +51,7 @@ class ClassificationDataset(_Seeded, torch.utils.data.Dataset):
         img = read_image(self.image_dir / f"{self.ids[i]}{self.ext}")
         img = random_resize_long(img, rng, *self.resize_long)
         if self.jitter:
-            img = color_jitter(img, rng)
+            img = color_jitter_fixed_order(img, rng)
         if rng.random() < 0.5:
             img = img[:, ::-1]
         arrays = [normalize(img)] + ([np.ones(img.shape[:2], np.float32)] if self.valid else [])
@@ -76,7 +76,8 @@ def posterize_any_bits(img, bits_to_keep: int, **_):
 
 
 class TimmClassificationDataset(_Seeded, torch.utils.data.Dataset):
-    """Training images through timm's ImageNet training transform (MCTformer, ``mctformer.md`` §5).
+    """Training images through timm's ImageNet training transform (MCTformer,
+    ``xulianuwa/MCTformer`` ``datasets.py::build_transform``).
 
     item: ``{"image": float32 (3, crop, crop), "label": float32 (C,), "id": str}``. Transform:
     RandomResizedCrop(crop, ``scale``, ratio (3/4, 4/3), bicubic) -> h-flip 0.5 -> RandAugment ``auto_augment`` ->
@@ -167,9 +168,10 @@ class SegmentationDataset(_Seeded, torch.utils.data.Dataset):
 class ViewsDataset(_Seeded, torch.utils.data.Dataset):
     """Training images for EPS/PPC-style methods and FSAE: a weak view, optional saliency, optional strong view.
 
-    The views follow ``fsae.md`` §2 (:func:`wsss_core.methods.fsae_ops.make_weak_strong_views`): random long
-    side, h-flip, colour jitter, crop on uint8 (black pad), normalise; the strong view reuses the weak view's
-    geometry exactly (pixel-aligned) with a fresh jitter, blur and RandAugment.
+    The views follow ``obeychoi0120/PixMatch`` ``data/dataset.py::ClassificationDatasetWithSaliency``
+    (:func:`wsss_core.data.augment.make_weak_strong_views`): random long side, h-flip, colour jitter, crop on uint8
+    (black pad), normalise; the strong view reuses the weak view's geometry exactly (pixel-aligned) with a fresh jitter,
+    blur and RandAugment.
 
     item: ``{"image": float32 (3, crop, crop), "label": float32 (C,), "id": str}`` plus
     ``"saliency": float32 (1, crop, crop)`` in [0, 1] when ``saliency_dir`` is given and

@@ -4,7 +4,7 @@ Outputs of :func:`prepare_dataset` (in ``out_dir``):
 
 - ``lists/<split>.txt``: sorted ids per split (train_aug, train, val, ...);
 - ``labels.json``: ``{"classes": [bg, ...], "labels": {id: [class labels 1..C-1]}}`` (image-level labels);
-- ``manifest.json``: kind, absolute image/mask folders, class names, counts per split, images per class,
+- ``manifest.json``: kind, root (as configured) and image/mask folders relative to it, class names, counts per split, images per class,
   sha256 of the lists and labels, where the labels came from.
 
 Masks are only for evaluation; training stages read ``labels.json``.
@@ -42,6 +42,11 @@ SALIENCY_HOWTO = (
     "EPS/PPC use the PFAN/PoolNet maps distributed by the EPS authors (github.com/PengtaoJiang/EPS, "
     "'SALImages'): download and unpack them, then set datasets.<name>.saliency.dir to that folder."
 )
+
+
+def _relative(p: Path, root: Path) -> str:
+    """``p`` relative to ``root`` when it lies inside it, else as it is."""
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
 
 
 def _resolve(root: Path, p: str) -> Path:
@@ -316,9 +321,10 @@ def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.
     manifest = {
         "name": dataset_name,
         "kind": kind,
-        "root": str(root),
-        "image_dir": str(image_dir),
-        "mask_dir": str(mask_dir),
+        # as configured (relative: to the run folder) and relative to it: a moved run (with its dataset) still reads
+        "root": str(ds["root"]),
+        "image_dir": _relative(image_dir, root),
+        "mask_dir": _relative(mask_dir, root),
         "classes": classes,
         "n_classes": n_classes,
         "splits": {s: len(v) for s, v in split_ids.items()},
@@ -343,8 +349,9 @@ class DatasetInfo:
         lab = read_json(self.dir / "labels.json")
         self.classes: list[str] = lab["classes"]
         self._labels: dict[str, list[int]] = lab["labels"]
-        self.image_dir = Path(self.manifest["image_dir"])
-        self.mask_dir = Path(self.manifest["mask_dir"])
+        root = Path(self.manifest["root"]).expanduser()  # relative: to the run folder (the job's working directory)
+        self.image_dir = root / self.manifest["image_dir"]
+        self.mask_dir = root / self.manifest["mask_dir"]
 
     @property
     def n_classes(self) -> int:

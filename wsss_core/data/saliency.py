@@ -61,7 +61,7 @@ def make_standin_saliency(prepared: str | os.PathLike, splits: Sequence[str], ou
         rng = np.random.default_rng([seed, k])
         sal = standin_saliency(read_label_png(info.mask_path(image_id)), rng)
         write_image(maps / f"{image_id}.png", np.repeat(sal[..., None], 3, axis=2))
-    return {"kind": "stand-in", "dir": str(maps.resolve()), "ext": ".png", "n_maps": len(ids), "seed": seed,
+    return {"kind": "stand-in", "dir": str(maps), "ext": ".png", "n_maps": len(ids), "seed": seed,
             "description": "stand-in saliency: degraded, class-agnostic foreground of the toy ground truth "
                            "(blur, random erosion/dilation, smooth noise); not a saliency model"}
 
@@ -98,7 +98,7 @@ def saliency_manifest(dataset_cfg: dict, prepared: str | os.PathLike, splits: Se
                 f"maps of split(s) {', '.join(splits)} (one <id>{ext} per image): {first_few(missing, 8)}. Fix: add "
                 f"the missing maps (e.g. {folder / (missing[0] + ext)}), or point datasets.{name}.saliency.dir "
                 f"(and .ext) at a complete folder of maps for this dataset. {SALIENCY_HOWTO}")
-        man = {"kind": "folder", "dir": str(Path(sal["dir"]).resolve()), "ext": ext, "n_maps": len(ids),
+        man = {"kind": "folder", "dir": str(sal["dir"]), "ext": ext, "n_maps": len(ids),
                "description": sal.get("description", "precomputed saliency maps")}
     write_json(out, man)
     return man

@@ -40,9 +40,15 @@ def random_resize_long(img: np.ndarray, rng: np.random.Generator, lo: int, hi: i
     return resize(img, (max(1, round(h * s)), max(1, round(w * s))))
 
 
-def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float = 0.3, contrast: float = 0.3,
-                 saturation: float = 0.3) -> np.ndarray:
-    """Random brightness/contrast/saturation (factors in [1-x, 1+x]) on uint8 RGB."""
+def color_jitter_fixed_order(img: np.ndarray, rng: np.random.Generator, brightness: float = 0.3,
+                             contrast: float = 0.3, saturation: float = 0.3) -> np.ndarray:
+    """Random brightness/contrast/saturation (factors in [1-x, 1+x]) on uint8 RGB, always in that order, no hue,
+    in float32 (contrast about the image mean, saturation about the per-pixel channel mean), clipped to uint8.
+
+    The classic crops' jitter (classifier and AffinityNet training), standing in for ``jiwoon-ahn/psa``
+    ``train_cls.py`` / ``train_aff.py``: ``transforms.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3,
+    hue=0.1)`` without its hue term and random order. The views' torchvision-exact jitter is
+    :func:`wsss_core.data.augment.color_jitter_torchvision`."""
     x = img.astype(np.float32)
     x *= rng.uniform(1 - brightness, 1 + brightness)
     mean = x.mean()

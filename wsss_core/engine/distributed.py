@@ -148,18 +148,20 @@ def check_global_batch(batch_size: int, world: int) -> int:
 def launch_ranks(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> bool:
     """Run the training stage ``fn(**kwargs)`` on several ranks when its settings ask for them.
 
-    ``kwargs`` are the stage function's arguments (``locals()`` at its top): ``cfg`` (``n_procs``,
-    ``ddp_cpu_procs``, ``batch_size``), ``device``, ``lock_dir`` and ``log`` are read. Returns True when the ranks
-    ran (the caller returns), False when the caller should train in this process (one rank, or already a rank).
+    ``kwargs`` are the stage function's arguments (``locals()`` at its top); of its ``job``
+    (:class:`~wsss_core.stages.job.JobSettings`) ``cfg`` (``n_procs``, ``ddp_cpu_procs``, ``batch_size``),
+    ``device``, ``lock_dir`` and ``log`` are read. Returns True when the ranks ran (the caller returns), False when
+    the caller should train in this process (one rank, or already a rank).
     """
     if is_worker():
         return False
-    cfg = kwargs["cfg"]
-    plan = plan_ranks(cfg, kwargs.get("device", "auto"), kwargs.get("lock_dir", ".wsss/gpu-locks"))
+    job = kwargs["job"]
+    cfg = job.cfg
+    plan = plan_ranks(cfg, job.device, job.lock_dir)
     if plan.world == 1:
         return False
     check_global_batch(int(cfg["batch_size"]), plan.world)
-    logger = setup_job_logging(kwargs.get("log"))
+    logger = setup_job_logging(job.log)
     logger.info("job pid=%d: %d training processes (%s, %s backend; CUDA_VISIBLE_DEVICES=%s), global batch %d = "
                 "%d x %d", os.getpid(), plan.world, plan.device, plan.backend,
                 os.environ.get("CUDA_VISIBLE_DEVICES", "-"), cfg["batch_size"], plan.world,

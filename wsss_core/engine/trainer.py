@@ -41,18 +41,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def poly_sgd_param_groups(groups: Iterable[tuple[str, list, float]], cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """SGD groups of the IRN family's PolyOptimizerSGD (SIPE, SFC, IRN) from ``(name, params, lr multiplier)``:
-    lr ``cfg['lr'] * mult``, weight decay ``cfg['weight_decay']`` (1e-4) on every group, and momentum = the weight
-    decay (the reference passes it as SGD's 3rd positional argument, i.e. as momentum) unless ``cfg['fix_quirk']``
-    (then ``cfg['momentum']``, 0.9)."""
-    wd = float(cfg.get("weight_decay", 1e-4))
-    mom = float(cfg.get("momentum", 0.9)) if cfg.get("fix_quirk", False) else wd
-    lr = float(cfg["lr"])
-    return [{"params": list(params), "lr": lr * float(mult), "weight_decay": wd, "momentum": mom, "name": name}
-            for name, params, mult in groups]
-
-
 def poly_lambda(max_steps: int, power: float) -> Callable[[int], float]:
     """lr multiplier (1 - step/max_steps)^power, the poly schedule of the WSSS references."""
     return lambda step: max(0.0, 1.0 - step / max_steps) ** power

@@ -30,17 +30,17 @@ Optional:
   labels (e.g. SFC's class-occurrence weights).
 
 Wrappers (e.g. FSAE) take a base method module and implement the same interface.
+
+A module registers itself by decorating its ``build_model`` with
+``@register_method("<name>")`` (:mod:`wsss_core.methods.registry`); :func:`get_method` looks a name up.
 """
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import Any, Mapping
 
-METHODS = {"cam": "wsss_core.methods.cam", "ppc": "wsss_core.methods.ppc", "sipe": "wsss_core.methods.sipe",
-           "sfc": "wsss_core.methods.sfc", "fsae": "wsss_core.methods.fsae",
-           "mctformer": "wsss_core.methods.mctformer"}
+from .registry import get_method, load_plugins, register_method, registered_methods  # noqa: F401 (re-exported)
 
 
 def method_settings(cfg: Mapping[str, Any], section: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,22 +58,13 @@ def method_settings(cfg: Mapping[str, Any], section: str, defaults: Mapping[str,
 def make_optimizer(m: ModuleType, model, cfg: Mapping[str, Any]):
     """Method ``m``'s optimizer for ``model``: its ``build_optimizer`` if it has one, else SGD over its
     ``param_groups`` with ``cfg``'s lr / momentum / weight decay as group defaults."""
-    import torch
+    from ..engine.optim import reference_sgd
 
     if hasattr(m, "build_optimizer"):
         return m.build_optimizer(model, cfg)
-    return torch.optim.SGD(m.param_groups(model, cfg), lr=cfg["lr"], momentum=cfg["momentum"],
-                           weight_decay=cfg["weight_decay"])
+    return reference_sgd(m.param_groups(model, cfg), cfg, quirk=False)
 
 
 def make_lr_lambda(m: ModuleType, cfg: Mapping[str, Any], steps_per_epoch: int):
     """Method ``m``'s per-step lr multiplier: its ``lr_lambda`` if it has one, else ``None`` (the trainer's poly)."""
     return m.lr_lambda(cfg, steps_per_epoch) if hasattr(m, "lr_lambda") else None
-
-
-def get_method(name: str) -> ModuleType:
-    """Import the method module registered as ``name``."""
-    try:
-        return importlib.import_module(METHODS[name])
-    except KeyError:
-        raise KeyError(f"unknown method {name!r}; known: {sorted(METHODS)}") from None

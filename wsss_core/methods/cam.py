@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.backbones import resnet_from_config
+from .registry import register_method
 
 
 class CAMNet(nn.Module):
@@ -28,6 +29,7 @@ class CAMNet(nn.Module):
         return F.relu(self.classifier(self.backbone(x)))
 
 
+@register_method("cam")
 def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weights") -> CAMNet:
     return CAMNet(resnet_from_config(cfg["backbone"], cache_dir), n_classes)
 

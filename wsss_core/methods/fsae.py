@@ -1,20 +1,23 @@
 """FSAE (Choi et al., WACV 2025) as a wrapper around any base method that exposes CAM logits.
 
-Spec: ``fsae.md``. The wrapper adds, on top of the base method's own loss on the weak view:
+Upstream: ``obeychoi0120/PixMatch`` (the canonical FSAE code; ``module/train.py::train_ssl``, ``module/ema.py``), and
+the authors' working fork ``obeychoi0120/wseg`` branch ``ssl``. The wrapper adds, on top of the base method's own loss
+on the weak view:
 
-1. an EMA teacher (a copy of the base model, ``ema_m`` 0.999, updated after each optimizer step; §5);
-2. confident hard labels from the teacher's weak-view CAM logits (``p_cutoff`` 0.95) plus the boundary ring
-   (3x3 dilation of the confident foreground minus itself, kept where the teacher's confidence >= 0.8; §3);
-3. pixel cross-entropy of the student's logits on the pixel-aligned strong view (§4), normalised by all
-   pixels; ``variant: union`` (PixMatch: ring merged into the mask) or ``separate`` (wseg@ssl: ring as its
-   own term weighted by ``bdry_lambda``).
+1. an EMA teacher (a copy of the base model, ``ema_m`` 0.999, updated after each optimizer
+   step; ``module/ema.py::EMA``);
+2. confident hard labels from the teacher's weak-view CAM logits (``p_cutoff`` 0.95) plus the boundary ring (3x3
+   dilation of the confident foreground minus itself, kept where the teacher's confidence >= 0.8; ``train_ssl``);
+3. pixel cross-entropy of the student's logits on the pixel-aligned strong view (``train_ssl``, ``loss_semcon``),
+   normalised by all pixels; ``variant: union`` (PixMatch: ring merged into the mask) or ``separate`` (wseg@ssl: ring as
+   its own term weighted by ``bdry_lambda``).
 
 A base method module must provide ``build_model``, ``param_groups``, ``training_step`` (its loss on the weak
 view), ``cam_forward`` and ``cam_logits(model, images) -> (logits (N, C+1, h, w), bg_index)``; optionally
 ``supervised_loss(..., sal_view2=...)`` and ``data_needs``. Stage config: ``classifier.fsae`` with ``base``
 (method name) and the switches below; everything else of the classifier config goes to the base method.
 
-Inference uses the student (saved checkpoints hold both; the reference saves only the student, §5).
+Inference uses the student (saved checkpoints hold both; ``train_ssl`` saves only the student).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import fsae_ops as ops
+from .registry import register_method
 
 DEFAULTS: dict[str, Any] = {
     "base": "ppc",
-    "p_cutoff": ops.P_CUTOFF,          # §3.5
-    "bdry": True,                      # §3.6 spatial expansion on
+    "p_cutoff": ops.P_CUTOFF,          # --p_cutoff of contrast_train.py
+    "bdry": True,                      # --bdry: spatial expansion (boundary ring) on
     "bdry_size": ops.BDRY_SIZE,        # 3x3 ring
     "bdry_cutoff": ops.BDRY_CUTOFF,    # ring kept where conf >= 0.8
     "variant": "union",                # union (PixMatch, canonical) | separate (wseg@ssl)
@@ -41,8 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "ema_m": ops.EMA_M,
     "absent": "zero",                  # absent-class logits x0 (reference) | neg_inf
     "n_strong_augs": ops.N_STRONG_AUGS,
-    "blur_kernel": ops.BLUR_KERNEL,    # 1 = identity, as in the authors' seeded runs (§2.4)
-    "sal_view2": "direct",             # ssl mode resizes full-res saliency straight to view 2 (§4)
+    "blur_kernel": ops.BLUR_KERNEL,    # 1 = identity, as in the authors' seed-7 runs (data/dataset.py)
+    "sal_view2": "direct",             # ssl mode resizes full-res saliency straight to view 2 (train_ssl)
 }
 
 
@@ -74,8 +78,9 @@ def base_method(cfg: Mapping[str, Any]):
 class FSAEModel(nn.Module):
     """``student`` (the base model, trained and used for inference) and ``teacher`` (its EMA copy, no grads).
 
-    The teacher copies the student at construction (no warm-up, §3) and shares its train/eval mode, so its
-    dropout is active during training as in the reference (§3.1).
+    The teacher copies the student at construction (no warm-up in ``train_ssl``) and shares its train/eval mode, so its
+    dropout is active during training as in the reference (``train_ssl`` swaps the EMA weights into the train-mode
+    model).
     """
 
     def __init__(self, student: nn.Module):
@@ -101,10 +106,11 @@ class FSAEModel(nn.Module):
 
     @torch.no_grad()
     def ema_update(self, momentum: float) -> None:
-        """``t <- m t + (1 - m) s`` for the registered parameters; frozen ones and buffers copied (§5)."""
+        """``t <- m t + (1 - m) s`` for the registered parameters; frozen ones and buffers copied (``EMA.update``)."""
         ops.ema_update_(self.teacher, self.student, momentum, set(self.registered))
 
 
+@register_method("fsae")
 def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weights") -> FSAEModel:
     name = fsae_settings(cfg)["base"]
     model = FSAEModel(_base(name).build_model(cfg, n_classes, cache_dir=cache_dir))
@@ -177,7 +183,7 @@ def training_step(model: FSAEModel, batch: Mapping[str, torch.Tensor], step: int
 
 
 def after_step(model: FSAEModel, step: int, cfg: Mapping[str, Any]) -> None:
-    """EMA update after every optimizer step (§5)."""
+    """EMA update after every optimizer step (``ema.update()`` in ``module/train.py::train_ssl``)."""
     s = fsae_settings(cfg)
     if s["ema"]:
         model.ema_update(s["ema_m"])
@@ -204,7 +210,7 @@ def infer_cams(model: FSAEModel, image, keys, scales, flip, device):
 
 
 def cam_forward(model: FSAEModel, images: torch.Tensor) -> torch.Tensor:
-    """The student's CAMs, as the base method computes them (§8: inference unchanged, no teacher)."""
+    """The student's CAMs, as the base method computes them (``contrast_infer.py``: inference unchanged, no teacher)."""
     return base_method_of(model).cam_forward(model.student, images)
 
 

@@ -1,19 +1,22 @@
 """MCTformer V1 / V2 (Xu et al. CVPR 2022): a DeiT-S ViT with one class token per class.
 
-Spec: ``mctformer.md`` (sections cited below). Tensor ops live in :mod:`wsss_core.methods.mctformer_ops`; this
-module is the method interface of :mod:`wsss_core.methods.base`:
+Upstream: ``xulianuwa/MCTformer`` branch ``MCTformerPlus`` (V1/V2 code; ``main`` holds MCTformer+ only), whose
+file::function citations are below. Tensor ops live in :mod:`wsss_core.methods.mctformer_ops`; this module is the method
+interface of :mod:`wsss_core.methods.base`:
 
-- :class:`MCTNet` — patch embedding, C class tokens before the patch tokens, learned position table (interpolated
-  for other grids, class slots unchanged), pre-norm blocks that also return their attention (§2); V1 scores =
-  channel mean of the final class tokens (§3); V2 adds the 3x3 PatchCAM head and its GAP logits (§4);
+- :class:`MCTNet` — patch embedding, C class tokens before the patch tokens, learned position table (interpolated for
+  other grids, class slots unchanged), pre-norm blocks that also return their attention
+  (``vision_transformer.py::Block``); V1 scores = channel mean of the final class tokens
+  (``models.py::MCTformerV1.forward``); V2 adds the 3x3 PatchCAM head and its GAP logits
+  (``models.py::MCTformerV2.forward``);
 - :func:`training_step` — MLSM(class-token logits) (+ MLSM(patch logits) for V2);
 - :func:`build_optimizer` / :func:`lr_lambda` — AdamW (no decay on 1-D parameters, ``pos_embed``, ``cls_token``)
-  with timm's per-epoch warm-up + cosine schedule as the reference steps it (§5);
+  with timm's per-epoch warm-up + cosine schedule as the reference steps it (``main.py::main``);
 - :func:`data_needs` — timm's training transform (RandomResizedCrop, flip, RandAugment ``rand-m9-mstd0.5-inc1``,
   random erasing; :class:`~wsss_core.data.datasets.TimmClassificationDataset`);
-- :func:`infer_cams` — §6 multi-scale + flip localisation maps: M (last K blocks) fused with ReLU(Z) (V2
-  ``fused``), refined by the patch affinity P, upsampled, absent classes zeroed, un-flipped, summed, per-class
-  min-max; stored without a background map (the bg threshold is searched by ``eval_cams``);
+- :func:`infer_cams` — ``engine.py::generate_attention_maps_ms`` multi-scale + flip localisation maps: M (last K blocks)
+  fused with ReLU(Z) (V2 ``fused``), refined by the patch affinity P, upsampled, absent classes zeroed, un-flipped,
+  summed, per-class min-max; stored without a background map (the bg threshold is searched by ``eval_cams``);
 - :func:`cam_logits` — FSAE's view (see the function).
 
 Stage config (``classifier``): ``backbone`` (``arch: deit_small`` = D 384, depth 12, 6 heads, patch 16, 224 table,
@@ -36,15 +39,16 @@ from ..errors import ConfigError
 from . import mctformer_ops as ops
 from .base import method_settings
 from .inference import scaled_views
+from .registry import register_method
 
 DEFAULTS: dict[str, Any] = {
-    "version": "v2",              # v1: class-token attention only | v2: + PatchCAM head and its loss (§4)
-    "layer_index": 3,             # K: class-to-patch attention summed over the last K blocks at inference (§3)
+    "version": "v2",              # v1: class-token attention only | v2: + PatchCAM head and its loss (MCTformerV2)
+    "layer_index": 3,             # K: class-to-patch attention summed over the last K blocks at inference
     "attention_type": "fused",    # fused (M * ReLU(Z)) | patchcam (ReLU(Z)) | mct (M); V1 is always M
-    "patch_attn_refine": True,    # R = P F with the raw patch-to-patch affinity of all blocks (§6.3)
+    "patch_attn_refine": True,    # R = P F, raw patch-to-patch affinity of all blocks (--patch-attn-refine)
     "pad_to_patch": False,        # False: trailing pixels that fill no patch are dropped and the map stretched
-                                  # over the image (the reference, §13); True: zero-pad the view to whole patches
-    "warmup_epochs": 5,           # timm cosine schedule, stepped per epoch (§5)
+                                  # over the image (reference PatchEmbed); True: zero-pad the view to whole patches
+    "warmup_epochs": 5,           # timm cosine schedule, stepped per epoch (main.py::main)
     "warmup_lr": 1.0e-6,
     "min_lr": 1.0e-5,
     "auto_augment": "rand-m9-mstd0.5-inc1",   # timm policy string; "none" = no RandAugment
@@ -69,7 +73,8 @@ def mct_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def vit_settings(backbone: Mapping[str, Any]) -> dict[str, Any]:
-    """ViT dimensions of a backbone config: ``deit_small`` fixes them (§2), ``vit`` reads them (toy sizes)."""
+    """ViT dimensions of a backbone config: ``deit_small`` fixes them
+    (``models.py::deit_small_MCTformerV2_patch16_224``), ``vit`` reads them (toy sizes)."""
     arch = backbone.get("arch")
     if arch == "deit_small":
         return dict(DEIT_SMALL)
@@ -131,7 +136,8 @@ class PatchEmbed(nn.Module):
 
 
 class MCTNet(nn.Module):
-    """DeiT with ``n_classes`` class tokens (§2-§4).
+    """DeiT with ``n_classes`` class tokens (``models.py::MCTformerV1`` / ``MCTformerV2`` on
+    ``vision_transformer.py::VisionTransformer``).
 
     ``forward(x (B, 3, H, W))`` -> ``{"logits": (B, C) class-token scores, "attns": [L x (B, heads, N, N)],
     "grid": (h, w), "z": (B, C, h, w) PatchCAM (V2), "logits_patch": (B, C) its GAP (V2)}`` with h = H // p,
@@ -189,8 +195,9 @@ class MCTNet(nn.Module):
 
 
 def adapt_deit_state(state: dict[str, torch.Tensor], model: MCTNet) -> dict[str, torch.Tensor]:
-    """§2 "Pretrained weights": DeiT's ImageNet head dropped (V2's ``head`` is a new conv), its class token repeated
-    C times, its position table's class slot repeated C times and its patch grid resized (bicubic) to the model's."""
+    """DeiT-S checkpoint adaptation of ``main.py::main`` (``--finetune``): DeiT's ImageNet head dropped (V2's ``head``
+    is a new conv), its class token repeated C times, its position table's class slot repeated C times and its patch
+    grid resized (bicubic) to the model's."""
     out = {k: v for k, v in state.items() if not k.startswith("head.")}
     c = model.n_classes
     if "cls_token" in out and out["cls_token"].shape[1] == 1 and c != 1:
@@ -201,6 +208,7 @@ def adapt_deit_state(state: dict[str, torch.Tensor], model: MCTNet) -> dict[str,
     return out
 
 
+@register_method("mctformer")
 def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weights") -> MCTNet:
     from ..models.weights import load_weights
 
@@ -218,7 +226,8 @@ def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weight
 
 
 def data_needs(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """§5: timm's training transform on ``crop_size`` crops (no colour jitter: timm skips it with RandAugment)."""
+    """``datasets.py::build_transform``: timm's training transform on ``crop_size`` crops (no colour jitter: timm
+    skips it with RandAugment)."""
     s = mct_settings(cfg)
     aa = None if str(s["auto_augment"]).lower() == "none" else s["auto_augment"]
     return {"views": False, "timm": {"auto_augment": aa, "scale": tuple(s["rrc_scale"]),
@@ -239,7 +248,7 @@ def param_groups(model: MCTNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: MCTNet, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """§5: AdamW, betas (0.9, 0.999), eps 1e-8, on :func:`param_groups`."""
+    """``main.py::main`` (timm ``create_optimizer``): AdamW, betas (0.9, 0.999), eps 1e-8, on :func:`param_groups`."""
     return torch.optim.AdamW(param_groups(model, cfg), lr=float(cfg["lr"]), betas=(0.9, 0.999), eps=1e-8)
 
 
@@ -255,9 +264,9 @@ def warmup_cosine(base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: fl
 
 
 def lr_lambda(cfg: Mapping[str, Any], steps_per_epoch: int) -> Callable[[int], float]:
-    """Per-step lr multiplier of §5: the reference calls ``scheduler.step(epoch)`` after each epoch, so epoch 0 runs
-    at ``warmup_lr`` and epoch e >= 1 at the schedule's value for e - 1. Epochs = ceil(max_steps / steps per
-    epoch)."""
+    """Per-step lr multiplier of the timm cosine schedule of ``main.py::main``: the reference calls
+    ``scheduler.step(epoch)`` after each epoch, so epoch 0 runs at ``warmup_lr`` and epoch e >= 1 at the schedule's
+    value for e - 1. Epochs = ceil(max_steps / steps per epoch)."""
     s = mct_settings(cfg)
     base = float(cfg["lr"])
     epochs = max(1, math.ceil(int(cfg["max_steps"]) / max(1, steps_per_epoch)))
@@ -270,7 +279,7 @@ def lr_lambda(cfg: Mapping[str, Any], steps_per_epoch: int) -> Callable[[int], f
 
 
 def training_step(model: MCTNet, batch: Mapping[str, torch.Tensor], step: int, cfg: Mapping[str, Any]) -> dict:
-    """§3/§4: MLSM(class-token logits, y) (+ MLSM(PatchCAM GAP logits, y) for V2, weight 1)."""
+    """``engine.py::train_one_epoch``: MLSM(class-token logits, y) (+ MLSM(PatchCAM GAP logits, y) for V2, weight 1)."""
     out = model(batch["image"])
     y = batch["label"]
     l_cls = F.multilabel_soft_margin_loss(out["logits"], y)
@@ -282,8 +291,10 @@ def training_step(model: MCTNet, batch: Mapping[str, torch.Tensor], step: int, c
 
 
 def localisation_maps(model: MCTNet, x: torch.Tensor, s: Mapping[str, Any]) -> torch.Tensor:
-    """§4 + §6.3: (B, 3, H, W) -> F (B, C, h, w): M over the last ``layer_index`` blocks, fused with ReLU(Z) per
-    ``attention_type`` (V1: M), then R = P F with the summed patch affinity when ``patch_attn_refine``."""
+    """``models.py::MCTformerV2.forward`` (``return_att``) + the refinement of
+    ``engine.py::generate_attention_maps_ms``: (B, 3, H, W) -> F (B, C, h, w): M over the last ``layer_index`` blocks,
+    fused with ReLU(Z) per ``attention_type`` (V1: M), then R = P F with the summed patch affinity when
+    ``patch_attn_refine``."""
     out = model(x)
     c = model.n_classes
     m = ops.class_to_patch_maps(out["attns"], c, out["grid"], int(s["layer_index"]))
@@ -295,8 +306,9 @@ def localisation_maps(model: MCTNet, x: torch.Tensor, s: Mapping[str, Any]) -> t
 
 def aggregate_views(per_view: Sequence[torch.Tensor], flipped: Sequence[bool], present: torch.Tensor,
                     size: tuple[int, int]) -> torch.Tensor:
-    """§6.3-§6.5: per view (C, h_v, w_v) maps upsampled (bilinear, align_corners False) to ``size``, multiplied by
-    the (C,) 0/1 labels, flipped views un-flipped, summed, then per-class min-max (absent classes 0) -> (C, H, W)."""
+    """``engine.py::generate_attention_maps_ms``: per view (C, h_v, w_v) maps upsampled (bilinear, align_corners False)
+    to ``size``, multiplied by the (C,) 0/1 labels, flipped views un-flipped, summed, then per-class min-max (absent
+    classes 0) -> (C, H, W)."""
     total = None
     for f, fl in zip(per_view, flipped):
         up = F.interpolate(f[None].float(), size=size, mode="bilinear", align_corners=False)[0]
@@ -325,8 +337,8 @@ def view_maps(model: MCTNet, x: torch.Tensor, s: Mapping[str, Any]) -> torch.Ten
 @torch.no_grad()
 def infer_cams(model: MCTNet, image: np.ndarray, keys: Sequence[int], scales: Sequence[float], flip: bool,
                device: torch.device) -> tuple[np.ndarray, np.ndarray, None]:
-    """§6 seeds of one uint8 (H, W, 3) image for its present classes ``keys`` (1-based): float32 (K, H, W) in
-    [0, 1] (per-class min-max), no background map."""
+    """``engine.py::generate_attention_maps_ms`` seeds of one uint8 (H, W, 3) image for its present classes
+    ``keys`` (1-based): float32 (K, H, W) in [0, 1] (per-class min-max), no background map."""
     s = model.settings
     h, w = image.shape[:2]
     keys = np.asarray(keys, dtype=np.int64)
@@ -349,7 +361,8 @@ def cam_forward(model: MCTNet, images: torch.Tensor) -> torch.Tensor:
 
 def cam_logits(model: MCTNet, images: torch.Tensor, label: torch.Tensor | None = None,
                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """FSAE's view of MCTformer (fsae.md §9): (B, 3, H, W) -> ((B, C + 1, h, w) logits, bg index 0).
+    """FSAE's view of MCTformer (our adaptation: FSAE's code, ``obeychoi0120/PixMatch``, has no MCTformer
+    variant): (B, 3, H, W) -> ((B, C + 1, h, w) logits, bg index 0).
 
     The patch-level CAM — V2's ReLU(Z), differentiable, so FSAE's pixel loss trains the PatchCAM head and the
     patch tokens; V1: the class-to-patch attention M of the last ``layer_index`` blocks — is max-normalised per

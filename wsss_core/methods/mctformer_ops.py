@@ -1,17 +1,25 @@
-"""MCTformer (Xu et al. CVPR 2022) op core, groundwork for its method module (spec: ``mctformer.md``).
+"""MCTformer (Xu et al. CVPR 2022) op core, groundwork for its method module. Upstream:
+``xulianuwa/MCTformer`` branch ``MCTformerPlus`` (the V1/V2 code; file::function citations below are in it).
 
 Pure tensor functions (devices and dtypes follow the inputs). Shapes: B batch, C class tokens (= foreground
 classes), h x w the patch grid (row-major: patch (r, q) is token ``C + r * w + q``), N = C + h w tokens, L blocks.
 
-- :func:`interpolate_pos_embed` (§2): class slots kept, the patch grid resized bicubically (DINO's +0.1 trick);
-- :func:`expand_deit_pos_embed` / :func:`expand_cls_token` (§2 "Pretrained weights"): DeiT-S (1 class token)
-  to C class tokens;
-- :func:`class_to_patch_maps` (§3, M): head-averaged class-to-patch attention summed over the last K blocks;
-- :func:`patch_affinity` (§3, P): head-averaged patch-to-patch attention summed over all blocks;
-- :func:`fuse_maps` (§4): V2's ``M * ReLU(Z)`` (``fused``), ``ReLU(Z)`` (``patchcam``) or ``M``;
-- :func:`refine_with_affinity` (§6.3): ``R[c, i] = sum_j P[i, j] F[c, j]``;
-- :func:`minmax_per_class` (§6.5): per present class (S - min) / (max - min + 1e-8), absent classes 0;
-- :func:`greedy_threshold_search` (§7): the reference's curve search, which stops at the first non-improvement.
+- :func:`interpolate_pos_embed` (``models.py::MCTformerV2.interpolate_pos_encoding``): class slots kept, the patch grid
+  resized bicubically (DINO's +0.1 trick);
+- :func:`expand_deit_pos_embed` / :func:`expand_cls_token` (``main.py::main``, ``--finetune``): DeiT-S (1 class
+  token) to C class tokens;
+- :func:`class_to_patch_maps` (``models.py::MCTformerV2.forward``, M): head-averaged class-to-patch attention summed
+  over the last K blocks;
+- :func:`patch_affinity` (``MCTformerV2.forward`` + ``engine.py::generate_attention_maps_ms``, P): head-averaged
+  patch-to-patch attention summed over all blocks;
+- :func:`fuse_maps` (``MCTformerV2.forward``, ``attention_type``): V2's ``M * ReLU(Z)`` (``fused``), ``ReLU(Z)``
+  (``patchcam``) or ``M``;
+- :func:`refine_with_affinity` (``engine.py::generate_attention_maps_ms``, ``--patch-attn-refine``):
+  ``R[c, i] = sum_j P[i, j] F[c, j]``;
+- :func:`minmax_per_class` (``engine.py::generate_attention_maps_ms``): per present class (S - min) /
+  (max - min + 1e-8), absent classes 0;
+- :func:`greedy_threshold_search` (``evaluation.py``, ``__main__`` with ``--curve``): the reference's curve search,
+  which stops at the first non-improvement.
 """
 
 from __future__ import annotations
@@ -68,7 +76,8 @@ def _head_mean(attn: torch.Tensor) -> torch.Tensor:
 
 def class_to_patch_maps(attns: Sequence[torch.Tensor], n_cls: int, grid_hw: tuple[int, int],
                         last_k: int = 3) -> torch.Tensor:
-    """§3 M: sum over the last ``last_k`` blocks of the head-averaged ``A[:, :C, C:]`` -> (B, C, h, w).
+    """``models.py::MCTformerV2.forward`` ``mtatt`` (M): sum over the last ``last_k`` blocks of the head-averaged
+    ``A[:, :C, C:]`` -> (B, C, h, w).
 
     attns: per block (B, heads, N, N) post-softmax attention (rows = queries). Rows are class tokens, columns
     patches in row-major order. Each summand is in [0, 1], so 0 <= M <= last_k.
@@ -81,14 +90,15 @@ def class_to_patch_maps(attns: Sequence[torch.Tensor], n_cls: int, grid_hw: tupl
 
 
 def patch_affinity(attns: Sequence[torch.Tensor], n_cls: int) -> torch.Tensor:
-    """§3 P: sum over all blocks of the head-averaged ``A[:, C:, C:]`` -> (B, hw, hw); row i = query patch i (rows
-    sum to at most the number of blocks)."""
+    """``patch_attn`` of ``MCTformerV2.forward`` summed in ``engine.py::generate_attention_maps_ms`` (P): sum over all
+    blocks of the head-averaged ``A[:, C:, C:]`` -> (B, hw, hw); row i = query patch i (rows sum to at most the number
+    of blocks)."""
     return sum(_head_mean(a)[:, n_cls:, n_cls:] for a in attns)
 
 
 def fuse_maps(m: torch.Tensor, z: torch.Tensor | None, attention_type: str = "fused") -> torch.Tensor:
-    """§4 localisation maps (B, C, h, w): ``fused`` = M * ReLU(Z) (Z detached), ``patchcam`` = ReLU(Z), else M.
-    V1 (no PatchCAM head, ``z`` None) always gives M."""
+    """``models.py::MCTformerV2.forward`` localisation maps (B, C, h, w): ``fused`` = M * ReLU(Z) (Z detached),
+    ``patchcam`` = ReLU(Z), else M. V1 (no PatchCAM head, ``z`` None) always gives M."""
     if z is None or attention_type not in ("fused", "patchcam"):
         return m
     zr = F.relu(z.detach())
@@ -96,13 +106,15 @@ def fuse_maps(m: torch.Tensor, z: torch.Tensor | None, attention_type: str = "fu
 
 
 def refine_with_affinity(maps: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
-    """§6.3: (B, C, h, w) maps, (B, hw, hw) raw patch affinity -> ``R[b, c, i] = sum_j P[b, i, j] F[b, c, j]``."""
+    """``engine.py::generate_attention_maps_ms`` (``--patch-attn-refine``): (B, C, h, w) maps, (B, hw, hw) raw patch
+    affinity -> ``R[b, c, i] = sum_j P[b, i, j] F[b, c, j]``."""
     b, c, h, w = maps.shape
     return torch.einsum("bij,bcj->bci", affinity.to(maps.dtype), maps.reshape(b, c, h * w)).reshape(b, c, h, w)
 
 
 def minmax_per_class(s: torch.Tensor, present: torch.Tensor, eps: float = MINMAX_EPS) -> torch.Tensor:
-    """§6.5: (C, H, W) summed maps, (C,) 0/1 labels -> per present class (S - min) / (max - min + eps), absent 0."""
+    """``engine.py::generate_attention_maps_ms``: (C, H, W) summed maps, (C,) 0/1 labels -> per present class
+    (S - min) / (max - min + eps), absent 0."""
     flat = s.reshape(s.shape[0], -1)
     lo, hi = flat.amin(1).view(-1, 1, 1), flat.amax(1).view(-1, 1, 1)
     out = (s - lo) / (hi - lo + eps)
@@ -110,8 +122,9 @@ def minmax_per_class(s: torch.Tensor, present: torch.Tensor, eps: float = MINMAX
 
 
 def greedy_threshold_search(miou_at: Callable[[float], float], start: int = 0, end: int = 60) -> tuple[float, float, list]:
-    """§7 ``--curve``: t = i/100 for i in [start, end), stopping at the first t whose mIoU does not improve on the
-    best so far (a greedy search that assumes a unimodal curve). Returns (best t, best mIoU, evaluated mIoUs).
+    """``evaluation.py`` ``--curve``: t = i/100 for i in [start, end), stopping at the first t whose mIoU does not
+    improve on the best so far (a greedy search that assumes a unimodal curve). Returns (best t, best mIoU, evaluated
+    mIoUs).
 
     The rule itself lives in :mod:`wsss_core.metrics.search` (``stages.eval.search: greedy``); this fixes the
     reference's threshold list."""

@@ -1,8 +1,9 @@
 """PPC (pixel-to-prototype contrast, Du et al. CVPR 2022) on ResNet-38, in its two published variants.
 
-Spec: ``ppc.md`` (sections cited below). The loss / op core lives in :mod:`wsss_core.methods.ppc_ops`; this
-module is the method interface of :mod:`wsss_core.methods.base` plus :func:`cam_logits`, which wrappers
-(FSAE) use.
+Upstream: ``usr922/wseg`` (branch ``master``: SEAM+PPC; branch ``esp``: EPS+PPC) and FSAE's fork
+``obeychoi0120/PixMatch``; citations below name the branch. The loss / op core lives in
+:mod:`wsss_core.methods.ppc_ops`; this module is the method interface of :mod:`wsss_core.methods.base` plus
+:func:`cam_logits`, which wrappers (FSAE) use.
 
 - ``variant: seam`` (usr922/wseg master): bg channel **0**, dropout7 before fc8, maps upsampled to the input
   for L_cls/L_er/L_ecr, CAM inference from the PCM output ``cam_rv``.
@@ -10,12 +11,13 @@ module is the method interface of :mod:`wsss_core.methods.base` plus :func:`cam_
   stride 8, EPS saliency loss, CAM inference = softmax of the raw fc8 logits (``forward_cam``).
 
 Stage config keys (``classifier``): ``backbone`` (``arch: resnet38``, ``width``, ``weights``, ``frozen_bn``,
-``frozen_stem``), ``lr``, ``weight_decay``, ``momentum`` (used only with ``fix_quirk``), ``fix_quirk`` (False
-reproduces the SGD momentum quirk of §6), and ``ppc``: ``variant``, ``view2_size`` (128), ``bg_thr``,
-``proto_div``, ``tau``, ``gamma``, ``ecr_topk``, ``eps_tau``, ``eps_alpha``, ``esp_onehot_bug`` (True
-reproduces the esp ``max_onehot`` channel bug, §4), ``sal_view2`` (``resize``: base mode, saliency
-bilinearly resized to the view-2 size first; ``direct``: FSAE ssl mode, nearest from full resolution, §4 of
-``fsae.md``).
+``frozen_stem``), ``lr``, ``weight_decay``, ``momentum`` (used only with ``fix_quirk``), ``fix_quirk`` (False reproduces
+the SGD momentum quirk of ``usr922/wseg`` ``tool/torchutils.py::PolyOptimizer`` (``util/torchutils.py`` on ``esp``):
+weight decay passed in the momentum slot), and ``ppc``: ``variant``, ``view2_size`` (128), ``bg_thr``, ``proto_div``,
+``tau``, ``gamma``, ``ecr_topk``, ``eps_tau``, ``eps_alpha``, ``esp_onehot_bug`` (True reproduces the channel bug of
+``usr922/wseg@esp`` ``module/train.py::max_onehot``), ``sal_view2`` (``resize``: base mode, saliency bilinearly resized
+to the view-2 size first; ``direct``: FSAE ssl mode, nearest from full resolution, as in ``obeychoi0120/PixMatch``
+``module/train.py::train_ssl``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.optim import reference_sgd
 from ..errors import ConfigError
 from ..models.resnet38 import build_resnet38
 from . import ppc_ops as ops
+from .registry import register_method
 
 VARIANTS = {"seam": ops.MASTER_DEFAULTS, "eps": ops.ESP_DEFAULTS}
 
@@ -67,7 +71,8 @@ class PPCNet(nn.Module):
 
     @property
     def new_layers(self) -> list[nn.Module]:
-        """The randomly initialised heads (10x learning rate, §6)."""
+        """The randomly initialised heads (10x learning rate;
+        ``network/resnet38_contrast.py::Net.get_parameter_groups``)."""
         return [self.fc8, self.fc_proj, self.pcm]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -83,6 +88,7 @@ class PPCNet(nn.Module):
         return self.fc8(self.dropout7(fea) if self.variant == "seam" else fea)
 
 
+@register_method("ppc")
 def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weights") -> PPCNet:
     bb = cfg["backbone"]
     if bb.get("arch", "resnet38") != "resnet38":
@@ -98,14 +104,20 @@ def data_needs(cfg: Mapping[str, Any]) -> dict[str, bool]:
 
 
 def param_groups(model: PPCNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """§6 PolyOptimizer groups (backbone lr / new layers 10x lr), momentum quirk unless ``fix_quirk``."""
-    return ops.ppc_param_groups(model, model.new_layers, cfg["lr"], cfg.get("weight_decay", 5e-4),
-                                bool(cfg.get("fix_quirk", False)), cfg.get("momentum", 0.9))
+    """``PolyOptimizer`` groups of ``usr922/wseg`` (``tool/torchutils.py``; ``util/torchutils.py`` on ``esp``):
+    backbone lr / new layers 10x lr."""
+    return ops.ppc_param_groups(model, model.new_layers, cfg["lr"], cfg.get("weight_decay", 5e-4))
+
+
+def build_optimizer(model: PPCNet, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """``PolyOptimizer`` of ``usr922/wseg`` over :func:`param_groups`: momentum quirk unless ``fix_quirk``."""
+    return reference_sgd(param_groups(model, cfg), cfg, weight_decay=5e-4)
 
 
 def supervised_loss(model: PPCNet, batch: Mapping[str, torch.Tensor], step: int, cfg: Mapping[str, Any],
                     sal_view2: str | None = None) -> dict[str, torch.Tensor]:
-    """The full PPC loss on the weak view and its rescaled copy (§3 second view, §4, §5).
+    """The full PPC loss on the weak view and its rescaled copy (``usr922/wseg`` master ``contrast_train.py``;
+    ``esp`` ``module/train.py::train_contrast``).
 
     batch: ``image`` (N, 3, H, W), ``label`` (N, K), and for ``eps`` ``saliency`` (N, 1, H, W) in [0, 1].
     Returns ``{"loss", "loss_cls", "loss_er", "loss_ecr", "loss_nce", ["loss_sal"]}`` (scalars).
@@ -116,7 +128,7 @@ def supervised_loss(model: PPCNet, batch: Mapping[str, torch.Tensor], step: int,
     size2 = (int(p["view2_size"]),) * 2
     img2 = ops.resize(img1, size2)
     o1, o2 = model(img1), model(img2)
-    if p["variant"] == "seam":  # §2a: cam and cam_rv upsampled to the input size
+    if p["variant"] == "seam":  # master resnet38_contrast.py::Net.forward: cam, cam_rv upsampled to input size
         up = [ops.resize(o[k], i.shape[-2:]) for o, i in ((o1, img1), (o2, img2)) for k in ("cam", "cam_rv")]
         cam1, cam_rv1, cam2, cam_rv2 = up
     else:
@@ -155,7 +167,7 @@ def cam_logits(model: PPCNet, images: torch.Tensor, label: torch.Tensor | None =
 
 
 def cam_forward(model: PPCNet, images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> non-negative fg CAMs (N, C, h, w) (§7).
+    """(N, 3, H, W) -> non-negative fg CAMs (N, C, h, w) (``contrast_infer.py`` of ``usr922/wseg`` master / ``esp``).
 
     ``eps``: softmax over the C+1 raw logits, fg probabilities. ``seam``: ReLU of the PCM output ``cam_rv``,
     fg channels. The caller sums scales/flips and normalises per class by the max.

@@ -1,6 +1,7 @@
 """Loss / op core of PPC (pixel-to-prototype contrast, Du et al. CVPR 2022) on ResNet-38.
 
-Spec: ``/work/shared/specs/ppc.md`` (section numbers below refer to it). Two variants are supported through
+Upstream: ``usr922/wseg`` (branch ``master``: ``contrast_train.py``, ``network/resnet38_contrast.py``; branch ``esp``:
+``module/train.py``, ``eps.py``, ``util/torchutils.py``), cited per function below. Two variants are supported through
 ``bg_index``:
 
 - SEAM+PPC (``usr922/wseg`` master): background is **channel 0** (``bg_index=0``), CAM = [bg, c1..c20];
@@ -12,51 +13,52 @@ D = feature channels, h × w = map size, M = N·h·w pixel rows.
 
 Contents:
 
-- CAM normalisations: :func:`max_norm` (§4 "MN"), :func:`contrast_norm_cam` (§5 step A.1), :func:`pcm_seed` (§2a).
-- PCM: :func:`pcm_affinity`, :func:`pcm_refine`, :func:`pcm` and the :class:`PCMHead` layers (§2a).
-- SEAM losses: :func:`amp_loss`, :func:`cls_loss`, :func:`max_onehot`, :func:`er_loss`, :func:`ecr_loss` (§4).
+- CAM normalisations: :func:`max_norm` (esp ``module/train.py::max_norm``), :func:`contrast_norm_cam` (contrast-loss
+  CAM normalisation), :func:`pcm_seed` (the ``Net.PCM`` seed).
+- PCM: :func:`pcm_affinity`, :func:`pcm_refine`, :func:`pcm` and the :class:`PCMHead` layers
+  (``network/resnet38_contrast.py::Net``).
+- SEAM losses: :func:`amp_loss`, :func:`cls_loss`, :func:`max_onehot`, :func:`er_loss`, :func:`ecr_loss` (master
+  ``contrast_train.py``; esp ``module/train.py``).
 - Pixel-to-prototype contrast: :func:`pseudo_labels`, :func:`prototypes`, :func:`proto_ce`,
-  :func:`hard_proto_loss`, :func:`ppc_contrast_loss` (§5).
-- EPS saliency loss: :func:`eps_saliency_loss` (§4 "L_sal").
-- Optimizer: :func:`ppc_param_groups`, :class:`PolySGD`, :func:`poly_lr` (§6, with the momentum quirk).
+  :func:`hard_proto_loss`, :func:`ppc_contrast_loss` (master ``contrast_train.py``, inline;
+  esp ``module/train.py::get_contrast_loss``).
+- EPS saliency loss: :func:`eps_saliency_loss` (esp ``eps.py::get_eps_loss``).
+- Optimizer groups: :func:`ppc_param_groups` (``PolyOptimizer`` of master ``tool/torchutils.py`` / esp
+  ``util/torchutils.py``; the SGD with the momentum quirk is
+  :func:`wsss_core.engine.optim.reference_sgd`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.trainer import poly_lambda
+EPS = 1e-5  # the 1e-5 used throughout the upstream code (PCM, max_norm, contrast loss)
 
-EPS = 1e-5  # the 1e-5 used throughout the upstream code (§2a, §4, §5)
-
-# Variant defaults (§4, §5, §6).
+# Variant defaults (master contrast_train.py; esp module/train.py::train_contrast and script/script_contrast.sh).
 MASTER_DEFAULTS: dict[str, Any] = {
-    "bg_index": 0,          # §"Conventions": bg is channel 0 in master
-    "bg_thr": 0.20,         # §5 A.1: bg channel constant 0.20 in master
-    "proto_div": 8,         # §5 A.3: k = (h·w)//8 in master
-    "tau": 0.1,             # §5 B: temperature τ = 0.1
-    "gamma": 0.1,           # §5 B: γ = 0.1
-    "ecr_topk": 0.2,        # §4.3: k = int(21·h·w·0.2)
-    "view2_size": 128,      # §3: second view is 128×128
+    "bg_index": 0,          # bg is channel 0 in master
+    "bg_thr": 0.20,         # master --bg_threshold 0.20: bg channel constant
+    "proto_div": 8,         # master: prototype top-k k = (h·w)//8
+    "tau": 0.1,             # temperature τ = 0.1 (hard-coded / 0.1)
+    "gamma": 0.1,           # γ = 0.1 (esp train_contrast: gamma = 0.10)
+    "ecr_topk": 0.2,        # ECR top-k: k = int(21·h·w·0.2)
+    "view2_size": 128,      # second view is 128×128
 }
 ESP_DEFAULTS: dict[str, Any] = {
     **MASTER_DEFAULTS,
-    "bg_index": -1,         # §"Conventions": bg last in esp / FSAE
-    "bg_thr": 0.10,         # §4 "Differences in L_nce": bg_thr = 0.10
-    "proto_div": 16,        # §4 "Differences in L_nce": k = hw//16
-    "eps_tau": 0.4,         # §4 L_sal: τ_eps = 0.4 (script)
-    "eps_alpha": 0.5,       # §4 L_sal: α = 0.5 (default)
-    "esp_onehot_bug": True,  # §4 caveat: max_onehot acts on channels 1: even with bg last (replicated)
+    "bg_index": -1,         # bg last in esp / FSAE
+    "bg_thr": 0.10,         # esp train_contrast: get_contrast_loss(..., bg_thres=0.10)
+    "proto_div": 16,        # esp get_contrast_loss: k = hw//16
+    "eps_tau": 0.4,         # esp L_sal: τ_eps = 0.4 (script_contrast.sh --tau 0.4)
+    "eps_alpha": 0.5,       # esp L_sal: α = 0.5 (argparse default)
+    "esp_onehot_bug": True,  # esp max_onehot acts on channels 1: even with bg last (replicated)
 }
 OPTIM_DEFAULTS: dict[str, Any] = {
-    "weight_decay": 5e-4,   # §6 table
-    "poly_power": 0.9,      # §6 poly schedule
-    "momentum": 0.9,        # NOT in the spec: the conventional SGD momentum used only when fix_quirk=True
-                            # (0.9 is what the spec's own DeepLab stage uses, §10 TRAIN_MOMENTUM 0.9)
+    "weight_decay": 5e-4,   # PolyOptimizer weight groups
 }
 
 
@@ -82,7 +84,8 @@ def label_with_bg(label: torch.Tensor, bg_index: int = 0) -> torch.Tensor:
 
 
 def resize(x: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear, align_corners=True (the resize used for the cross-view maps in §4/§5). (N,C,h,w) -> (N,C,*size)."""
+    """Bilinear, align_corners=True (the resize used for the cross-view maps in the ER/ECR and contrast losses).
+    (N,C,h,w) -> (N,C,*size)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
@@ -99,7 +102,8 @@ def _minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def max_norm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """§4 ``MN``: ``relu(x)``, then per (n, c) ``relu(x − min − eps) / (max − min + eps)``.
+    """``max_norm`` (master ``tool/visualization.py``, esp ``module/train.py``): ``relu(x)``, then per (n, c)
+    ``relu(x − min − eps) / (max − min + eps)``.
 
     (N, C, h, w) -> (N, C, h, w) in [0, 1); differentiable.
     """
@@ -110,7 +114,8 @@ def max_norm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 @torch.no_grad()
 def contrast_norm_cam(cam: torch.Tensor, bg_thr: float, bg_index: int = 0, eps: float = EPS) -> torch.Tensor:
-    """§5 step A.1 (no grad): normalised CAM Ĉ used for pseudo labels and prototypes.
+    """Contrast-loss CAM normalisation (no grad; esp ``module/train.py::get_contrast_loss``): normalised CAM Ĉ used for
+    pseudo labels and prototypes.
 
     ``x = relu(cam)``; per (n, c) with min/max of x: ``x[x < min+eps] = 0``; ``Ĉ = (x − min − eps)/(max − min + eps)``
     (minimum pixels end up slightly negative, as upstream); not label-masked; bg channel := ``bg_thr``.
@@ -125,7 +130,8 @@ def contrast_norm_cam(cam: torch.Tensor, bg_thr: float, bg_index: int = 0, eps: 
 
 
 def max_onehot(x: torch.Tensor, channels: slice | torch.Tensor) -> torch.Tensor:
-    """§4.3 ``max_onehot``: among ``channels`` keep only values equal to their per-pixel max; others -> 0.
+    """``max_onehot`` (master ``contrast_train.py``, esp ``module/train.py``): among ``channels`` keep only values equal
+    to their per-pixel max; others -> 0.
 
     ``channels`` is a slice or an index tensor over dim 1. (N, C, h, w) -> new tensor (N, C, h, w).
     """
@@ -137,7 +143,8 @@ def max_onehot(x: torch.Tensor, channels: slice | torch.Tensor) -> torch.Tensor:
 
 
 def onehot_channels(c: int, bg_index: int, esp_onehot_bug: bool = True) -> slice:
-    """Channels ``max_onehot`` acts on: the fg channels, except with the esp bug (bg last) it is ``1:`` (§4 caveat)."""
+    """Channels ``max_onehot`` acts on: the fg channels, except with the esp bug (bg last) it is ``1:`` (esp
+    ``module/train.py::max_onehot``)."""
     b = _bg(bg_index, c)
     if b == 0 or esp_onehot_bug:
         return slice(1, None)
@@ -145,12 +152,12 @@ def onehot_channels(c: int, bg_index: int, esp_onehot_bug: bool = True) -> slice
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# PCM (§2a)
+# PCM (network/resnet38_contrast.py::Net.PCM, master and esp)
 
 
 @torch.no_grad()
 def pcm_seed(cam: torch.Tensor, bg_index: int = 0, eps: float = EPS) -> torch.Tensor:
-    """§2a PCM step 1 (no grad): seed S from the detached CAM.
+    """PCM input of ``network/resnet38_contrast.py::Net.forward`` (no grad): seed S from the detached CAM.
 
     ``relu(cam − eps) / (max_hw relu(cam) + eps)`` per channel; bg := 1 − max_fg; at each pixel every fg channel
     but the fg argmax is zeroed (no label masking). (N, C, h, w) -> (N, C, h, w).
@@ -168,7 +175,7 @@ def pcm_seed(cam: torch.Tensor, bg_index: int = 0, eps: float = EPS) -> torch.Te
 
 
 def pcm_affinity(feat: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """§2a PCM steps 3–4: affinity from the f9 features.
+    """``Net.PCM``: affinity from the f9 features.
 
     ``F = l2norm_per_pixel(feat)``; ``A = relu(Fᵀ F)``; each **column** normalised:
     ``A[:, j] /= Σ_i A[i, j] + eps``. (N, D, h, w) -> (N, hw, hw) with columns summing to ≈1.
@@ -180,7 +187,7 @@ def pcm_affinity(feat: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 def pcm_refine(seed: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
-    """§2a PCM step 5: ``cam_rv = S · A``, i.e. ``cam_rv[:, j] = Σ_i S[:, i] A[i, j]``.
+    """``Net.PCM``: ``cam_rv = S · A``, i.e. ``cam_rv[:, j] = Σ_i S[:, i] A[i, j]``.
 
     seed (N, C, h, w), aff (N, hw, hw) -> (N, C, h, w).
     """
@@ -197,7 +204,8 @@ def pcm(cam: torch.Tensor, feat: torch.Tensor, bg_index: int = 0) -> torch.Tenso
 
 
 class PCMHead(nn.Module):
-    """The PCM layers of §2a: ``f8_3`` 512→64, ``f8_4`` 1024→128 (kaiming), ``f9`` 195→192 (xavier gain 4), no bias.
+    """The PCM layers of ``network/resnet38_contrast.py::Net``: ``f8_3`` 512→64, ``f8_4`` 1024→128 (kaiming), ``f9``
+    195→192 (xavier gain 4), no bias.
 
     ``forward(img (N,3,H,W), conv4 (N,512,h,w), conv5 (N,1024,h,w), cam (N,C,h,w), bg_index) -> cam_rv (N,C,h,w)``.
     Backbone inputs are detached, so gradients reach only f8_3, f8_4 and f9.
@@ -224,11 +232,11 @@ class PCMHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# SEAM losses (§4)
+# SEAM losses (master contrast_train.py; esp module/train.py)
 
 
 def amp_loss(x: torch.Tensor) -> torch.Tensor:
-    """§4 AMP (adaptive min pooling) on fg channels (N, K, h, w): per image take the per-pixel channel max, the
+    """``adaptive_min_pooling_loss`` (AMP) on fg channels (N, K, h, w): per image take the per-pixel channel max, the
     k = hw//4 smallest values, ``relu`` them; mean over N·k. Returns a scalar."""
     n = x.shape[0]
     m = x.max(1).values.reshape(n, -1)
@@ -237,7 +245,7 @@ def amp_loss(x: torch.Tensor) -> torch.Tensor:
 
 
 def cls_loss(cam1, cam2, cam_rv1, cam_rv2, label, bg_index: int = 0, use_amp: bool = True) -> torch.Tensor:
-    """§4.1 L_cls = ½[MLSM(GAP(cam1)_fg, y) + MLSM(GAP(cam2)_fg, y)] + ½[AMP((cam_rv1·ỹ)_fg) + AMP((cam_rv2·ỹ)_fg)].
+    """L_cls = ½[MLSM(GAP(cam1)_fg, y) + MLSM(GAP(cam2)_fg, y)] + ½[AMP((cam_rv1·ỹ)_fg) + AMP((cam_rv2·ỹ)_fg)].
 
     cams (N, C, *, *), label (N, K). ``use_amp=False`` drops the AMP half. Scalar.
     """
@@ -252,7 +260,7 @@ def cls_loss(cam1, cam2, cam_rv1, cam_rv2, label, bg_index: int = 0, use_amp: bo
 
 
 def er_loss(cam1: torch.Tensor, cam2: torch.Tensor, label: torch.Tensor, bg_index: int = 0):
-    """§4.2 equivariance regularisation.
+    """Equivariance regularisation (master ``contrast_train.py``; esp ``module/train.py::get_er_loss``).
 
     ``c1 = resize(MN(cam1), size(cam2))·ỹ``, ``c2 = MN(cam2)·ỹ``, ``L_er = mean |c1_fg − c2_fg|``; afterwards the bg
     channel of c1, c2 is overwritten with ``1 − max_fg``. cam1 (N,C,h1,w1), cam2 (N,C,h2,w2), label (N,K).
@@ -274,7 +282,7 @@ def er_loss(cam1: torch.Tensor, cam2: torch.Tensor, label: torch.Tensor, bg_inde
 
 def ecr_loss(c1: torch.Tensor, c2: torch.Tensor, cam_rv1: torch.Tensor, cam_rv2: torch.Tensor, label: torch.Tensor,
              bg_index: int = 0, topk_ratio: float = 0.2, esp_onehot_bug: bool = True) -> torch.Tensor:
-    """§4.3 equivariant cross regularisation.
+    """Equivariant cross regularisation (``loss_ecr`` of master ``contrast_train.py`` / esp ``train_contrast``).
 
     ``r1 = resize(MN(cam_rv1), size(cam_rv2))·ỹ``, ``r2 = MN(cam_rv2)·ỹ``; ``T1 = |max_onehot(c2.detach()) − r1|``,
     ``T2 = |max_onehot(c1.detach()) − r2|``; per image the mean of the top ``int(C·h·w·topk_ratio)`` entries,
@@ -295,19 +303,20 @@ def ecr_loss(c1: torch.Tensor, c2: torch.Tensor, cam_rv1: torch.Tensor, cam_rv2:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# pixel-to-prototype contrast (§5)
+# pixel-to-prototype contrast (master contrast_train.py, inline; esp module/train.py::get_contrast_loss)
 
 
 @torch.no_grad()
 def pseudo_labels(norm_cam: torch.Tensor, label: torch.Tensor, bg_index: int = 0) -> torch.Tensor:
-    """§5 A.2: ``y[i] = argmax_c(Ĉ_c[i]·ỹ_c)``. norm_cam (N, C, h, w), label (N, K) -> (N, h, w) long."""
+    """Contrast-loss pseudo labels: ``y[i] = argmax_c(Ĉ_c[i]·ỹ_c)``. norm_cam (N, C, h, w), label (N, K)
+    -> (N, h, w) long."""
     yt = label_with_bg(label, bg_index).to(norm_cam.dtype)[:, :, None, None]
     return (norm_cam * yt).argmax(1)
 
 
 @torch.no_grad()
 def prototypes(norm_cam: torch.Tensor, feat: torch.Tensor, k: int, eps: float = EPS) -> torch.Tensor:
-    """§5 A.3: one prototype per channel (absent classes included), from the top-k over the **whole batch**.
+    """Contrast-loss prototypes: one per channel (absent classes included), from the top-k over the **whole batch**.
 
     ``P[c] = l2norm(Σ_top Ĉ_c[i]·f[i] / max(Σ_top Ĉ_c[i], eps))`` with f the detached, un-normalised features.
     norm_cam (N, C, h, w), feat (N, D, h, w) -> (C, D). ``k`` is clipped to N·h·w.
@@ -330,14 +339,15 @@ def flat_features(feat: torch.Tensor) -> torch.Tensor:
 
 
 def proto_ce(f: torch.Tensor, p: torch.Tensor, y: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
-    """§5 B ``CE(F, P, y) = mean_i −log softmax_c(F_i·P_cᵀ/τ)[y_i]``. f (M, D), p (C, D), y (M,) -> scalar."""
+    """Contrast-loss cross-entropy ``CE(F, P, y) = mean_i −log softmax_c(F_i·P_cᵀ/τ)[y_i]``. 
+    f (M, D), p (C, D), y (M,) -> scalar."""
     return F.cross_entropy(f @ p.t().to(f.dtype) / tau, y.reshape(-1))
 
 
 def hard_proto_loss(f: torch.Tensor, p: torch.Tensor, y: torch.Tensor, tau: float = 0.1, rank_lo: int = 3,
                     rank_hi: int = 13, pos_frac: float = 0.6,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """§5 B intra-view term ``H(F, P, y)`` with semi-hard prototype mining and hard pixel sampling.
+    """Contrast-loss intra-view term ``H(F, P, y)`` with semi-hard prototype mining and hard pixel sampling.
 
     Per pixel: ``−log(num/den)``, ``num = exp(F_i·P_{y_i}/τ)``, ``den = num + Σ exp(F_i·P_c/τ)`` over the
     prototypes ranked ``rank_lo+1 .. rank_hi`` (4th..13th) by similarity to F_i (the positive is not excluded).
@@ -373,7 +383,8 @@ def ppc_contrast_loss(cam1: torch.Tensor, feat1: torch.Tensor, cam2: torch.Tenso
                       label: torch.Tensor, bg_index: int = 0, bg_thr: float = 0.20, proto_div: int = 8,
                       proto_k: int | None = None, tau: float = 0.1, gamma: float = 0.1,
                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """§5 L_nce on the PCM outputs (``cam_rv_down``) and projected features (``f_proj``) of both views.
+    """L_nce (esp ``module/train.py::get_contrast_loss``) on the PCM outputs (``cam_rv_down``) and projected features
+    (``f_proj``) of both views.
 
     View 1 (cam1 (N,C,h1,w1), feat1 (N,D,h1,w1)) is resized bilinearly (align_corners) to the view-2 size
     (cam2 (N,C,h,w), feat2 (N,D,h,w)); gradient flows through the feature resize. label (N, K).
@@ -402,12 +413,12 @@ def ppc_contrast_loss(cam1: torch.Tensor, feat1: torch.Tensor, cam2: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# EPS saliency loss (§4 L_sal)
+# EPS saliency loss (esp eps.py::get_eps_loss)
 
 
 def eps_saliency_loss(cam: torch.Tensor, sal: torch.Tensor, label: torch.Tensor, tau: float = 0.4,
                       alpha: float = 0.5, bg_index: int = -1) -> torch.Tensor:
-    """EPS saliency loss S(cam, sal) (§4, EPS+PPC variant; bg channel **last** by default).
+    """EPS saliency loss S(cam, sal) (esp ``eps.py::get_eps_loss``, EPS+PPC variant; bg channel **last** by default).
 
     1. ``sal`` (N, 1, H, W) is resized to the cam size with nearest interpolation;
     2. ``p = softmax(cam)`` over the C channels;
@@ -434,23 +445,19 @@ def eps_saliency_loss(cam: torch.Tensor, sal: torch.Tensor, label: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# optimizer (§6)
+# optimizer (PolyOptimizer: master tool/torchutils.py, esp util/torchutils.py)
 
 
 def ppc_param_groups(model: nn.Module, new_layers: Iterable[nn.Module], lr: float,
-                     weight_decay: float = OPTIM_DEFAULTS["weight_decay"], fix_quirk: bool = False,
-                     momentum: float = OPTIM_DEFAULTS["momentum"]) -> list[dict[str, Any]]:
-    """§6 the four PolyOptimizer groups, from Conv2d/GroupNorm weights and biases with ``requires_grad`` only.
+                     weight_decay: float = OPTIM_DEFAULTS["weight_decay"]) -> list[dict[str, Any]]:
+    """The four ``PolyOptimizer`` groups (``network/resnet38_contrast.py::Net.get_parameter_groups``), from
+    Conv2d/GroupNorm weights and biases with ``requires_grad`` only.
 
     | backbone weights lr, wd | backbone biases 2·lr, 0 | new weights 10·lr, wd | new biases 20·lr, 0 |
 
     Modules inside ``new_layers`` (e.g. fc8, fc_proj, f8_3, f8_4, f9) are "new"; every other Conv2d/GroupNorm of
-    ``model`` is backbone. Empty groups are dropped. Each group carries an explicit ``momentum`` so the result is
-    the same whatever global default the SGD is built with:
-
-    - ``fix_quirk=False`` (default, replicates upstream): SGD got ``weight_decay`` as its 3rd positional argument,
-      i.e. as *momentum*, so every group's momentum is ``weight_decay`` (5e-4); per-group weight decay unchanged;
-    - ``fix_quirk=True``: momentum = ``momentum`` (0.9; not stated in the spec, see OPTIM_DEFAULTS).
+    ``model`` is backbone. Empty groups are dropped. The SGD over them (momentum = weight decay, the quirk, unless
+    ``fix_quirk``) is :func:`wsss_core.engine.optim.reference_sgd`.
     """
     new_ids = {id(p) for m in new_layers for p in m.parameters()}
     groups: dict[str, list] = {"bw": [], "bb": [], "nw": [], "nb": []}
@@ -463,54 +470,6 @@ def ppc_param_groups(model: nn.Module, new_layers: Iterable[nn.Module], lr: floa
                 continue
             seen.add(id(prm))
             groups[("n" if id(prm) in new_ids else "b") + name].append(prm)
-    mom = momentum if fix_quirk else weight_decay
     spec = {"bw": (1, weight_decay), "bb": (2, 0.0), "nw": (10, weight_decay), "nb": (20, 0.0)}
-    return [{"params": groups[g], "lr": lr * mult, "weight_decay": wd, "momentum": mom, "name": g}
+    return [{"params": groups[g], "lr": lr * mult, "weight_decay": wd, "name": g}
             for g, (mult, wd) in spec.items() if groups[g]]
-
-
-def poly_lr(lr0: float, step: int, max_step: int, power: float = OPTIM_DEFAULTS["poly_power"]) -> float:
-    """§6 ``lr_t = lr0·(1 − t/max_step)^power`` for t < max_step (after that the caller keeps the last value)."""
-    return lr0 * poly_lambda(max_step, power)(step)
-
-
-class PolySGD(torch.optim.SGD):
-    """§6 ``PolyOptimizer``: SGD whose group LRs follow :func:`poly_lr`, updated before each step while t < max_step.
-
-    With ``fix_quirk=False`` (default) ``weight_decay`` is passed as SGD's 3rd positional argument (= momentum),
-    exactly like upstream; groups without their own ``momentum`` / ``weight_decay`` then get momentum =
-    weight_decay and weight decay 0. With ``fix_quirk=True``, ``momentum`` and ``weight_decay`` go to their proper
-    slots (groups' own values still win). Groups from :func:`ppc_param_groups` carry explicit values anyway.
-    """
-
-    def __init__(self, params, lr: float, weight_decay: float = OPTIM_DEFAULTS["weight_decay"], max_step: int = 1,
-                 power: float = OPTIM_DEFAULTS["poly_power"], fix_quirk: bool = False,
-                 momentum: float = OPTIM_DEFAULTS["momentum"]):
-        if fix_quirk:
-            super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        else:
-            super().__init__(params, lr, weight_decay)  # the quirk: 3rd positional argument is momentum
-        self.global_step = 0
-        self.max_step = max_step
-        self.power = power
-        self.initial_lrs = [g["lr"] for g in self.param_groups]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        if self.global_step < self.max_step:
-            for g, lr0 in zip(self.param_groups, self.initial_lrs):
-                g["lr"] = poly_lr(lr0, self.global_step, self.max_step, self.power)
-        out = super().step(closure)
-        self.global_step += 1
-        return out
-
-
-def build_ppc_optimizer(model: nn.Module, new_layers: Iterable[nn.Module], cfg: Mapping[str, Any]) -> PolySGD:
-    """Convenience: :func:`ppc_param_groups` + :class:`PolySGD` from ``cfg`` keys ``lr``, ``max_steps`` and optional
-    ``weight_decay`` (5e-4), ``poly_power`` (0.9), ``fix_quirk`` (False), ``momentum`` (0.9, used only if fixed)."""
-    wd = cfg.get("weight_decay", OPTIM_DEFAULTS["weight_decay"])
-    fix = bool(cfg.get("fix_quirk", False))
-    mom = cfg.get("momentum", OPTIM_DEFAULTS["momentum"])
-    groups = ppc_param_groups(model, new_layers, cfg["lr"], wd, fix, mom)
-    return PolySGD(groups, cfg["lr"], wd, cfg["max_steps"], cfg.get("poly_power", OPTIM_DEFAULTS["poly_power"]),
-                   fix, mom)

@@ -1,6 +1,7 @@
 """SFC (shared feature calibration, Zhao et al. AAAI 2024; a delta over SIPE) on ResNet-50.
 
-Spec: ``sfc.md`` (sections cited below; everything it does not list is SIPE, ``sipe.md``). The op core lives in
+Upstream: ``Barrett-python/SFC`` (file::function citations below are in that repository unless marked SIPE; SFC is
+an overlay on ``chenqi1126/SIPE``, and what it does not change is SIPE's). The op core lives in
 :mod:`wsss_core.methods.sfc_ops` (PCM, prototype seeds, the weighted losses, the image bank, T) and
 :mod:`wsss_core.methods.sipe_ops` (norm_cam, prototypes, IS-CAM); the network, optimizer groups, flip fusion
 and scale fusion are SIPE's (:mod:`wsss_core.methods.sipe`). This module is the method interface of
@@ -22,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.optim import reference_sgd
 from ..errors import ConfigError
 from . import sfc_ops as ops
 from . import sipe
 from . import sipe_ops
 from .base import method_settings
+from .registry import register_method
 
 DEFAULTS = {"gsc_weight": 1.6, "ms_weight": 0.8, "bg_seed_scale": ops.BG_SEED_SCALE, "scale2": 0.5, "n_bank": 4,
             "bank_correction": ops.BANK_CORRECTION, "infer_bg_add": ops.INFER_BG_ADD,
@@ -45,7 +48,8 @@ def sfc_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class ImageBank(nn.Module):
-    """§2 per-class image bank as persistent buffers (so checkpoints and resumes carry it).
+    """Per-class image bank of ``train_resnet50_SFC.py::train`` (``slot`` / ``vm`` / ``sltarget``) as persistent
+    buffers (so checkpoints and resumes carry it).
 
     ``image`` (S, 3, H, W), ``valid`` (S, 1, H, W) (raw crop validity, not class-masked) and ``label`` (S, S)
     with S = C-1 slots, all zero until written. H = W = ``crop_size``; without it the image buffers start empty
@@ -90,8 +94,9 @@ class ImageBank(nn.Module):
 
 
 class SFCNet(sipe.SIPENet):
-    """SIPE's network + ``f9`` (1x1, no bias, 3 + C4 -> C4 with C4 = layer4 channels), the PCM (§1b) and the
-    prototype CAM (§1c); plus the image bank (``bank``, §2) and the class weights (``class_weights`` (C,), bg
+    """SIPE's network + ``f9`` (1x1, no bias, 3 + C4 -> C4 with C4 = layer4 channels), the PCM
+    (``network/resnet50_SFC.py::Net.PCM``) and the prototype CAM (``Net.prototype``); plus the image bank (``bank``,
+    ``train_resnet50_SFC.py::train``) and the class weights (``class_weights`` (C,), bg
     first, set by :func:`setup`) as persistent buffers.
 
     ``forward(x (N, 3, H, W), mask (N, C, h, w) or None)`` -> ``{"score": (N, C-1), "cam": (N, C-1, h, w) raw
@@ -120,13 +125,14 @@ class SFCNet(sipe.SIPENet):
         return layers[:1] + [f9] + layers[1:] if f9 is not None else layers
 
     def pcm(self, ncam: torch.Tensor, image: torch.Tensor, x4: torch.Tensor) -> torch.Tensor:
-        """§1b: guide = [image resized (bilinear, align_corners True) to x4's size, x4 (not detached)] -> f9 ->
-        :func:`sfc_ops.pcm_refine` of ``ncam`` (N, C, h, w)."""
+        """``Net.forward`` / ``Net.PCM``: guide = [image resized (bilinear, align_corners True) to x4's size,
+        x4 (not detached)] -> f9 -> :func:`sfc_ops.pcm_refine` of ``ncam`` (N, C, h, w)."""
         img = F.interpolate(image, size=x4.shape[-2:], mode="bilinear", align_corners=True)
         return ops.pcm_refine(ncam, self.f9(torch.cat([img.to(x4.dtype), x4], 1)))
 
     def prototype_cam(self, cam1: torch.Tensor, hie_fea: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """§1c: seeds from ``cam1`` (bg x bg_seed_scale, masked) -> per-image prototypes over ``hie_fea`` -> IS-CAM."""
+        """``Net.prototype``: seeds from ``cam1`` (bg x bg_seed_scale, masked) -> per-image prototypes over
+        ``hie_fea`` -> IS-CAM."""
         seeds = ops.prototype_seeds(cam1, mask, self.bg_seed_scale)
         return sipe_ops.is_cam(hie_fea, sipe_ops.prototypes(seeds, hie_fea))
 
@@ -140,6 +146,7 @@ class SFCNet(sipe.SIPENet):
                 "hie_fea": f["hie_fea"], "x4": f["x4"]}
 
 
+@register_method("sfc")
 def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weights") -> SFCNet:
     s = sfc_settings(cfg)
     model = SFCNet(sipe.build_backbone(cfg, cache_dir), n_classes, crop_size=cfg.get("crop_size"),
@@ -150,7 +157,8 @@ def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weight
 
 
 def data_needs(cfg: Mapping[str, Any]) -> dict[str, bool]:
-    """As SIPE (§6): classic crops without colour jitter, plus the crop's validity mask."""
+    """As SIPE (``chenqi1126/SIPE data/data_voc.py::VOC12ClsDataset``): classic crops without colour
+    jitter, plus the crop's validity mask."""
     return sipe.data_needs(cfg)
 
 
@@ -158,9 +166,14 @@ def param_groups(model: SFCNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     return sipe.poly_sgd_groups(model, model.new_layers, cfg)
 
 
+def build_optimizer(model: SFCNet, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """SIPE's ``PolyOptimizerSGD`` (momentum quirk unless ``fix_quirk``) over :func:`param_groups`."""
+    return reference_sgd(param_groups(model, cfg), cfg)
+
+
 def setup(model: SFCNet, labels, cfg: Mapping[str, Any]) -> None:
-    """§3a: class-occurrence weights of the training list's (N, C-1) multi-hot ``labels`` into
-    ``model.class_weights`` = [1 (bg), w_1 .. w_{C-1}] (fg mean 1)."""
+    """Class-occurrence weights (``train_resnet50_SFC.py::train``, ``ben`` / ``Images_num``) of the training
+    list's (N, C-1) multi-hot ``labels`` into ``model.class_weights`` = [1 (bg), w_1 .. w_{C-1}] (fg mean 1)."""
     s = sfc_settings(cfg)
     w = ops.occurrence_weights(ops.class_counts(labels), bank_correction=float(s["bank_correction"]))
     if w.shape[0] + 1 != model.class_weights.shape[0]:
@@ -171,7 +184,8 @@ def setup(model: SFCNet, labels, cfg: Mapping[str, Any]) -> None:
 
 def supervised_loss(model: SFCNet, batch: Mapping[str, torch.Tensor], step: int, cfg: Mapping[str, Any],
                     **_: Any) -> dict[str, torch.Tensor]:
-    """§2-§3b on one batch: ``image`` (B, 3, H, W), ``label`` (B, C-1), optional ``valid`` (B, 1, H, W).
+    """``train_resnet50_SFC.py::train`` on one batch: ``image`` (B, 3, H, W), ``label`` (B, C-1), optional
+    ``valid`` (B, 1, H, W).
 
     Image Bank Re-sampling (B -> B + n_bank), scale-2 input (bilinear x scale2, align_corners True), two forwards
     with the class-masked validity nearest-resized to each OS16 size; ``loss = L_cls + L_GSC + L_ms``:
@@ -216,7 +230,8 @@ cam_forward = sipe.cam_forward  # generic-inference fallback (ReLU'd classifier 
 @torch.no_grad()
 def infer_cams(model: SFCNet, image: np.ndarray, keys: Sequence[int], scales: Sequence[float], flip: bool,
                device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """§1d + §4: multi-scale + flip CAMs of one uint8 (H, W, 3) image; ``keys`` = present fg labels (1..C-1).
+    """``network/resnet50_SFC.py::CAM.forward`` + ``make_cam.py::_work``: multi-scale + flip CAMs of one uint8
+    (H, W, 3) image; ``keys`` = present fg labels (1..C-1).
 
     Per scale: flip-fused logits / hie_fea / x4 and guide image (img + un-flipped flip), unmasked norm_cam, PCM
     -> cam1, prototype CAM with the seed mask [1, y]. The prototype CAMs (A) and the PCM CAMs (B) are fused over

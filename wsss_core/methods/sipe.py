@@ -1,16 +1,18 @@
 """SIPE (self-supervised image-specific prototype exploration, Chen et al. CVPR 2022) on ResNet-50.
 
-Spec: ``sipe.md`` (sections cited below). The op core lives in :mod:`wsss_core.methods.sipe_ops`; this module
-is the method interface of :mod:`wsss_core.methods.base` plus :func:`infer_cams` (the method's own
-multi-scale inference: flip fusion inside the net, IS-CAM with a background channel) and :func:`cam_logits`
-(for wrappers such as FSAE). SFC (:mod:`wsss_core.methods.sfc`) builds on :class:`SIPENet`.
+Upstream: ``chenqi1126/SIPE`` (the file::function citations below are in that repository). The op core lives in
+:mod:`wsss_core.methods.sipe_ops`; this module is the method interface of :mod:`wsss_core.methods.base` plus
+:func:`infer_cams` (the method's own multi-scale inference: flip fusion inside the net, IS-CAM with a background
+channel) and :func:`cam_logits` (for wrappers such as FSAE). SFC (:mod:`wsss_core.methods.sfc`) builds on
+:class:`SIPENet`.
 
 Stage config keys (``classifier``): ``backbone`` (``arch: resnet50``, ``layers``, ``width_per_group``,
-``weights``, ``frozen_bn`` (True, §1: BN normalises with its running statistics, affine trainable) and
-``frozen_stem`` (True, §1: conv1/bn1 frozen, stem-layer2 output detached); the toy data, with nothing
-pretrained, turns both off), ``lr`` (backbone; new layers get ``lr * head_lr_mult``), ``weight_decay``, ``fix_quirk`` (False
-reproduces the PolyOptimizerSGD momentum quirk of §7: momentum = weight decay 1e-4), ``momentum`` (used only
-with ``fix_quirk``), ``max_grad_norm`` (1.0), and ``sipe``: ``fsae_tau`` (temperature that turns the
+``weights``, ``frozen_bn`` (True, ``network/resnet50.py::FixedBatchNorm``: BN normalises with its running
+statistics, affine trainable) and ``frozen_stem`` (True, ``network/resnet50_SIPE.py::Net.train`` and ``Net.forward``:
+conv1/bn1 frozen, stem-layer2 output detached); the toy data, with nothing pretrained, turns both off), ``lr``
+(backbone; new layers get ``lr * head_lr_mult``), ``weight_decay``, ``fix_quirk`` (False reproduces the momentum quirk
+of ``tool/torchutils.py::PolyOptimizerSGD``: weight decay passed in the momentum slot, momentum = 1e-4), ``momentum``
+(used only with ``fix_quirk``), ``max_grad_norm`` (1.0), and ``sipe``: ``fsae_tau`` (temperature that turns the
 max-normalised IS-CAM into logits for FSAE, see :func:`cam_logits`).
 """
 
@@ -23,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.trainer import poly_sgd_param_groups
+from ..engine.optim import poly_sgd_param_groups, reference_sgd
 from ..errors import ConfigError
 from ..models.backbones import resnet_from_config
 from . import sipe_ops as ops
 from .base import method_settings
 from .inference import scaled_views
+from .registry import register_method
 
 FSAE_TAU = 0.1  # IS-CAM' / tau as FSAE logits: a pixel at 1 on one channel, 0 elsewhere -> p >= 0.999 (21 ch)
 
@@ -39,7 +42,8 @@ def sipe_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def lowres_valid(valid: torch.Tensor | None, label: torch.Tensor, size: tuple[int, int],
                  image: torch.Tensor) -> torch.Tensor:
-    """§6 ``valid_mask_lowres``: (N, 1, H, W) crop validity (None = all valid), (N, C-1) labels -> (N, C, h, w).
+    """``valid_mask_lowres`` of SIPE ``train_resnet50_SIPE.py::train``: (N, 1, H, W) crop validity (None = all
+    valid), (N, C-1) labels -> (N, C, h, w).
 
     Channel 0 (bg) = validity, fg channels = validity x label, nearest-downsampled to the OS16 ``size``.
     """
@@ -51,11 +55,13 @@ def lowres_valid(valid: torch.Tensor | None, label: torch.Tensor, size: tuple[in
 
 
 class SIPENet(nn.Module):
-    """ResNet-50 (strides 2, 2, 2, 1, no dilation, fixed BN) + 1x1 classifier + side1-4 (§1, §2).
+    """ResNet-50 (strides 2, 2, 2, 1, no dilation, fixed BN) + 1x1 classifier + side1-4 (SIPE
+    ``network/resnet50_SIPE.py::Net``, backbone ``network/resnet50.py::resnet50``).
 
     ``forward(x (N, 3, H, W), mask (N, C, h, w) or None)`` -> ``{"score": (N, C-1), "cam": (N, C-1, h, w) raw
     logits, "norm_cam": (N, C, h, w), "is_cam": (N, C, h, w), "hie_fea": (N, 768, h, w), "x4": (N, 2048, h, w)}``
-    with h, w = ceil(H/16), ceil(W/16). Seeds use x4 (training path, §12). ``features(x)`` gives the raw pieces.
+    with h, w = ceil(H/16), ceil(W/16). Seeds use x4 (training path, ``Net.forward``;
+    ``CAM.forward`` seeds from hie_fea). ``features(x)`` gives the raw pieces.
     """
 
     def __init__(self, backbone: nn.Module, n_classes: int, frozen_bn: bool = True, frozen_stem: bool = True):
@@ -71,16 +77,17 @@ class SIPENet(nn.Module):
         for m in self.new_layers:
             nn.init.xavier_uniform_(m.weight)
         for p in list(backbone.conv1.parameters()) + list(backbone.bn1.parameters()):
-            p.requires_grad_(not self.frozen_stem)  # §1: conv1 / bn1 frozen (layer1-2 get no grads: detached below)
+            p.requires_grad_(not self.frozen_stem)  # Net.train: conv1 / bn1 frozen (layer1-2: detached below)
         self.train()
 
     @property
     def new_layers(self) -> list[nn.Module]:
-        """The randomly initialised heads (10x learning rate, §7)."""
+        """The randomly initialised heads (``Net.newly_added``, 10x learning rate in ``train_resnet50_SIPE.py``)."""
         return [self.classifier, self.side1, self.side2, self.side3, self.side4]
 
     def train(self, mode: bool = True) -> "SIPENet":
-        """§1: BatchNorm always uses its running statistics (affine stays trainable); no dropout anywhere."""
+        """``network/resnet50.py::FixedBatchNorm``: BatchNorm always uses its running statistics (affine stays
+        trainable); no dropout anywhere."""
         super().train(mode)
         if getattr(self, "frozen_bn", True):
             for m in self.backbone.modules():
@@ -89,7 +96,8 @@ class SIPENet(nn.Module):
         return self
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x1..x4 (x2 detached: stem, layer1, layer2 get no gradient) and the 768-ch ``hie_fea`` (§2)."""
+        """x1..x4 (x2 detached: stem, layer1, layer2 get no gradient) and the 768-ch ``hie_fea``
+        (``network/resnet50_SIPE.py::Net.forward``)."""
         b = self.backbone
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_stem):
             x1 = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
@@ -143,11 +151,13 @@ def build_backbone(cfg: Mapping[str, Any], cache_dir: str = "weights") -> nn.Mod
 
 
 def freeze_flags(cfg: Mapping[str, Any]) -> dict[str, bool]:
-    """``frozen_bn`` / ``frozen_stem`` of ``cfg['backbone']`` (both default True, the spec)."""
+    """``frozen_bn`` / ``frozen_stem`` of ``cfg['backbone']`` (both default True, as in SIPE's
+    ``network/resnet50_SIPE.py::Net``)."""
     bb = cfg["backbone"]
     return {"frozen_bn": bool(bb.get("frozen_bn", True)), "frozen_stem": bool(bb.get("frozen_stem", True))}
 
 
+@register_method("sipe")
 def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weights") -> SIPENet:
     model = SIPENet(build_backbone(cfg, cache_dir), n_classes, **freeze_flags(cfg))
     model.fsae_tau = float(sipe_settings(cfg)["fsae_tau"])
@@ -155,13 +165,14 @@ def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weight
 
 
 def data_needs(cfg: Mapping[str, Any]) -> dict[str, bool]:
-    """§6: classic crops without colour jitter, plus the crop's validity mask."""
+    """SIPE ``data/data_voc.py::VOC12ClsDataset``: classic crops without colour jitter, plus the crop's validity
+    mask."""
     return {"views": False, "saliency": False, "strong": False, "valid": True, "jitter": False}
 
 
 def poly_sgd_groups(model: nn.Module, new_layers: Sequence[nn.Module], cfg: Mapping[str, Any]) -> list[dict]:
-    """§7 PolyOptimizerSGD groups: backbone at ``lr``, new layers at ``lr * head_lr_mult``, weight decay on both;
-    momentum = weight decay (the positional-argument quirk) unless ``fix_quirk`` (then ``momentum``)."""
+    """``tool/torchutils.py::PolyOptimizerSGD`` groups (SIPE ``train_resnet50_SIPE.py::train``): backbone at ``lr``, new
+    layers at ``lr * head_lr_mult``, weight decay on both (the momentum is :func:`build_optimizer`'s)."""
     new_ids = {id(p) for m in new_layers for p in m.parameters()}
     base = [p for p in model.parameters() if p.requires_grad and id(p) not in new_ids]
     new = [p for m in new_layers for p in m.parameters() if p.requires_grad]
@@ -173,10 +184,17 @@ def param_groups(model: SIPENet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]
     return poly_sgd_groups(model, model.new_layers, cfg)
 
 
+def build_optimizer(model: SIPENet, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """``PolyOptimizerSGD`` over :func:`param_groups`: momentum = weight decay (the positional-argument quirk) unless
+    ``fix_quirk`` (then ``momentum``)."""
+    return reference_sgd(param_groups(model, cfg), cfg)
+
+
 def supervised_loss(model: SIPENet, batch: Mapping[str, torch.Tensor], step: int, cfg: Mapping[str, Any],
                     **_: Any) -> dict[str, torch.Tensor]:
-    """§5: L_cls (multi-label soft margin on the GAP score) + L_GSC (|norm_cam - IS_cam'|, all channels, padding
-    included). batch: ``image`` (N, 3, H, W), ``label`` (N, C-1), optional ``valid`` (N, 1, H, W)."""
+    """SIPE ``train_resnet50_SIPE.py::train``: L_cls (multi-label soft margin on the GAP score) + L_GSC (|norm_cam -
+    IS_cam'|, all channels, padding included). batch: ``image`` (N, 3, H, W), ``label`` (N, C-1), optional ``valid`` (N,
+    1, H, W)."""
     x, label = batch["image"], batch["label"]
     out = model(x, lowres_valid(batch.get("valid"), label, os16_size(x), x))
     l_cls = F.multilabel_soft_margin_loss(out["score"], label)
@@ -217,10 +235,10 @@ def cam_forward(model: SIPENet, images: torch.Tensor) -> torch.Tensor:
 
 def fused_views(model: SIPENet, image: np.ndarray, keys_out: np.ndarray, scales: Sequence[float], flip: bool,
                 device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """§8 per scale: run the view batch [img, hflip img] (:func:`~wsss_core.methods.inference.scaled_views`) and sum
-    the raw CAM logits ``cam``, ``hie_fea``, ``x4`` and the input ``image`` with their un-flipped second copy
-    (SFC's PCM guide is that 2x image); plus the unmasked ``norm_cam`` and the seed ``mask`` [1, y] of
-    ``keys_out``. Each tensor has batch size 1."""
+    """SIPE ``make_cam.py::_work`` / ``network/resnet50_SIPE.py::CAM.forward`` per scale: run the view batch [img, hflip
+    img] (:func:`~wsss_core.methods.inference.scaled_views`) and sum the raw CAM logits ``cam``, ``hie_fea``, ``x4`` and
+    the input ``image`` with their un-flipped second copy (SFC's PCM guide is that 2x image); plus the unmasked
+    ``norm_cam`` and the seed ``mask`` [1, y] of ``keys_out``. Each tensor has batch size 1."""
     for x in scaled_views(image, scales, flip, device):
         f = model.features(x)
         out = {"cam": model.classifier(f["x4"]), "hie_fea": f["hie_fea"], "x4": f["x4"], "image": x}
@@ -232,8 +250,8 @@ def fused_views(model: SIPENet, image: np.ndarray, keys_out: np.ndarray, scales:
 
 
 def fuse_scales(maps: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """§8: per-scale (1, C, h_s, w_s) maps upsampled (bilinear, align_corners False) to ``size``, summed, then
-    each channel divided by its spatial max + 1e-5 -> (C, H, W)."""
+    """SIPE ``make_cam.py::_work``: per-scale (1, C, h_s, w_s) maps upsampled (bilinear, align_corners False)
+    to ``size``, summed, then each channel divided by its spatial max + 1e-5 -> (C, H, W)."""
     total = sum(F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps)[0]
     return ops.max_normalise(total)
 
@@ -241,7 +259,7 @@ def fuse_scales(maps: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Te
 @torch.no_grad()
 def infer_cams(model: SIPENet, image: np.ndarray, keys: Sequence[int], scales: Sequence[float], flip: bool,
                device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """§8 multi-scale + flip IS-CAM of one image.
+    """Multi-scale + flip IS-CAM of one image (SIPE ``make_cam.py::_work``).
 
     image uint8 (H, W, 3); ``keys`` the present foreground class labels (1..C-1). Returns ``(keys_out, cams,
     None)`` with ``keys_out`` = [0, *keys] (bg first) and ``cams`` float32 (K, H, W) in [0, 1]: the IS-CAM of

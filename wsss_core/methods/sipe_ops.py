@@ -1,14 +1,16 @@
-"""SIPE (Chen et al., CVPR 2022) op core, groundwork for its method module (spec: ``sipe.md``).
+"""SIPE (Chen et al., CVPR 2022) op core, groundwork for its method module. Upstream: ``chenqi1126/SIPE``
+``network/resnet50_SIPE.py`` (class ``Net``) and ``train_resnet50_SIPE.py::train``.
 
 Shapes: N batch, C classes incl. background (channel 0), h x w the OS16 map, D feature channels.
 Everything is pure torch on the inputs' device/dtype.
 
-- :func:`norm_cam` (§3): ReLU'd CAM logits max-normalised per channel, bg = 1 - max fg, optional mask;
-- :func:`seed_iou` / :func:`structure_seeds` (§4a): soft IoU between each pixel's (ReLU'd cosine)
+- :func:`norm_cam` (``Net.forward``, norm_cam): ReLU'd CAM logits max-normalised per channel, bg = 1 - max fg,
+  optional mask;
+- :func:`seed_iou` / :func:`structure_seeds` (``Net.get_seed``): soft IoU between each pixel's (ReLU'd cosine)
   correlation row and each class map, bg x 0.5, one-hot argmax, then masked;
-- :func:`prototypes` (§4b): per-image, per-class seed-masked feature sums / (h·w);
-- :func:`is_cam` (§4c): ReLU(cos(feature, prototype));
-- :func:`gsc_loss` (§5): mean |norm_cam - IS_cam / (max + 1e-5)|.
+- :func:`prototypes` (``Net.get_prototype``): per-image, per-class seed-masked feature sums / (h·w);
+- :func:`is_cam` (``Net.reactivate``): ReLU(cos(feature, prototype));
+- :func:`gsc_loss` (lossGSC of ``train_resnet50_SIPE.py::train``): mean |norm_cam - IS_cam / (max + 1e-5)|.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 EPS = 1e-5
-BG_SEED_SCALE = 0.5  # §4a step 3
+BG_SEED_SCALE = 0.5  # SIPE Net.get_seed: miou[:, 0] * 0.5
 
 
 def norm_cam(cam: torch.Tensor, mask: torch.Tensor | None = None, eps: float = EPS) -> torch.Tensor:
-    """§3: (N, C-1, h, w) fg CAM logits -> (N, C, h, w) [bg, fg] in [0, 1].
+    """SIPE ``Net.forward`` norm_cam: (N, C-1, h, w) fg CAM logits -> (N, C, h, w) [bg, fg] in [0, 1].
 
     ``relu(cam) / (max_hw + eps)`` per channel; bg = 1 - max over *all* fg channels (before masking); then
     multiplied by ``mask`` ((N, C, h, w) or broadcastable: training's valid_mask_lowres) if given.
@@ -42,8 +44,9 @@ def l2_normalise(feat: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 def correlation(feat: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """(N, D, h, w) -> ``relu(F^T F)`` (N, hw, hw) of per-pixel l2-normalised features: cosine similarity with
-    negatives clipped (SIPE §4a step 1; SFC's PCM affinity before its column normalisation)."""
+    """(N, D, h, w) -> ``relu(F^T F)`` (N, hw, hw) of per-pixel l2-normalised features: cosine similarity with negatives
+    clipped (SIPE ``Net.get_seed``; SFC's PCM affinity, ``Barrett-python/SFC network/resnet50_SFC.py::Net.PCM``, before
+    its column normalisation)."""
     n, d = feat.shape[:2]
     f = l2_normalise(feat, eps).reshape(n, d, -1)
     return F.relu(torch.bmm(f.transpose(1, 2), f))
@@ -61,7 +64,7 @@ def argmax_seeds(scores: torch.Tensor, mask: torch.Tensor, bg_scale: float = 1.0
 
 
 def seed_iou(cams: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
-    """§4a steps 1-3: soft IoU (N, C, h, w) of each pixel's correlation row with each class map (bg x 0.5).
+    """SIPE ``Net.get_seed``: soft IoU (N, C, h, w) of each pixel's correlation row with each class map (bg x 0.5).
 
     cams (N, C, h, w), feat (N, D, h, w). ``S = relu(F^T F)`` of per-pixel l2-normalised features;
     ``inter_c(i) = sum_j S(i, j) M_c(j)`` computed as a matmul (S is symmetric), ``union = sum_j S(i, j) +
@@ -79,22 +82,25 @@ def seed_iou(cams: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
 
 
 def structure_seeds(cams: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """§4a: one-hot argmax of :func:`seed_iou` (N, C, h, w), times ``mask`` (argmax taken before masking, so a
-    pixel whose best class is absent gets no seed)."""
+    """SIPE ``Net.get_seed``: one-hot argmax of :func:`seed_iou` (N, C, h, w), times ``mask`` (argmax taken before
+    masking, so a pixel whose best class is absent gets no seed)."""
     return argmax_seeds(seed_iou(cams, feat), mask)
 
 
 def prototypes(seeds: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
-    """§4b: (N, C, h, w) seeds, (N, D, h, w) features -> (N, C, D) ``sum_j seed_c(j) f(j) / (h w)``."""
+    """SIPE ``Net.get_prototype``: (N, C, h, w) seeds, (N, D, h, w) features -> (N, C, D)
+    ``sum_j seed_c(j) f(j) / (h w)``."""
     n, c, h, w = seeds.shape
     return torch.einsum("nchw,ndhw->ncd", seeds, feat) / (h * w)
 
 
 def is_cam(feat: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
-    """§4c: ReLU(cosine(f(i), p_c)) (N, C, h, w) with torch's cosine eps 1e-8 (zero prototype -> 0)."""
+    """SIPE ``Net.reactivate``: ReLU(cosine(f(i), p_c)) (N, C, h, w) with torch's cosine eps 1e-8
+    (zero prototype -> 0)."""
     return F.relu(F.cosine_similarity(feat[:, None], protos[:, :, :, None, None], dim=2, eps=1e-8))
 
 
 def gsc_loss(ncam: torch.Tensor, iscam: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """§5: mean over (N, C, h, w) of ``|norm_cam - IS_cam / (max_hw IS_cam + eps)|``; both sides get gradients."""
+    """lossGSC of SIPE ``train_resnet50_SIPE.py::train``: mean over (N, C, h, w) of
+    ``|norm_cam - IS_cam / (max_hw IS_cam + eps)|``; both sides get gradients."""
     return (ncam - max_normalise(iscam, eps)).abs().mean()

@@ -1,6 +1,7 @@
 """Split-level segmentation metrics: confusion matrix, mIoU (two mean conventions) and threshold curves.
 
-Counting (identical for every seed method, see ``shared/specs/crf_and_eval.md`` section (b)):
+Counting (identical for every seed method; cf. ``usr922/wseg`` ``eval.py::do_python_eval`` and ``chenqi1126/SIPE``
+``eval_cam.py::run`` with chainercv ``calc_semantic_segmentation_confusion``):
 
 - Counts are accumulated over a **whole split**, never averaged per image.
 - Pixels whose ground truth equals ``ignore_index`` (255, the VOC void band) count for nothing.

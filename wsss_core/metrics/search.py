@@ -5,12 +5,12 @@ and return the index of the chosen threshold:
 
 - ``grid``: the first index of the maximum (ties go to the smallest threshold), i.e. the argmax of the whole
   curve. NaN (``None``) values are skipped; all NaN gives ``None``.
-- ``greedy`` (MCTformer ``evaluation.py --curve``, spec ``mctformer.md`` section 7): walk the thresholds in order and
-  stop at the first value that does not strictly improve on the best so far; the chosen index is the last
-  improvement, i.e. the **first local maximum** of the curve. A NaN value counts as no improvement (it stops the
-  walk); a NaN first value gives ``None``. The walk reads the values lazily, so a sequential evaluation
-  (:func:`greedy_threshold_search`) computes mIoU only up to the first non-improvement and chooses exactly what
-  the same rule chooses on a full precomputed curve.
+- ``greedy`` (``xulianuwa/MCTformer`` branch ``MCTformerPlus`` ``evaluation.py``, ``__main__`` with ``--curve``): walk
+  the thresholds in order and stop at the first value that does not strictly improve on the best so far; the chosen
+  index is the last improvement, i.e. the **first local maximum** of the curve. A NaN value counts as no improvement
+  (it stops the walk); a NaN first value gives ``None``. The walk reads the values lazily, so a sequential evaluation
+  (:func:`greedy_threshold_search`) computes mIoU only up to the first non-improvement and chooses exactly what the same
+  rule chooses on a full precomputed curve.
 """
 
 from __future__ import annotations

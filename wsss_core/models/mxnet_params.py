@@ -1,6 +1,7 @@
 """MXNet ``.params`` files (NDArray lists) without mxnet, and the ResNet-38 key map.
 
-Used for the ImageNet ResNet-38 weights ``ilsvrc-cls_rna-a1_cls1000_ep-0001.params`` (spec ``ppc.md`` §1).
+Used for the ImageNet ResNet-38 weights ``ilsvrc-cls_rna-a1_cls1000_ep-0001.params``, which upstream
+``usr922/wseg`` ``network/resnet38d.py::convert_mxnet_to_torch`` converts with mxnet (same file in ``jiwoon-ahn/psa``).
 :func:`wsss_core.models.weights.load_state_dict_file` calls :func:`load_params_file` for every path whose
 name ends in ``.params`` (after the optional sha256 check).
 
@@ -32,7 +33,7 @@ Key map MXNet -> PyTorch ResNet-38 (:class:`wsss_core.models.resnet38.ResNet38`)
     bn7_{gamma,beta,moving_mean,moving_var} -> bn7.{weight,bias,running_mean,running_var}
     linear1000_*                            -> dropped (the ImageNet classifier)
 
-with S the stage digit (2..7) and B in {2a, 2b1, 2b2, 1}. Examples from the spec:
+with S the stage digit (2..7) and B in {2a, 2b1, 2b2, 1}. Examples:
 ``res2b1_branch2a_weight -> b2_1.conv_branch2a.weight``, ``bn4a_branch2b1_moving_var ->
 b4.bn_branch2b1.running_var``, ``bn7_gamma -> bn7.weight``. The ``arg:``/``aux:`` prefixes are irrelevant to
 the map. Deviation from the reference converter (which sends every other name to ``bn7.*`` by its last token):

@@ -1,6 +1,8 @@
 """ResNet-38 ("resnet38d", model A1 of Wu et al., "Wider or Deeper"): the PSA / SEAM / PPC backbone.
 
-A wide pre-activation ResNet with output stride 8 (spec: ``ppc.md`` §1, ``psa_and_deeplab.md`` A4).
+A wide pre-activation ResNet with output stride 8. Upstream: ``usr922/wseg`` ``network/resnet38d.py`` (classes
+``ResBlock``, ``ResBlock_bot``, ``Net``), the same file as ``jiwoon-ahn/psa`` ``network/resnet38d.py`` (Ahn & Kwak,
+CVPR 2018) and ``xulianuwa/MCTformer`` ``psa/network/resnet38d.py``.
 Every convolution is bias-free.
 
 Units (``a = ReLU(BN(x))`` is the pre-activation of the unit's input):

@@ -1,12 +1,14 @@
-"""AffinityNet (PSA, Ahn & Kwak 2018) and random-walk refinement, as used by SEAM-PPC (``ppc.md`` §9) and
-MCTformer (``psa_and_deeplab.md`` part A).
+"""AffinityNet (PSA, Ahn & Kwak, CVPR 2018; ``jiwoon-ahn/psa``) and random-walk refinement, as used by SEAM-PPC
+(``usr922/wseg`` master ``aff_prepare.py`` / ``aff_train.py`` / ``aff_infer.py``) and MCTformer (``xulianuwa/MCTformer``
+``psa/train_aff.py``, ``psa/infer_aff.py``, ``psa/voc12/data.py``, ``psa/network/resnet38_aff.py``).
 
 Pieces (pure torch / numpy; devices follow the inputs):
 
 - :func:`pair_offsets` / :func:`pair_indices`: the radius-r "forward" neighbour pairs (34 offsets at r = 5);
-- :func:`affinity_label_map`: confident fg from the low-alpha CRF, confident bg from the high-alpha CRF,
-  everything else ignored (255); :func:`score_label_map` the same from the two CRF score stacks (spec A2 5-7),
-  :func:`block_mean` their 8x8 reduction to stride 8 (A2 4); :func:`pair_labels`: bg-pos / fg-pos / neg pair masks;
+- :func:`affinity_label_map`: confident fg from the low-alpha CRF, confident bg from the high-alpha CRF, everything else
+  ignored (255); :func:`score_label_map` the same from the two CRF score stacks (MCTformer
+  ``psa/voc12/data.py::VOC12AffDataset.__getitem__``), :func:`block_mean` their 8x8 reduction to stride 8 (same place);
+  :func:`pair_labels`: bg-pos / fg-pos / neg pair masks;
 - :class:`AffinityNet`: ResNet-38 + ELU branches (conv4, conv5, conv6) -> 448-d features;
   :func:`pair_affinities` ``a_ij = exp(-mean_c |f_i - f_j|)``; :func:`affinity_loss` ``bg/4 + fg/4 + neg/2``;
 - :func:`dense_affinity`, :func:`transition_matrix` (``A^beta``, column-normalised, squared ``logt`` times)
@@ -74,9 +76,9 @@ def affinity_label_map(la: np.ndarray, ha: np.ndarray) -> np.ndarray:
 
 
 def score_label_map(s_la: np.ndarray, s_ha: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Spec A2 steps 5-7: the low- and high-alpha CRF scores over [bg, cams], each float (K+1, h, w), -> uint8 (h, w)
-    labels: per stack argmax mapped to ``[0, *keys]``, fused by :func:`affinity_label_map`, and 255 where the
-    max over both stacks is < 1e-5 ("no score": zero crop padding)."""
+    """MCTformer ``psa/voc12/data.py::VOC12AffDataset.__getitem__``: the low- and high-alpha CRF scores over [bg, cams],
+    each float (K+1, h, w), -> uint8 (h, w) labels: per stack argmax mapped to ``[0, *keys]``, fused by
+    :func:`affinity_label_map`, and 255 where the max over both stacks is < 1e-5 ("no score": zero crop padding)."""
     if s_la.shape != s_ha.shape or s_la.ndim != 3 or s_la.shape[0] != len(keys) + 1:
         raise ValueError(f"need two (K+1, h, w) score stacks for K = {len(keys)}, got {s_la.shape}, {s_ha.shape}")
     lut = np.concatenate([[0], np.asarray(keys, np.int64)])
@@ -115,8 +117,8 @@ class AffinityNet(nn.Module):
     """ResNet-38 trunk + affinity head. forward: (B, 3, H, W) -> features (B, 448, H/8, W/8).
 
     Head: ELU(f8_3(conv4) -> 64), ELU(f8_4(conv5) -> 128), ELU(f8_5(conv6) -> 256), concatenated (448),
-    ELU(f9 448 -> 448). All 1x1, bias-free; Kaiming init, f9 Xavier gain 4 (spec A4). Scaled with the
-    backbone width for narrow toy networks.
+    ELU(f9 448 -> 448). All 1x1, bias-free; Kaiming init, f9 Xavier gain 4 (``psa/network/resnet38_aff.py::Net``).
+    Scaled with the backbone width for narrow toy networks.
     """
 
     def __init__(self, backbone: nn.Module):
@@ -159,7 +161,7 @@ def pair_affinities(feat: torch.Tensor, radius: int = 5) -> torch.Tensor:
 
 
 def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor) -> dict:
-    """Spec A5: ``L = bg/4 + fg/4 + neg/2`` with counts summed over the batch (eps 1e-5)."""
+    """``psa/train_aff.py``: ``L = bg/4 + fg/4 + neg/2`` with counts summed over the batch (eps 1e-5)."""
     bg = -(bg_pos * torch.log(aff + EPS)).sum() / (bg_pos.sum() + EPS)
     fg = -(fg_pos * torch.log(aff + EPS)).sum() / (fg_pos.sum() + EPS)
     ng = -(neg * torch.log(1 + EPS - aff)).sum() / (neg.sum() + EPS)

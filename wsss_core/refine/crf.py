@@ -1,6 +1,7 @@
 """Dense CRF refinement (a thin, validated wrapper around pydensecrf).
 
-pydensecrf facts relied on (``shared/specs/crf_and_eval.md`` section (a)):
+pydensecrf facts relied on (the ``lucasb-eyer/pydensecrf`` API: ``pydensecrf/densecrf.pyx::DenseCRF2D``,
+``pydensecrf/utils.py::unary_from_softmax`` / ``unary_from_labels``):
 
 - ``DenseCRF2D(W, H, n)`` takes the **width first**; the unary is float32, C-contiguous, (n, H*W).
 - The image is the original **uint8 RGB (H, W, 3)**, C-contiguous; never a normalised tensor.
@@ -84,13 +85,15 @@ class CRFParams:
             raise ConfigError(f"CRF gt_prob must be in (0, 1), got {self.gt_prob!r}")
 
 
-#: Named configurations found in the seed repos (see the spec's table).
+#: Named configurations found in the seed repos (the upstream function is named above each entry).
 PRESETS: dict[str, CRFParams] = {
     # RTC / wseg contrast_infer._crf_inference, SIPE crf_inference_label
     "seam_label": CRFParams("labels", 3, 3, 50, 5, 10, 10),
-    # PSA/SEAM crf_inference ("crf_with_alpha"); MCTformer's la/ha affinity sources (psa_and_deeplab.md A1)
+    # PSA/SEAM tool/imutils.py::crf_inference ("crf_with_alpha"); MCTformer's la/ha affinity sources
+    # (xulianuwa/MCTformer@MCTformerPlus engine.py::_crf_with_alpha)
     "psa_softmax": CRFParams("softmax", 3, 3, 80, 13, 10, 10),
-    # SEAM-PPC aff_prepare (ppc.md §9): hard labels argmax [(1 - max)^alpha, cams] through a label unary
+    # SEAM-PPC (usr922/wseg master aff_prepare.py::_crf_inference): hard labels argmax [(1 - max)^alpha, cams] through a
+    # label unary
     "psa_aff_label": CRFParams("labels", 3, 3, 80, 13, 10, 10, 0.7),
     # YudeWang seg lib DenseCRF.dense_crf as called on the DeepLab test softmax
     "deeplab_test": CRFParams("softmax", 3, 3, 32, 13, 10, 1),

@@ -1,11 +1,19 @@
-"""IRN refinement as used by SIPE / SFC (spec: ``irn.md``): confident-region labels from CAMs, the inter-pixel
-relation network (boundary + displacement branches on a frozen ResNet), and the boundary-aware random walk.
+"""IRN refinement (IRNet, Ahn et al., CVPR 2019) as used by SIPE / SFC: confident-region labels from CAMs, the
+inter-pixel relation network (boundary + displacement branches on a frozen ResNet), and the boundary-aware random walk.
 
-- :func:`cam_to_ir_label` (§1): two label-unary CRFs on hard CAM labels -> {fg, 0, 255} training labels;
-- :class:`IRNet` (§2): frozen backbone, edge branch (1 logit at OS4) and displacement branch (2 ch at OS4) with
-  a :class:`MeanShift` buffer; :func:`irn_loss` (§3) with :func:`pair_displacement` and :func:`downsample_labels`;
-- :func:`edge_inference` (§4): boundary probabilities of one image from [img, flip(img)];
-- :func:`rw_transition` / :func:`sem_seg_labels` (§5): the random walk, single pass (SIPE) or two-pass (SFC).
+Upstream: the IRN stage of ``chenqi1126/SIPE`` (``cam2ir.py``, ``train_irn.py``, ``make_seg_labels.py``,
+``network/resnet50_irn.py``, ``tool/indexing.py``; file::function citations below are in it) and its SFC variant in
+``Barrett-python/SFC`` (``cam2ir.py``, ``make_seg_labels.py``).
+
+- :func:`cam_to_ir_label` (``cam2ir.py::_work``): two label-unary CRFs on hard CAM labels -> {fg, 0, 255} training
+  labels;
+- :class:`IRNet` (``network/resnet50_irn.py::Net``): frozen backbone, edge branch (1 logit at OS4) and displacement
+  branch (2 ch at OS4) with a :class:`MeanShift` buffer; :func:`irn_loss` (``AffinityDisplacementLoss``,
+  ``train_irn.py::run``) with :func:`pair_displacement` and :func:`downsample_labels`;
+- :func:`edge_inference` (``network/resnet50_irn.py::EdgeDisplacement``): boundary probabilities of one image
+  from [img, flip(img)];
+- :func:`rw_transition` / :func:`sem_seg_labels` (``make_seg_labels.py::_work``, ``tool/indexing.py``): the random walk,
+  single pass (SIPE) or two-pass (SFC).
 
 Conventions: directions and sources follow :mod:`wsss_core.refine.irn_ops` (IRN order: by path length); the
 transition matrix ``T`` is **column-normalised** (each column sums to 1) and scores propagate as row vectors,
@@ -34,7 +42,7 @@ EPS = 1e-5
 LabelCRF = Callable[[np.ndarray, np.ndarray, CRFParams, int], np.ndarray]
 
 
-# --------------------------------------------------------------------------------------------- §1 cam2ir
+# ----------------------------------------------------------------------------- cam2ir (cam2ir.py::_work)
 
 def crf_label_refine(image: np.ndarray, labels: np.ndarray, params: CRFParams, n_labels: int) -> np.ndarray:
     """``argmax`` of the dense CRF marginals started from hard labels (IRN's ``crf_inference_label`` with the
@@ -44,7 +52,7 @@ def crf_label_refine(image: np.ndarray, labels: np.ndarray, params: CRFParams, n
 
 def cam_to_ir_label(image: np.ndarray, cams: np.ndarray, keys: Sequence[int], params: CRFParams,
                     bg_scale: float = 0.5, crf: LabelCRF | None = None) -> np.ndarray:
-    """Confident-region IRN training labels of one image (§1).
+    """Confident-region IRN training labels of one image (``cam2ir.py::_work``).
 
     Args:
         image: uint8 (H, W, 3) RGB.
@@ -78,7 +86,7 @@ def cam_to_ir_label(image: np.ndarray, cams: np.ndarray, keys: Sequence[int], pa
     return conf.astype(np.uint8)
 
 
-# --------------------------------------------------------------------------------------------- §2 network
+# ---------------------------------------------------------------- network (network/resnet50_irn.py::Net)
 
 class MeanShift(nn.Module):
     """Identity in train mode; in eval mode subtracts the stored (C,) ``running_mean`` from a (B, C, h, w) map."""
@@ -107,14 +115,15 @@ def _crop(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 class IRNet(nn.Module):
-    """IRN boundary + displacement network on a frozen ResNet (strides 2, 2, 2, 1, no dilation; §2).
+    """IRN boundary + displacement network on a frozen ResNet (strides 2, 2, 2, 1, no dilation;
+    ``network/resnet50_irn.py::Net``).
 
     forward: (B, 3, H, W) -> ``(edge, disp)``: edge logits (B, 1, ceil(H/4), ceil(W/4)) and the displacement
     field (B, 2, ceil(H/4), ceil(W/4)) in feature cells, channel 0 = dy, 1 = dx (minus ``mean_shift`` in eval).
 
     The backbone (``conv1/bn1/relu/maxpool`` + ``layer1..4`` of :class:`wsss_core.models.backbones.ResNetBackbone`)
     is frozen: its parameters do not require grad, every stage output is detached, and :meth:`train` keeps it in
-    eval mode. The head widths are the spec's; the input widths are read from the backbone.
+    eval mode. The head widths are the reference's; the input widths are read from the backbone.
     """
 
     def __init__(self, backbone: nn.Module):
@@ -203,7 +212,7 @@ def copy_backbone_from(backbone: nn.Module, state: dict[str, torch.Tensor]) -> s
     return prefix
 
 
-# --------------------------------------------------------------------------------------------- §3 losses
+# ------------------------- losses (network/resnet50_irn.py::AffinityDisplacementLoss, train_irn.py::run)
 
 def irn_offsets(radius: float = 10) -> list[tuple[int, int]]:
     """The IRN direction order (by path length) as (dy, dx) offsets."""
@@ -236,8 +245,9 @@ def pair_displacement(disp: torch.Tensor, radius: float = 10) -> torch.Tensor:
 
 def irn_loss(edge_logits: torch.Tensor, disp: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor,
              neg: torch.Tensor, radius: float = 10) -> dict[str, torch.Tensor]:
-    """§3 losses. edge_logits (B, 1, h, w), disp (B, 2, h, w); pair masks (B, n_dir, n_src) from
-    :func:`wsss_core.refine.affinity.pair_labels` with ``offsets=irn_offsets(radius)``.
+    """Losses of ``network/resnet50_irn.py::AffinityDisplacementLoss`` / ``train_irn.py::run``. edge_logits
+    (B, 1, h, w), disp (B, 2, h, w); pair masks (B, n_dir, n_src) from :func:`wsss_core.refine.affinity.pair_labels`
+    with ``offsets=irn_offsets(radius)``.
 
     Returns ``loss = (L_pos + L_neg)/2 + (L_dfg + L_dbg)/2`` and the four terms (sums over batch, directions and
     sources; eps 1e-5).
@@ -262,11 +272,11 @@ def irn_pair_labels(labels: torch.Tensor, radius: float = 10, n_classes: int = 2
     return aff.pair_labels(labels, int(math.ceil(radius)), irn_offsets(radius), ignore_at_least=n_classes)
 
 
-# --------------------------------------------------------------------------------------------- §4 inference
+# ------------------------------------------------- inference (network/resnet50_irn.py::EdgeDisplacement)
 
 @torch.no_grad()
 def edge_inference(model: IRNet, image: torch.Tensor, pad_to: int = 512) -> torch.Tensor:
-    """Boundary probabilities of one image (§4).
+    """Boundary probabilities of one image (``network/resnet50_irn.py::EdgeDisplacement``).
 
     image: normalised float (3, H, W) on the model's device. [img, hflip(img)] are zero-padded right/bottom to
     at least ``pad_to`` x ``pad_to`` (the training crop), the logits cropped to (ceil(H/4), ceil(W/4)), the
@@ -280,7 +290,7 @@ def edge_inference(model: IRNet, image: torch.Tensor, pad_to: int = 512) -> torc
     return torch.sigmoid(0.5 * logits[0] + 0.5 * logits[1].flip(-1))
 
 
-# --------------------------------------------------------------------------------------------- §5 random walk
+# -------------------------- random walk (make_seg_labels.py::_work, tool/indexing.py::propagate_to_edge)
 
 def rw_affinity(edge: torch.Tensor, radius: int = 5) -> torch.Tensor:
     """Dense symmetric affinity (hw, hw) of an (h, w) boundary map: ``a(i, j) = 1 - max edge`` along the path
@@ -334,7 +344,7 @@ def _upsample_norm(rw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def sem_seg_labels(cams: torch.Tensor | np.ndarray, keys: Sequence[int], edge: torch.Tensor, radius: int = 5,
                    beta: float = 10, exp_times: int = 8, power: float = 1.5, two_pass: bool = False,
                    bg_const: float = 0.25) -> np.ndarray:
-    """Random-walk pseudo-mask of one image (§5).
+    """Random-walk pseudo-mask of one image (``make_seg_labels.py::_work``, ``tool/indexing.py::propagate_to_edge``).
 
     Args:
         cams: (K, H, W) maps at image resolution, background first (``keys[0] == 0``); the caller combines the
@@ -344,8 +354,9 @@ def sem_seg_labels(cams: torch.Tensor | np.ndarray, keys: Sequence[int], edge: t
             is used for everything.
         radius, beta, exp_times: transition matrix (34 directions at radius 5, ``A^10``, ``T^(2^8)``).
         power: element-wise power of the resized maps (SIPE 1.5, SFC 1.3).
-        two_pass: SFC §5b: ``argmax([bg_const; R1] + R2)`` with R1 the walk of the fg maps ``X^p`` and R2 the walk
-            of all maps ``X^(p^2)``, each upsampled, cropped and divided by its global max.
+        two_pass: SFC (``Barrett-python/SFC`` ``make_seg_labels.py::_work``): ``argmax([bg_const; R1] + R2)`` with R1
+            the walk of the fg maps ``X^p`` and R2 the walk of all maps ``X^(p^2)``, each upsampled, cropped and divided
+            by its global max.
         bg_const: the constant bg score of the two-pass variant.
 
     Returns:

@@ -1,11 +1,13 @@
-"""IRN (Ahn et al., CVPR 2019) op core, groundwork for the IRN refinement stage (spec: ``irn.md``).
+"""IRN (Ahn et al., CVPR 2019) op core, groundwork for the IRN refinement stage. Upstream: the
+IRN copy in ``chenqi1126/SIPE`` (``tool/indexing.py``, ``network/resnet50_irn.py``), adapted from ``jiwoon-ahn/irn``.
 
-- :func:`path_of` / :func:`search_directions` (``PathIndex``, §3): the half-plane neighbour directions within
-  radius R, each with the integer points of its path, ordered by path length then generation order
-  (152 directions at R = 10, 34 at R = 5);
-- :func:`edge_to_affinity` (§3): ``a(i, j) = 1 - max_{k in path(i -> j)} edge(k)`` for every source pixel
-  and direction, sources as in :func:`wsss_core.refine.affinity.pair_indices`;
-- pair labels: :func:`wsss_core.refine.affinity.pair_labels` with ``offsets=`` the IRN order.
+- :func:`path_of` / :func:`search_directions` (``tool/indexing.py::PathIndex``): the half-plane neighbour directions
+  within radius R, each with the integer points of its path, ordered by path length then generation order (152
+  directions at R = 10, 34 at R = 5);
+- :func:`edge_to_affinity` (``tool/indexing.py::edge_to_affinity``): ``a(i, j) = 1 - max_{k in path(i -> j)} edge(k)``
+  for every source pixel and direction, sources as in :func:`wsss_core.refine.affinity.pair_indices`;
+- pair labels: :func:`wsss_core.refine.affinity.pair_labels` with ``offsets=`` the IRN order
+  (``data/data_voc.py::GetAffinityLabelFromIndices``).
 """
 
 from __future__ import annotations

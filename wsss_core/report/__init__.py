@@ -1,7 +1,7 @@
 """Suite reports: Markdown, JSON and plots (matplotlib, Agg) comparing the experiments of a suite.
 
 ``build`` holds the pure parts (figures, Markdown, environment/version capture); the stage that reads the
-pipeline's outputs and writes the report files is :func:`wsss_core.stages.report.build_report`.
+pipeline's outputs and writes the report files is :func:`wsss_core.stages.report.report`.
 """
 
 from .build import (

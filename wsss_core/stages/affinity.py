@@ -1,7 +1,8 @@
-"""Stages of the optional AffinityNet refinement (PSA; ``ppc.md`` §9, ``psa_and_deeplab.md`` part A):
-train an affinity network on confident CAM labels, then random-walk the CAMs into pseudo-masks.
+"""Stages of the AffinityNet refinement (PSA, Ahn & Kwak CVPR 2018: jiwoon-ahn/psa ``train_aff.py``,
+``infer_aff.py``; as PPC's ``usr922/wseg`` ``aff_prepare`` and MCTformer's ``run_psa.sh`` use it): train an
+affinity network on confident CAM labels, then random-walk the CAMs into pseudo-masks.
 
-Selected per experiment with ``affinity.enabled: true``; the pseudo-masks then come from
+Selected per experiment with ``refine: affinity``; the pseudo-masks then come from
 :func:`random_walk_masks` instead of the CRF stage. Variants: ``affinity.crf`` (default ``psa_aff_label``, the PPC
 label-unary CRF; MCTformer: ``psa_softmax`` with la 1 / ha 12) and ``affinity.label_reduce`` (default ``nearest``;
 MCTformer/PSA: ``block_mean``). Any method's CAM store works: a store's own bg map (key 0) is dropped, and the walk
@@ -20,19 +21,21 @@ import torch.nn.functional as F
 from ..data.datasets import _Seeded
 from ..data.io import IGNORE_INDEX, read_image
 from ..data.prepare import DatasetInfo
-from ..data.transforms import color_jitter, normalize, random_crop, to_tensor
-from ..engine.context import start_job
+from ..data.transforms import color_jitter_fixed_order, normalize, random_crop, to_tensor
 from ..engine.distributed import launch_ranks
 from ..engine.logs import progress
+from ..engine.optim import reference_sgd
 from ..engine.trainer import batch_to_device, load_final, train_stage
 from ..errors import ConfigError
 from ..methods.ppc_ops import ppc_param_groups
 from ..refine import affinity as aff
 from ..refine.crf import PRESETS, CRFParams, bg_power, crf_cam_probs, crf_params
 from ..store.shards import ShardedStore, ShardWriter, shard_ids
+from ..pipeline import state_dir
+from .job import Files, JobSettings
 from .refine import resolve_bg_threshold
 
-#: aff_prepare's CRF (ppc.md §9): unary_from_labels(gt_prob 0.7), Gaussian 3/3, bilateral 80/13/10, 10 iterations.
+#: aff_prepare's CRF (usr922/wseg ``aff_prepare.py``): unary_from_labels(gt_prob 0.7), Gaussian 3/3, bilateral 80/13/10, 10 iterations.
 AFF_CRF = PRESETS["psa_aff_label"]
 #: ``affinity.label_reduce``: how the full-resolution labels reach stride 8 (spec A2 step 4).
 LABEL_REDUCE = ("nearest", "block_mean")
@@ -112,7 +115,7 @@ class AffinityDataset(_Seeded, torch.utils.data.Dataset):
         image_id = self.ids[i]
         image = read_image(self.info.image_path(image_id))
         keys, q_la, q_ha = confident_scores(image, *self._store[image_id], self.cfg["la"], self.cfg["ha"], self.crf)
-        img = color_jitter(image, rng)
+        img = color_jitter_fixed_order(image, rng)
         crop = int(self.cfg["crop_size"])
         if self.reduce == "nearest":
             target, pad = aff.score_label_map(q_la, q_ha, keys), IGNORE_INDEX      # (H, W) labels
@@ -130,35 +133,34 @@ class AffinityDataset(_Seeded, torch.utils.data.Dataset):
                 "id": image_id}
 
 
-def train_affinity(prepared: str, split: str, cam_shards: Sequence[str], cfg: Mapping[str, Any], out_model: str,
-                   ckpt_dir: str, metrics: str, seed: int = 0, device: str = "auto",
-                   lock_dir: str = ".wsss/gpu-locks", weights_dir: str = "weights", config_hash: str = "",
-                   log: str | None = None, threads: int = 1) -> None:
-    """Train AffinityNet on the confident labels of ``split``'s CAMs (resumable; spec A5/A6)."""
+def train_affinity(job: JobSettings, inp: Files, out: Files) -> None:
+    """Train AffinityNet on the confident labels of the ``train`` split's CAMs ``inp.cams`` into ``out.model``
+    (resumable; jiwoon-ahn/psa train_aff.py)."""
     if launch_ranks(train_affinity, locals()):  # cfg n_procs / ddp_cpu_procs > 1: each rank ran this function
         return
-    job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
+    cfg, seed = job.cfg, job.seed
+    run = job.start(n_gpus=1)
     radius = int(cfg["radius"])
     side = int(cfg["crop_size"]) // 8
     if side < 2 * radius - 1:  # pair_indices: "from" columns r-1..w-r need w >= 2r - 1
         raise ConfigError(f"affinity.crop_size {cfg['crop_size']} gives a {side}x{side} label grid, too small for "
                           f"affinity.radius {radius} (needs >= {2 * radius - 1} cells, i.e. crop_size >= "
                           f"{8 * (2 * radius - 1)}); raise crop_size or lower radius")
-    info = DatasetInfo(prepared)
-    model = aff.build_affinity_net(cfg, cache_dir=weights_dir).to(job.device)
-    groups = ppc_param_groups(model, model.new_layers, cfg["lr"], cfg.get("weight_decay", 5e-4),
-                              bool(cfg.get("fix_quirk", False)), cfg.get("momentum", 0.9))
-    optimizer = torch.optim.SGD(groups, lr=cfg["lr"])
-    data = AffinityDataset(info, info.ids(split), cam_shards, cfg, seed)
+    info = DatasetInfo(job.prepared)
+    model = aff.build_affinity_net(cfg, cache_dir=job.weights_dir).to(run.device)
+    groups = ppc_param_groups(model, model.new_layers, cfg["lr"], cfg.get("weight_decay", 5e-4))
+    optimizer = reference_sgd(groups, cfg, weight_decay=5e-4)
+    data = AffinityDataset(info, info.ids(job.split("train")), inp.cams, cfg, seed)
 
     def step_fn(model, batch, step):
-        batch = batch_to_device(batch, job.device)
+        batch = batch_to_device(batch, run.device)
         bg_pos, fg_pos, neg = aff.pair_labels(batch["label"], radius)
         a = aff.pair_affinities(model(batch["image"]), radius)
         return aff.affinity_loss(a, bg_pos, fg_pos, neg)
 
-    train_stage(model, step_fn, data, optimizer, cfg, seed, ckpt_dir, metrics, out_model,
-                {"method": "affinitynet", "classes": info.classes}, config_hash, desc="train affinity")
+    state = state_dir(out.model)
+    train_stage(model, step_fn, data, optimizer, cfg, seed, f"{state}/checkpoints", f"{state}/metrics.jsonl",
+                out.model, {"method": "affinitynet", "classes": info.classes}, job.config_hash, desc="train affinity")
 
 
 @torch.no_grad()
@@ -199,34 +201,33 @@ def walk_bg(cfg: Mapping[str, Any], cam_eval: str | None) -> tuple[float, str]:
         raise ConfigError(f"affinity.bg_threshold = {cfg.get('bg_threshold', 'auto')!r} gives no constant bg score "
                           f"for the AffinityNet random walk ({source}). Set affinity.bg_threshold to a number: CAMs "
                           "with their own background map (SIPE, SFC) have no eval_cams threshold, and their bg map is "
-                          "dropped for the walk; or use the IRN stage (irn.enabled)")
+                          "dropped for the walk; or use the IRN stage (refine: irn)")
     return float(bg), source
 
 
-def random_walk_masks(prepared: str, split: str, shard: int, n_shards: int, cam_shards: Sequence[str],
-                      model_path: str, cfg: Mapping[str, Any], cam_eval: str, out: str, seed: int = 0,
-                      device: str = "auto", lock_dir: str = ".wsss/gpu-locks", config_hash: str = "",
-                      log: str | None = None, threads: int = 1) -> None:
-    """Pseudo-masks of one shard of ``split`` by random walk with the trained AffinityNet."""
-    job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
-    bg, source = walk_bg(cfg, cam_eval)
-    info = DatasetInfo(prepared)
-    ckpt = load_final(model_path)
+def random_walk_masks(job: JobSettings, inp: Files, out: Files) -> None:
+    """Pseudo-masks of one shard of the ``train`` split (``out.masks``) by random walk of the CAMs ``inp.cams`` with
+    the trained AffinityNet ``inp.model``."""
+    cfg, split, shard, n_shards = job.cfg, job.split("train"), job.shard, job.n_shards
+    run = job.start(n_gpus=1)
+    bg, source = walk_bg(cfg, inp.cam_eval)
+    info = DatasetInfo(job.prepared)
+    ckpt = load_final(inp.model)
     mcfg = dict(ckpt["meta"]["cfg"])
     mcfg["backbone"] = {**mcfg["backbone"], "weights": None}
     model = aff.build_affinity_net(mcfg)
     model.load_state_dict(ckpt["model"])
-    model = model.to(job.device).eval()
+    model = model.to(run.device).eval()
     ids = shard_ids(info.ids(split), shard, n_shards)
-    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash,
+    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": job.config_hash,
              "refine": "random_walk", "beta": cfg["beta"], "logt": cfg["logt"], "radius": cfg["radius"],
              "bg_threshold": bg, "bg_threshold_source": source}
-    job.logger.info("random walk on %d images: beta %s, logt %s, bg %.2f (%s)", len(ids), cfg["beta"], cfg["logt"],
+    run.logger.info("random walk on %d images: beta %s, logt %s, bg %.2f (%s)", len(ids), cfg["beta"], cfg["logt"],
                     bg, source)
-    with ShardedStore(list(cam_shards)) as store, ShardWriter(out, "masks", attrs) as writer:
+    with ShardedStore(list(inp.cams)) as store, ShardWriter(out.masks, "masks", attrs) as writer:
         for image_id in progress(ids, desc=f"random walk {shard + 1}/{n_shards}"):
             keys, cams = store[image_id]
             image = read_image(info.image_path(image_id))
-            writer.add_mask(image_id, random_walk_labels(model, image, keys, cams, bg, job.device,
+            writer.add_mask(image_id, random_walk_labels(model, image, keys, cams, bg, run.device,
                                                          int(cfg["radius"]), float(cfg["beta"]), int(cfg["logt"])))
-    job.logger.info("wrote %d pseudo-masks to %s", len(ids), out)
+    run.logger.info("wrote %d pseudo-masks to %s", len(ids), out.masks)

@@ -10,7 +10,6 @@ import torch
 from ..data.datasets import ClassificationDataset, TimmClassificationDataset, ViewsDataset
 from ..data.io import read_image
 from ..data.prepare import DatasetInfo
-from ..engine.context import start_job
 from ..engine.distributed import launch_ranks
 from ..engine.logs import progress
 from ..engine.trainer import batch_to_device, load_final, train_stage
@@ -19,40 +18,40 @@ from ..methods import get_method
 from ..methods.base import make_lr_lambda, make_optimizer
 from ..methods.inference import compiled_cam_fn, frozen_cam_fn, method_cams
 from ..store.atomic import read_json
+from ..pipeline import state_dir
 from ..store.shards import ShardWriter, shard_ids
+from .job import Files, JobSettings
 
 
-def train_classifier(prepared: str, split: str, method: str, cfg: Mapping[str, Any], out_model: str, ckpt_dir: str,
-                     metrics: str, seed: int = 0, device: str = "auto", lock_dir: str = ".wsss/gpu-locks",
-                     weights_dir: str = "weights", config_hash: str = "", log: str | None = None,
-                     threads: int = 1, saliency: str | None = None) -> None:
-    """Train ``method``'s network on ``split`` with image-level labels; resumable; final weights written atomically.
-
-    ``saliency``: the saliency stage's manifest (needed when the method's ``data_needs`` asks for saliency).
-    """
+def train_classifier(job: JobSettings, inp: Files, out: Files) -> None:
+    """Train ``job.method``'s network on the ``train`` split with image-level labels; resumable (``state/`` beside
+    ``out.model``); final weights written atomically. ``inp.saliency``: the saliency stage's manifest (a list,
+    empty unless the method's ``data_needs`` asks for saliency)."""
     if launch_ranks(train_classifier, locals()):  # cfg n_procs / ddp_cpu_procs > 1: each rank ran this function
         return
-    job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
-    info = DatasetInfo(prepared)
+    cfg, method, seed, split = job.cfg, job.method, job.seed, job.split("train")
+    run = job.start(n_gpus=1)
+    state = state_dir(out.model)
+    info = DatasetInfo(job.prepared)
     ids = info.ids(split)
     m = get_method(method)
-    model = m.build_model(cfg, info.n_classes - 1, cache_dir=weights_dir).to(job.device)
+    model = m.build_model(cfg, info.n_classes - 1, cache_dir=job.weights_dir).to(run.device)
     optimizer = make_optimizer(m, model, cfg)
-    data = training_data(m, cfg, info, ids, seed, saliency)
+    data = training_data(m, cfg, info, ids, seed, (inp.get("saliency") or [None])[0])
     if hasattr(m, "setup"):
         m.setup(model, info.multi_hot(ids), cfg)
-    amp = bool(cfg.get("amp")) and job.device.type == "cuda"
+    amp = bool(cfg.get("amp")) and run.device.type == "cuda"
 
     def step_fn(model, batch, step):
-        batch = batch_to_device(batch, job.device)
-        with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=amp):
+        batch = batch_to_device(batch, run.device)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
             return m.training_step(model, batch, step, cfg)
 
     after_step = (lambda model, step: m.after_step(model, step, cfg)) if hasattr(m, "after_step") else None
-    job.logger.info("training %s on %s (%d images, %d classes) for %d steps", method, split, len(ids),
+    run.logger.info("training %s on %s (%d images, %d classes) for %d steps", method, split, len(ids),
                     info.n_classes - 1, cfg["max_steps"])
-    train_stage(model, step_fn, data, optimizer, cfg, seed, ckpt_dir, metrics, out_model,
-                {"method": method, "classes": info.classes}, config_hash, desc=f"train {method}",
+    train_stage(model, step_fn, data, optimizer, cfg, seed, f"{state}/checkpoints", f"{state}/metrics.jsonl",
+                out.model, {"method": method, "classes": info.classes}, job.config_hash, desc=f"train {method}",
                 after_step=after_step, lr_lambda=make_lr_lambda(m, cfg, len(data) // int(cfg["batch_size"])))
 
 
@@ -91,35 +90,35 @@ def load_method_model(path: str, device: torch.device, weights_dir: str = "weigh
     return m, model.to(device).eval(), meta
 
 
-def infer_cams(prepared: str, split: str, shard: int, n_shards: int, model_path: str, cfg: Mapping[str, Any],
-               out: str, seed: int = 0, device: str = "auto", lock_dir: str = ".wsss/gpu-locks",
-               config_hash: str = "", log: str | None = None, threads: int = 1) -> None:
-    """Multi-scale + flip CAMs of one shard of ``split`` for each image's present classes, into one HDF5 shard."""
-    job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
-    info = DatasetInfo(prepared)
+def infer_cams(job: JobSettings, inp: Files, out: Files) -> None:
+    """Multi-scale + flip CAMs of one shard (wildcards ``split``, ``shard``, ``nshards``) for each image's present
+    classes, from the classifier ``inp.model``, into one HDF5 shard ``out.cams``."""
+    cfg, split, shard, n_shards = job.cfg, job.wildcards["split"], job.shard, job.n_shards
+    run = job.start(n_gpus=1)
+    info = DatasetInfo(job.prepared)
     ids = shard_ids(info.ids(split), shard, n_shards)
-    m, model, meta = load_method_model(model_path, job.device)
+    m, model, meta = load_method_model(inp.model, run.device)
     amp = bool(cfg.get("amp", False))
     # CPU: the method's cam_forward frozen (TorchScript) or compiled once per job (bench/bench_cam_inference.py);
     # CUDA, optimize false or a failed check: the eager function on channels-last views
     cam_fn = None
     optimize = cfg.get("optimize", "freeze")  # freeze (true) | compile | false
     if not hasattr(m, "infer_cams"):
-        if job.device.type == "cpu" and optimize:
+        if run.device.type == "cpu" and optimize:
             cam_fn, how = (compiled_cam_fn if optimize == "compile" else frozen_cam_fn)(model, m.cam_forward)
-            job.logger.info("CAM inference: %s", how)
+            run.logger.info("CAM inference: %s", how)
             if how.startswith("eager"):
                 cam_fn = None
         if cam_fn is None:
             model = model.to(memory_format=torch.channels_last)  # multiscale_cams feeds NHWC views
-    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash,
-             "scales": list(cfg["scales"]), "flip": bool(cfg["flip"]), "model": str(model_path),
+    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": job.config_hash,
+             "scales": list(cfg["scales"]), "flip": bool(cfg["flip"]), "model": str(inp.model),
              "method": meta["method"], "classes": info.classes}
-    with ShardWriter(out, "cams", attrs) as writer:
+    with ShardWriter(out.cams, "cams", attrs) as writer:
         for image_id in progress(ids, desc=f"cams {split} {shard + 1}/{n_shards}"):
             keys = info.labels(image_id)
             image = read_image(info.image_path(image_id))
-            keys, cams, aux = method_cams(m, model, image, keys, cfg["scales"], cfg["flip"], job.device, amp=amp,
+            keys, cams, aux = method_cams(m, model, image, keys, cfg["scales"], cfg["flip"], run.device, amp=amp,
                                           cam_fn=cam_fn)
             writer.add_cams(image_id, keys, cams, aux)
-    job.logger.info("wrote %d CAMs to %s", len(ids), out)
+    run.logger.info("wrote %d CAMs to %s", len(ids), out.cams)

@@ -8,11 +8,12 @@ import numpy as np
 
 from ..data.io import read_label_png
 from ..data.prepare import DatasetInfo
-from ..engine.logs import progress, setup_job_logging
+from ..engine.logs import get_logger, progress, setup_job_logging
 from ..errors import ConfigError, DataError
 from ..metrics import SEARCHES, ConfusionMatrix, ThresholdCurve, scores_from_confusion, search_criterion
 from ..store.atomic import write_json
 from ..store.shards import ShardedStore
+from .job import Files, JobSettings
 
 
 def _thresholds(cfg: Mapping[str, Any]) -> np.ndarray:
@@ -41,8 +42,15 @@ def has_bg_maps(store: ShardedStore) -> bool:
     return False
 
 
-def eval_cams(prepared: str, cam_shards: Sequence[str], threshold_split: str, eval_split: str,
-              cfg: Mapping[str, Any], out: str, log: str | None = None) -> dict:
+def eval_cams(job: JobSettings, inp: Files, out: Files) -> dict:
+    """Background-threshold curve of the CAM shards ``inp.cams`` on the ``threshold`` split, scores on the ``eval``
+    split at the chosen threshold, into ``out.json``: :func:`cam_scores`."""
+    setup_job_logging(job.log)
+    return cam_scores(job.prepared, inp.cams, job.split("threshold"), job.split("eval"), job.cfg, out.json)
+
+
+def cam_scores(prepared: str, cam_shards: Sequence[str], threshold_split: str, eval_split: str,
+               cfg: Mapping[str, Any], out: str) -> dict:
     """Background-threshold curve on ``threshold_split`` (the chosen t is picked by ``cfg['search']``), scores on
     ``eval_split`` (and ``threshold_split``) at t.
 
@@ -57,7 +65,7 @@ def eval_cams(prepared: str, cam_shards: Sequence[str], threshold_split: str, ev
     ``swept_on_reported_split`` says so for ``eval_split``. CAMs with their own background map (``own_bg``) are
     not swept: both flags are false and ``search`` is ``"none"``.
     """
-    logger = setup_job_logging(log)
+    logger = get_logger()
     info = DatasetInfo(prepared)
     strict = cfg.get("mean", "present") == "strict"
     search = cfg.get("search", "grid")
@@ -115,10 +123,16 @@ def label_pairs(info: DatasetInfo, mask_shards: Sequence[str], split: str, what:
             yield image_id, gt, pred
 
 
-def eval_masks(prepared: str, mask_shards: Sequence[str], split: str, out: str, what: str = "masks",
-               log: str | None = None) -> dict:
+def eval_masks(job: JobSettings, inp: Files, out: Files) -> dict:
+    """Score the label maps ``inp.masks`` (``extra.what``: pseudo-masks, predictions, ...) on the split of role
+    ``extra.role`` (:func:`mask_scores`), into ``out.json``."""
+    setup_job_logging(job.log)
+    return mask_scores(job.prepared, inp.masks, job.split(job.extra["role"]), out.json, job.extra["what"])
+
+
+def mask_scores(prepared: str, mask_shards: Sequence[str], split: str, out: str, what: str = "masks") -> dict:
     """Score the label maps of ``mask_shards`` on the ids of ``split`` that they contain; write JSON scores."""
-    logger = setup_job_logging(log)
+    logger = get_logger()
     info = DatasetInfo(prepared)
     conf = ConfusionMatrix(info.n_classes)
     ids = []

@@ -1,4 +1,5 @@
-"""Stages of the IRN refinement used by SIPE / SFC (spec: ``irn.md``): CAMs -> confident-region labels (cam2ir,
+"""Stages of the IRN refinement (Ahn et al. CVPR 2019, jiwoon-ahn/irn ``step/*.py``) as SIPE / SFC use it:
+CAMs -> confident-region labels (cam2ir,
 CPU, two CRFs), train the IRN boundary/displacement network on them, random-walk the CAMs along the predicted
 boundaries into pseudo-masks, and score the confident-region labels.
 
@@ -22,17 +23,19 @@ from ..data.datasets import SegmentationDataset
 from ..data.io import IGNORE_INDEX, read_image
 from ..data.prepare import DatasetInfo
 from ..data.transforms import crop_with_box, normalize, to_tensor
-from ..engine.context import start_job
 from ..engine.distributed import launch_ranks
-from ..engine.logs import progress, setup_job_logging
-from ..engine.trainer import load_final, poly_sgd_param_groups, train_stage
+from ..engine.logs import get_logger, progress, setup_job_logging
+from ..engine.optim import poly_sgd_param_groups, reference_sgd
+from ..engine.trainer import load_final, train_stage
 from ..errors import ConfigError, DataError
 from ..metrics import ConfusionMatrix
 from ..refine import irn
 from ..refine.crf import crf_params
 from ..store.atomic import write_json
 from ..store.shards import ShardedStore, ShardWriter, shard_ids
+from ..pipeline import state_dir
 from .evaluate import label_pairs
+from .job import Files, JobSettings
 from .refine import map_images, resolve_bg_threshold
 
 # --------------------------------------------------------------------------------------------- shared helpers
@@ -94,40 +97,40 @@ def _ir_label_one(image_id: str) -> tuple[str, np.ndarray, bool]:
     return image_id, irn.cam_to_ir_label(image, x, keys, w["params"], w["bg_scale"]), added
 
 
-def cam_to_ir_label(prepared: str, cam_shards: Sequence[str], cam_eval: str | None, split: str, shard: int,
-                    n_shards: int, cfg: Mapping[str, Any], out: str, config_hash: str = "", log: str | None = None,
-                    threads: int = 1) -> None:
-    """Confident-region labels (uint8 mask shard, values 0..C-1 and 255) of one shard of ``split`` (§1).
+def cam_to_ir_label(job: JobSettings, inp: Files, out: Files) -> None:
+    """Confident-region labels (uint8 mask shard ``out.masks``, values 0..C-1 and 255) of one shard of the ``train``
+    split from the CAMs ``inp.cams`` (jiwoon-ahn/irn step/cam_to_ir_label.py).
 
     cfg (stage ``irn``): ``cam_combine`` {cams, aux}, ``bg_scale``, ``bg_threshold``, ``crf`` {preset, params},
     ``n_workers``."""
-    logger = setup_job_logging(log)
-    info = DatasetInfo(prepared)
+    cfg, split, shard, n_shards = job.cfg, job.split("train"), job.shard, job.n_shards
+    logger = setup_job_logging(job.log)
+    info = DatasetInfo(job.prepared)
     crf = dict(cfg.get("crf") or {})
     params = crf_params(crf.get("preset", "seam_label"), **dict(crf.get("params") or {}))
     weights = dict(cfg.get("cam_combine") or {"cams": 1.0, "aux": 0.0})
-    bg, source = resolve_bg(cfg, cam_eval)
+    bg, source = resolve_bg(cfg, inp.cam_eval)
     bg_scale = float(cfg.get("bg_scale", 0.5))
     ids = shard_ids(info.ids(split), shard, n_shards)
     logger.info("cam2ir on %d images: maps %s, bg x %.2f, CRF %s; constant bg for CAMs without a bg map: %s (%s)",
                 len(ids), weights, bg_scale, params, bg, source)
-    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash, "crf": repr(params),
+    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": job.config_hash, "crf": repr(params),
              "cam_combine": weights, "bg_scale": bg_scale, "bg_threshold_source": source, "refine": "cam2ir"}
     if bg is not None:
         attrs["bg_threshold"] = bg
-    n_workers = max(1, min(int(cfg.get("n_workers", 1)), threads))
+    n_workers = max(1, min(int(cfg.get("n_workers", 1)), job.threads))
     n_added = 0
     with contextlib.ExitStack() as stack:
         results = stack.enter_context(map_images(_ir_label_one, ids, n_workers, _init_worker,
-                                                 (list(cam_shards), prepared, params, weights, bg, bg_scale),
+                                                 (list(inp.cams), job.prepared, params, weights, bg, bg_scale),
                                                  lambda: _WORKER["store"].close()))
-        writer = stack.enter_context(ShardWriter(out, "masks", attrs))
+        writer = stack.enter_context(ShardWriter(out.masks, "masks", attrs))
         for image_id, mask, added in progress(results, total=len(ids), desc=f"cam2ir {shard + 1}/{n_shards}"):
             writer.add_mask(image_id, mask)
             n_added += added
     if n_added:
         logger.info("%d of %d images had no background map: constant bg %s (%s)", n_added, len(ids), bg, source)
-    logger.info("wrote %d confident-region labels to %s", len(ids), out)
+    logger.info("wrote %d confident-region labels to %s", len(ids), out.masks)
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -135,7 +138,8 @@ def cam_to_ir_label(prepared: str, cam_shards: Sequence[str], cam_eval: str | No
 @torch.no_grad()
 def compute_mean_shift(model: irn.IRNet, info: DatasetInfo, ids: Sequence[str], crop: int, batch_size: int,
                        device: torch.device) -> torch.Tensor:
-    """§3 post-step: the mean displacement (2,) over top-left ``crop`` crops (zero pad) of ``ids`` in eval mode,
+    """The post-training step of jiwoon-ahn/irn ``step/train_irn.py`` (``model.mean_shift``): the mean displacement
+    (2,) over top-left ``crop`` crops (zero pad) of ``ids`` in eval mode,
     averaged over space and batch, then over batches (incomplete last batch dropped unless it is the only one).
     Stored in ``model.mean_shift.running_mean``; returned."""
     ids = list(ids)
@@ -162,7 +166,8 @@ def _sgd_groups(model: irn.IRNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]
 
 
 def check_pair_grid(crop_size: int, radius: float) -> None:
-    """The crop's OS4 grid must hold source pixels for the radius (§3: columns [r_f, w - r_f), r_f = ceil(R) - 1);
+    """The crop's OS4 grid must hold source pixels for the radius (irn ``misc/indexing.py::PathIndex``: columns
+    [r_f, w - r_f), r_f = ceil(R) - 1);
     otherwise training would have no pairs and nothing to learn."""
     side = -(-int(crop_size) // 4)
     rf = int(math.ceil(radius)) - 1
@@ -172,18 +177,19 @@ def check_pair_grid(crop_size: int, radius: float) -> None:
                           "or lower radius")
 
 
-def train_irn(prepared: str, ir_label_shards: Sequence[str], split: str, cfg: Mapping[str, Any], out_model: str,
-              ckpt_dir: str, metrics: str, seed: int = 0, device: str = "auto", lock_dir: str = ".wsss/gpu-locks",
-              weights_dir: str = "weights", config_hash: str = "", log: str | None = None, threads: int = 1,
-              classifier_model: str | None = None, mean_shift_split: str | None = None) -> None:
-    """Train IRN on the confident-region labels of ``split`` (resumable; §3), then store the mean shift computed
-    on ``mean_shift_split`` (default ``split``) in the final weights."""
+def train_irn(job: JobSettings, inp: Files, out: Files) -> None:
+    """Train IRN on the confident-region labels ``inp.ir_labels`` of the ``train`` split (resumable; jiwoon-ahn/irn
+    step/train_irn.py), then store the mean shift computed on the ``mask_eval`` split in the final weights
+    ``out.model``. ``inp.classifier``: the trained classifier (a one-element list) when
+    ``irn.init_from_classifier``."""
     if launch_ranks(train_irn, locals()):  # cfg n_procs / ddp_cpu_procs > 1: each rank ran this function
         return
-    job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
-    info = DatasetInfo(prepared)
+    cfg, seed, split = job.cfg, job.seed, job.split("train")
+    classifier_model = (inp.get("classifier") or [None])[0]
+    run = job.start(n_gpus=1)
+    info = DatasetInfo(job.prepared)
     init_clf = bool(cfg.get("init_from_classifier"))
-    model = irn.build_irnet(cfg["backbone"], cache_dir=weights_dir, weights=None if init_clf else "cfg")
+    model = irn.build_irnet(cfg["backbone"], cache_dir=job.weights_dir, weights=None if init_clf else "cfg")
     if init_clf:
         if not classifier_model:
             raise ConfigError("irn.init_from_classifier is true but no classifier model was given")
@@ -194,38 +200,40 @@ def train_irn(prepared: str, ir_label_shards: Sequence[str], split: str, cfg: Ma
             raise ConfigError(f"irn.init_from_classifier: cannot copy the backbone of {classifier_model}: {exc}. "
                               "irn.backbone (arch, layers, width_per_group) must match the classifier's "
                               "backbone, or set irn.init_from_classifier: false") from exc
-        job.logger.info("backbone initialised from the classifier %s (keys %s*)", classifier_model, prefix)
-    model = model.to(job.device)
+        run.logger.info("backbone initialised from the classifier %s (keys %s*)", classifier_model, prefix)
+    model = model.to(run.device)
     groups = _sgd_groups(model, cfg)
-    optimizer = torch.optim.SGD(groups, lr=float(cfg["lr"]), momentum=groups[0]["momentum"])
+    optimizer = reference_sgd(groups, cfg)
     ids = info.ids(split)
-    data = SegmentationDataset(info.image_dir, ids, list(ir_label_shards), cfg["crop_size"], cfg["scale_range"], seed)
+    data = SegmentationDataset(info.image_dir, ids, list(inp.ir_labels), cfg["crop_size"], cfg["scale_range"], seed)
     radius = float(cfg.get("radius", 10))
     check_pair_grid(int(cfg["crop_size"]), radius)
     n_classes = info.n_classes
 
     def step_fn(model, batch, step):
-        x = batch["image"].to(job.device, non_blocking=True)
-        y = batch["mask"].to(job.device, non_blocking=True)
+        x = batch["image"].to(run.device, non_blocking=True)
+        y = batch["mask"].to(run.device, non_blocking=True)
         edge, disp = model(x)
         labels = irn.downsample_labels(y, tuple(edge.shape[-2:]))
         bg_pos, fg_pos, neg = irn.irn_pair_labels(labels, radius, n_classes)
         out = irn.irn_loss(edge, disp, bg_pos, fg_pos, neg, radius)
         return {**out, "n_bg_pos": bg_pos.sum(), "n_fg_pos": fg_pos.sum(), "n_neg": neg.sum()}
 
-    ms_split = mean_shift_split or split
+    ms_split = job.split("mask_eval")
 
     def before_save(model):
         ms = compute_mean_shift(model, info, info.ids(ms_split), int(cfg["crop_size"]), int(cfg["batch_size"]),
-                                job.device)
-        job.logger.info("mean shift on %s: %s", ms_split, ms.tolist())
+                                run.device)
+        run.logger.info("mean shift on %s: %s", ms_split, ms.tolist())
         return {"mean_shift": ms.tolist(), "mean_shift_split": ms_split}
 
-    job.logger.info("training IRN (%s, init %s) on %d confident-region labels of %s for %d steps, radius %g, "
+    run.logger.info("training IRN (%s, init %s) on %d confident-region labels of %s for %d steps, radius %g, "
                     "momentum %g", cfg["backbone"].get("arch"), "classifier" if init_clf else "backbone.weights",
                     len(ids), split, cfg["max_steps"], radius, groups[0]["momentum"])
-    train_stage(model, step_fn, data, optimizer, cfg, seed, ckpt_dir, metrics, out_model,
-                {"method": "irn", "classes": info.classes}, config_hash, desc="train irn", before_save=before_save)
+    state = state_dir(out.model)
+    train_stage(model, step_fn, data, optimizer, cfg, seed, f"{state}/checkpoints", f"{state}/metrics.jsonl",
+                out.model, {"method": "irn", "classes": info.classes}, job.config_hash, desc="train irn",
+                before_save=before_save)
 
 
 def load_irnet(path: str, map_location: str | torch.device = "cpu") -> tuple[irn.IRNet, dict]:
@@ -239,38 +247,38 @@ def load_irnet(path: str, map_location: str | torch.device = "cpu") -> tuple[irn
 
 # --------------------------------------------------------------------------------------------- random walk
 
-def make_sem_seg_labels(prepared: str, cam_shards: Sequence[str], cam_eval: str | None, irn_model: str, split: str,
-                        shard: int, n_shards: int, cfg: Mapping[str, Any], out: str, seed: int = 0,
-                        device: str = "auto", lock_dir: str = ".wsss/gpu-locks", config_hash: str = "",
-                        log: str | None = None, threads: int = 1) -> None:
-    """Pseudo-masks (uint8 shard, values 0..C-1) of one shard of ``split`` by the IRN random walk (§5).
+def make_sem_seg_labels(job: JobSettings, inp: Files, out: Files) -> None:
+    """Pseudo-masks (uint8 shard ``out.masks``, values 0..C-1) of one shard of the ``train`` split by the IRN random
+    walk of the CAMs ``inp.cams`` with the boundary network ``inp.model`` (jiwoon-ahn/irn
+    step/make_sem_seg_labels.py).
 
     cfg (stage ``irn``): ``rw`` {radius, beta, exp_times, power, combine {cams, aux}, two_pass, bg_const},
     ``bg_threshold`` (stores without a bg map)."""
-    job = start_job(log, threads, seed, device, n_gpus=1, lock_dir=lock_dir)
-    info = DatasetInfo(prepared)
-    model, meta = load_irnet(irn_model)
-    model = model.to(job.device)
+    cfg, split, shard, n_shards = job.cfg, job.split("train"), job.shard, job.n_shards
+    run = job.start(n_gpus=1)
+    info = DatasetInfo(job.prepared)
+    model, meta = load_irnet(inp.model)
+    model = model.to(run.device)
     pad_to = int(meta["cfg"]["crop_size"])
     rw = dict(cfg["rw"])
     weights = dict(rw.get("combine") or {"cams": 1.0, "aux": 0.0})
-    bg, source = resolve_bg(cfg, cam_eval)
+    bg, source = resolve_bg(cfg, inp.cam_eval)
     ids = shard_ids(info.ids(split), shard, n_shards)
     settings = {k: rw[k] for k in ("radius", "beta", "exp_times", "power", "two_pass", "bg_const") if k in rw}
-    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash, "refine": "irn_rw",
-             "rw": settings, "combine": weights, "bg_threshold_source": source, "irn_model": str(irn_model)}
+    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": job.config_hash, "refine": "irn_rw",
+             "rw": settings, "combine": weights, "bg_threshold_source": source, "irn_model": str(inp.model)}
     if bg is not None:
         attrs["bg_threshold"] = bg
-    job.logger.info("IRN random walk on %d images: %s, maps %s; constant bg for CAMs without a bg map: %s (%s)",
+    run.logger.info("IRN random walk on %d images: %s, maps %s; constant bg for CAMs without a bg map: %s (%s)",
                     len(ids), settings, weights, bg, source)
     seconds, n_added = [], 0
-    with ShardedStore(list(cam_shards)) as store, ShardWriter(out, "masks", attrs) as writer:
+    with ShardedStore(list(inp.cams)) as store, ShardWriter(out.masks, "masks", attrs) as writer:
         for image_id in progress(ids, desc=f"irn rw {shard + 1}/{n_shards}"):
             t0 = time.time()
             keys, x, added = combined_maps(store, image_id, weights, bg)
             n_added += added
             image = _image_of(info, image_id, x)
-            edge = irn.edge_inference(model, to_tensor(normalize(image)).to(job.device), pad_to)
+            edge = irn.edge_inference(model, to_tensor(normalize(image)).to(run.device), pad_to)
             mask = irn.sem_seg_labels(x, keys, edge, radius=int(rw.get("radius", 5)), beta=float(rw.get("beta", 10)),
                                       exp_times=int(rw.get("exp_times", 8)), power=float(rw.get("power", 1.5)),
                                       two_pass=bool(rw.get("two_pass", False)),
@@ -278,23 +286,29 @@ def make_sem_seg_labels(prepared: str, cam_shards: Sequence[str], cam_eval: str 
             writer.add_mask(image_id, mask)
             seconds.append(time.time() - t0)
     if n_added:
-        job.logger.info("%d of %d images had no background map: constant bg %s (%s)", n_added, len(ids), bg, source)
+        run.logger.info("%d of %d images had no background map: constant bg %s (%s)", n_added, len(ids), bg, source)
     if seconds:
         s = np.asarray(seconds)
-        job.logger.info("random walk: %.3f s/image mean, %.3f median, %.3f max over %d images", s.mean(),
+        run.logger.info("random walk: %.3f s/image mean, %.3f median, %.3f max over %d images", s.mean(),
                         np.median(s), s.max(), s.size)
-    job.logger.info("wrote %d pseudo-masks to %s", len(ids), out)
+    run.logger.info("wrote %d pseudo-masks to %s", len(ids), out.masks)
 
 
 # --------------------------------------------------------------------------------------------- eval
 
-def eval_ir_labels(prepared: str, ir_label_shards: Sequence[str], split: str, out: str,
-                   log: str | None = None) -> dict:
+def eval_ir_labels(job: JobSettings, inp: Files, out: Files) -> dict:
+    """Score the confident-region labels ``inp.masks`` on the split of role ``extra.role`` (:func:`ir_label_scores`)
+    into ``out.json``."""
+    setup_job_logging(job.log)
+    return ir_label_scores(job.prepared, inp.masks, job.split(job.extra["role"]), out.json)
+
+
+def ir_label_scores(prepared: str, ir_label_shards: Sequence[str], split: str, out: str) -> dict:
     """Score confident-region labels on the ids of ``split`` they contain.
 
     JSON: ``scores`` (mIoU etc. on the labelled pixels only: prediction != 255), ``labelled_fraction`` (labelled
     share of the valid GT pixels), ``scores_unlabelled_as_bg`` (255 counted as background, SFC's eval_sem_seg)."""
-    logger = setup_job_logging(log)
+    logger = get_logger()
     info = DatasetInfo(prepared)
     conf, conf_bg = ConfusionMatrix(info.n_classes), ConfusionMatrix(info.n_classes)
     n_valid = n_labelled = 0

@@ -15,6 +15,7 @@ from ..errors import DataError
 from ..refine.crf import bg_power, crf_params, crf_refine_cams
 from ..store.atomic import read_json
 from ..store.shards import ShardedStore, ShardWriter, shard_ids
+from .job import Files, JobSettings
 
 _WORKER: dict[str, Any] = {}
 
@@ -76,27 +77,28 @@ def map_images(fn: Callable[[str], Any], ids: Sequence[str], n_workers: int, ini
             yield pool.map(fn, ids, chunksize=8)
 
 
-def refine_crf(prepared: str, cam_shards: Sequence[str], split: str, shard: int, n_shards: int,
-               cfg: Mapping[str, Any], cam_eval: str, out: str, config_hash: str = "", log: str | None = None,
-               threads: int = 1) -> None:
-    """Pseudo-masks of one shard of ``split`` (uint8 HDF5 shard, values 0..C-1)."""
-    logger = setup_job_logging(log)
-    info = DatasetInfo(prepared)
+def refine_crf(job: JobSettings, inp: Files, out: Files) -> None:
+    """Pseudo-masks of one shard of the ``train`` split (uint8 HDF5 shard ``out.masks``, values 0..C-1) from the CAM
+    shards ``inp.cams`` and the background threshold of ``inp.cam_eval``."""
+    logger = setup_job_logging(job.log)
+    cfg, split, shard, n_shards = job.cfg, job.split("train"), job.shard, job.n_shards
+    info = DatasetInfo(job.prepared)
     params = crf_params(cfg.get("preset", "seam_label"), **dict(cfg.get("params") or {}))
-    bg, source = resolve_bg_threshold(cfg, cam_eval)
+    bg, source = resolve_bg_threshold(cfg, inp.cam_eval)
     ids = shard_ids(info.ids(split), shard, n_shards)
     logger.info("CRF %s on %d images, bg %s (%s)", params, len(ids), bg, source)
-    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": config_hash,
+    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": job.config_hash,
              "crf": repr(params), "bg_threshold_source": source}
     if isinstance(bg, tuple):
         attrs["bg_alpha"] = bg[1]
     elif bg is not None:
         attrs["bg_threshold"] = bg
-    n_workers = max(1, min(int(cfg.get("n_workers", 1)), threads))
+    n_workers = max(1, min(int(cfg.get("n_workers", 1)), job.threads))
     with contextlib.ExitStack() as stack:
         results = stack.enter_context(map_images(_refine_one, ids, n_workers, _init_worker,
-                                                 (cam_shards, prepared, params, bg), lambda: _WORKER["store"].close()))
-        writer = stack.enter_context(ShardWriter(out, "masks", attrs))
+                                                 (inp.cams, job.prepared, params, bg),
+                                                 lambda: _WORKER["store"].close()))
+        writer = stack.enter_context(ShardWriter(out.masks, "masks", attrs))
         for image_id, mask in progress(results, total=len(ids), desc=f"crf {shard + 1}/{n_shards}"):
             writer.add_mask(image_id, mask)
-    logger.info("wrote %d pseudo-masks to %s", len(ids), out)
+    logger.info("wrote %d pseudo-masks to %s", len(ids), out.masks)

@@ -1,9 +1,17 @@
 """Stage: the per-suite report (Markdown + JSON + four PNG plots) comparing the experiments of a suite.
 
-Reads the eval JSONs (CAM seeds, pseudo-masks, segmentation), the HDF5 shards (for the qualitative grid), the
-final weights (seed and config hash from their ``meta``) and the training metrics (``<model dir>/state/
-metrics.jsonl``), computes the all-background baseline from the ground truth, renders everything in memory,
-and only then writes the outputs, each atomically, ``report.md`` last.
+:func:`report` (the job's entry point) runs three steps:
+
+- :func:`collect` reads every input into one :class:`ReportInputs`: the eval JSONs (CAM seeds, pseudo-masks,
+  segmentation, IRN's confident labels), the attributes of the HDF5 shards (their split is checked), the final
+  weights' ``meta`` and the training metrics (``<model dir>/state/metrics.jsonl``), the saliency manifests, the
+  images / ground truth / CAMs / masks / predictions shown in the qualitative grid, the ground-truth class counts of
+  the all-background baseline, and the environment (versions, git state, host, date);
+- :func:`build` computes the report dict, the Markdown and the PNG figures, in memory, with no I/O;
+- :func:`write` writes the outputs, each atomically, ``report.md`` (the rule's main target) last.
+
+The inputs come grouped by experiment (``job.extra["files"]``), so nothing is inferred from folder names; how an
+experiment's pseudo-masks were refined is its setting ``refine``.
 """
 
 from __future__ import annotations
@@ -11,58 +19,44 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
 
 from ..data.io import colorize, read_image, read_label_png
 from ..data.prepare import DatasetInfo
-from ..engine.logs import setup_job_logging
+from ..engine.logs import get_logger, setup_job_logging
 from ..errors import DataError
 from ..faults import fault_point
 from ..metrics import ConfusionMatrix, cam_to_labels
 from ..report import build as rb
 from ..store.atomic import atomic_path, read_json, write_text
 from ..store.shards import ShardedStore
+from .job import Files, JobSettings
 
 #: The final loss of the training summary is also given as the mean over this many last logged steps.
 TRAINING_WINDOW = 50
+#: Images of the qualitative grid: eval-split images (CAMs, predictions) and training images (pseudo-masks).
+N_EXAMPLES, N_TRAIN_EXAMPLES = 6, 2
 
 STAGES = ("cam", "pseudo_mask", "segmentation")
+#: An experiment's ``refine`` setting -> how its pseudo-masks were made (the refinement table's column).
+REFINEMENTS = {"crf": "dense CRF", "affinity": "AffinityNet random walk", "irn": "IRN random walk"}
+NETWORKS = (("classifier", "classifier"), ("segmentation", "segmentation"))  # (training key, files key)
 
 
 # ============================================================================================ inputs
 
 def _as_list(x: Any) -> list[str]:
-    """Snakemake may hand a single path as a string; normalise to a list of str."""
+    """A path or a list of paths (None: none) as a list of str."""
     if x is None:
         return []
     if isinstance(x, (str, os.PathLike)):
         return [str(x)]
     return [str(p) for p in x]
-
-
-def experiment_of(path: str | os.PathLike, dataset: str, experiments: Sequence[str]) -> str:
-    """The experiment of a pipeline output path ``.../<dataset>/<experiment>/...`` (last such match)."""
-    parts = Path(path).parts
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == dataset and parts[i + 1] in experiments:
-            return parts[i + 1]
-    if len(experiments) == 1:
-        return experiments[0]
-    raise DataError(f"cannot tell which experiment of {list(experiments)} the file {path} belongs to: expected a "
-                    f"path .../{dataset}/<experiment>/...")
-
-
-def shards_by_experiment(paths: Iterable[str | os.PathLike], dataset: str,
-                         experiments: Sequence[str]) -> dict[str, list[str]]:
-    """Group shard paths (all experiments concatenated) by experiment, keeping their order."""
-    out: dict[str, list[str]] = {e: [] for e in experiments}
-    for p in paths:
-        out[experiment_of(p, dataset, experiments)].append(str(p))
-    return out
 
 
 def _shard_attrs(path: str) -> dict[str, Any]:
@@ -135,17 +129,25 @@ def _load_meta(path: str, logger) -> tuple[dict | None, str | None]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def training_summary(model_path: str, logger, window: int = TRAINING_WINDOW) -> tuple[dict, dict | None]:
-    """(summary row, curve or None) of one trained network from its weights and ``state/metrics.jsonl``."""
+def read_training(model_path: str, logger) -> dict[str, Any]:
+    """What the report reads of one trained network: its final weights' ``meta`` (None when missing or unreadable,
+    then ``error`` says why) and its metrics curve (``state/metrics.jsonl`` beside the weights; None when missing)."""
     metrics_path = Path(model_path).parent / "state" / "metrics.jsonl" if model_path else None
     meta, err = _load_meta(model_path, logger)
     curve = read_metrics(metrics_path) if metrics_path else None
+    return {"model_path": model_path, "model_exists": bool(model_path) and Path(model_path).is_file(), "meta": meta,
+            "error": err, "metrics_path": metrics_path, "curve": curve}
+
+
+def training_summary(run: Mapping[str, Any], window: int = TRAINING_WINDOW) -> dict[str, Any]:
+    """The summary row of one trained network from :func:`read_training`'s record."""
+    meta, curve, metrics_path = run["meta"], run["curve"], run["metrics_path"]
     losses = [v for v in (curve["loss"] if curve else []) if v is not None]
     cfg = (meta or {}).get("cfg") or {}
-    summary = {
-        "model_path": model_path or None,
-        "model_exists": bool(model_path) and Path(model_path).is_file(),
-        "model_error": err,
+    return {
+        "model_path": run["model_path"] or None,
+        "model_exists": run["model_exists"],
+        "model_error": run["error"],
         "metrics_path": str(metrics_path) if metrics_path else None,
         "metrics_exists": curve is not None,
         "steps": curve["step"][-1] if curve and curve["step"] else None,
@@ -159,18 +161,22 @@ def training_summary(model_path: str, logger, window: int = TRAINING_WINDOW) -> 
         "config_hash": (meta or {}).get("config_hash"),
         "method": (meta or {}).get("method"),
     }
-    return summary, curve
 
 
-def all_background_baseline(info: DatasetInfo, split: str) -> dict[str, Any]:
-    """Scores of predicting background everywhere on ``split`` (exact, from its ground-truth masks)."""
+def background_confusion(info: DatasetInfo, split: str) -> ConfusionMatrix:
+    """The confusion matrix of predicting background everywhere on ``split`` (from its ground-truth masks)."""
     conf = ConfusionMatrix(info.n_classes)
-    ids = info.ids(split)
-    for image_id in ids:
+    for image_id in info.ids(split):
         gt = read_label_png(info.mask_path(image_id), info.n_classes)
         conf.update(gt, np.zeros(gt.shape, dtype=np.uint8))
-    s = conf.scores(info.classes)
-    return {"split": split, "n_images": len(ids), "miou": s["miou"], "miou_strict": s["miou_strict"],
+    return conf
+
+
+def all_background_baseline(conf: ConfusionMatrix, classes: Sequence[str], split: str,
+                            n_images: int) -> dict[str, Any]:
+    """Scores of predicting background everywhere on ``split`` (exact; ``conf`` from :func:`background_confusion`)."""
+    s = conf.scores(classes)
+    return {"split": split, "n_images": n_images, "miou": s["miou"], "miou_strict": s["miou_strict"],
             "iou": s["iou"], "present": s["present"], "pixel_acc": s["pixel_acc"],
             "description": "every valid pixel predicted as background (class 0)"}
 
@@ -185,36 +191,177 @@ def _pick(ids: Sequence[str], k: int) -> list[str]:
     return [ids[i] for i in idx]
 
 
+def _gt_or_none(info: DatasetInfo, image_id: str) -> np.ndarray | None:
+    p = info.mask_path(image_id)
+    return read_label_png(p, info.n_classes) if p.is_file() else None
+
+
+def read_qualitative(info: DatasetInfo, experiments: Sequence[str], cam_shards: Mapping[str, list[str]],
+                     mask_shards: Mapping[str, list[str]], pred_shards: Mapping[str, list[str]], eval_split: str,
+                     mask_split: str, n_eval: int = N_EXAMPLES, n_train: int = N_TRAIN_EXAMPLES) -> dict[str, Any]:
+    """The images of the qualitative grid and what is shown of them: up to ``n_eval`` images of ``eval_split`` (in
+    every experiment's CAM store if possible) with ground truth, each experiment's ``(keys, cams)`` and prediction
+    (None where missing), and up to ``n_train`` of ``mask_split`` (in every pseudo-mask store, with a GT mask) with
+    each experiment's pseudo-mask."""
+    with contextlib.ExitStack() as stack:
+        def open_stores(by_exp):
+            return {e: stack.enter_context(ShardedStore(by_exp[e])) if by_exp.get(e) else None for e in experiments}
+
+        cam_st, mask_st, pred_st = open_stores(cam_shards), open_stores(mask_shards), open_stores(pred_shards)
+        ev_ids = info.ids(eval_split)
+        cam_sets = [s for s in cam_st.values() if s is not None]
+        in_all = [i for i in ev_ids if cam_sets and all(i in s for s in cam_sets)]
+        in_any = [i for i in ev_ids if any(i in s for s in cam_sets)]
+        eval_ids = _pick(in_all or in_any or ev_ids, n_eval)
+        eval_samples = []
+        for image_id in eval_ids:
+            eval_samples.append({
+                "id": image_id, "image": read_image(info.image_path(image_id)), "gt": _gt_or_none(info, image_id),
+                "cams": {e: cam_st[e][image_id] if cam_st[e] is not None and image_id in cam_st[e] else None
+                         for e in experiments},
+                "preds": {e: pred_st[e][image_id] if pred_st[e] is not None and image_id in pred_st[e] else None
+                          for e in experiments}})
+
+        mask_sets = [s for s in mask_st.values() if s is not None]
+        tr_ids = [i for i in info.ids(mask_split) if mask_sets and all(i in s for s in mask_sets)
+                  and info.mask_path(i).is_file()]
+        train_ids = _pick(tr_ids, n_train)
+        train_samples = [{"id": image_id, "image": read_image(info.image_path(image_id)),
+                          "gt": _gt_or_none(info, image_id), "masks": {e: mask_st[e][image_id] for e in experiments}}
+                         for image_id in train_ids]
+    return {"eval_split": eval_split, "eval_ids": eval_ids, "eval": eval_samples,
+            "train_split": mask_split, "train_ids": train_ids, "train": train_samples}
+
+
 def _scores_view(scores: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("iou", "precision", "recall", "miou", "miou_strict", "present", "pixel_acc")
     return {k: scores.get(k) for k in keys}
 
 
-# ============================================================================================ stage
+# ============================================================================================ collect
 
-def _saliency_notes(manifests: Sequence[str] | str) -> list[str]:
+@dataclass
+class ReportInputs:
+    """Everything the report is made of, read by :func:`collect`; :func:`build` reads nothing else."""
+
+    suite: str
+    dataset: str
+    prepared: str
+    eval_split: str                            #: CAMs and predictions are scored on it
+    mask_split: str                            #: the pseudo-masks' split (role ``train``)
+    experiments: list[str]
+    labels: dict[str, str]                     #: experiment -> row label
+    settings: dict[str, Any]                   #: experiment -> its resolved experiment config
+    seed: Any                                  #: the workflow seed
+    eval_stage: Any                            #: the global ``stages.eval`` settings
+    classes: list[str]
+    manifest: dict[str, Any]                   #: the prepared dataset's manifest
+    files: dict[str, dict[str, list[str]]]     #: experiment -> {"cam_eval": [path], "cams": [shards], ...}
+    cam_eval: dict[str, dict]
+    mask_eval: dict[str, dict]
+    seg_eval: dict[str, dict]
+    ir_label_eval: dict[str, dict]             #: experiments refined by IRN only
+    mask_attrs: dict[str, list[dict]]          #: attributes of each pseudo-mask shard
+    training: dict[str, dict[str, dict]]       #: experiment -> network -> :func:`read_training`
+    baseline: ConfusionMatrix                  #: all-background prediction on the eval split
+    baseline_n_images: int
+    qualitative: dict[str, Any]                #: :func:`read_qualitative`
+    saliency: list[dict]                       #: the saliency manifests used (deduplicated, in order)
+    submissions: dict[str, str]                #: experiment -> test-set submission archive
+    environment: dict[str, Any]                #: versions, git state, host, date
+    notes: list[str] = field(default_factory=list)
+
+
+def _experiment_files(experiments: Sequence[str], files: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+    """The grouped inputs of the suite's experiments, each entry as a list of paths; an eval JSON is required."""
+    out = {}
+    for e in experiments:
+        if e not in files:
+            raise DataError(f"report: no input files for experiment {e!r} (have {sorted(files)})")
+        out[e] = {k: _as_list(v) for k, v in files[e].items()}
+        for name in ("cam_eval", "mask_eval", "seg_eval"):
+            if len(out[e].get(name, [])) != 1:
+                raise DataError(f"report: experiment {e!r} needs one {name} file, got {out[e].get(name, [])}")
+    return out
+
+
+def collect(job: JobSettings, repo: str | os.PathLike | None = None, logger=None) -> ReportInputs:
+    """Read every input of the suite report of ``job`` (see :func:`report`) into a :class:`ReportInputs`; a missing
+    or inconsistent input is a DataError naming it. ``repo``: the working tree whose git state is recorded (default:
+    the current directory)."""
+    logger = logger or get_logger()
+    x = job.extra
+    experiments = list(x.get("experiments") or [])
+    if not experiments:
+        raise DataError(f"suite {x.get('suite')!r} has no experiments")
+    eval_split, mask_split = job.split("eval"), job.split("train")
+    files = _experiment_files(experiments, x.get("files") or {})
+    info = DatasetInfo(job.prepared)
+    classes = info.classes
+
+    def first(e: str, name: str) -> str:
+        return files[e][name][0]
+
+    cam_ev = {e: _read_eval(first(e, "cam_eval"), "CAM") for e in experiments}
+    mask_ev = {e: _read_eval(first(e, "mask_eval"), "pseudo-mask") for e in experiments}
+    seg_ev = {e: _read_eval(first(e, "seg_eval"), "segmentation") for e in experiments}
+    for e in experiments:
+        if list(cam_ev[e].get("classes", classes)) != list(classes):
+            raise DataError(f"{first(e, 'cam_eval')} has classes {cam_ev[e].get('classes')}, the dataset {classes}")
+        if eval_split not in cam_ev[e].get("scores", {}):
+            raise DataError(f"{first(e, 'cam_eval')} has no scores for the eval split {eval_split!r} (has "
+                            f"{sorted(cam_ev[e].get('scores', {}))})")
+        for ev, name in ((mask_ev[e], "mask_eval"), (seg_ev[e], "seg_eval")):
+            if len(ev["scores"]["iou"]) != len(classes):
+                raise DataError(f"{first(e, name)} scores {len(ev['scores']['iou'])} classes, the dataset has "
+                                f"{len(classes)}")
+
+    shards = {kind: {e: files[e].get(kind, []) for e in experiments} for kind in ("cams", "masks", "preds")}
+    mask_attrs = {}
+    for e in experiments:
+        _check_split(shards["cams"][e], eval_split, "CAM")
+        _check_split(shards["preds"][e], eval_split, "prediction")
+        mask_attrs[e] = _check_split(shards["masks"][e], mask_split, "pseudo-mask")
+    ir = {e: read_json(files[e]["ir_label_eval"][0]) for e in experiments if files[e].get("ir_label_eval")}
+    baseline = background_confusion(info, eval_split)
+    training = {e: {net: read_training((files[e].get(key) or [""])[0], logger) for net, key in NETWORKS}
+                for e in experiments}
+    qualitative = read_qualitative(info, experiments, shards["cams"], shards["masks"], shards["preds"], eval_split,
+                                   mask_split)
+    saliency = [read_json(p) for p in dict.fromkeys(p for e in experiments for p in files[e].get("saliency", []))]
+    submissions = {e: files[e]["submission"][0] for e in experiments if files[e].get("submission")}
+    return ReportInputs(
+        suite=x.get("suite"), dataset=job.dataset, prepared=str(job.prepared), eval_split=eval_split,
+        mask_split=mask_split, experiments=experiments, labels=dict(x.get("labels") or {}),
+        settings=dict(x.get("settings") or {}), seed=x.get("seed", job.seed), eval_stage=x.get("eval_stage"),
+        classes=list(classes), manifest=dict(info.manifest), files=files, cam_eval=cam_ev, mask_eval=mask_ev,
+        seg_eval=seg_ev, ir_label_eval=ir, mask_attrs=mask_attrs, training=training, baseline=baseline,
+        baseline_n_images=len(info.ids(eval_split)), qualitative=qualitative, saliency=saliency,
+        submissions=submissions, environment=rb.environment(repo if repo is not None else Path.cwd()),
+        notes=list(x.get("notes") or []))
+
+
+# ============================================================================================ build
+
+def _saliency_notes(manifests: Sequence[Mapping[str, Any]]) -> list[str]:
     notes = []
-    for p in _as_list(manifests):
-        man = read_json(p)
+    for man in manifests:
         what = "**stand-in saliency** (toy dataset)" if man.get("kind") == "stand-in" else "saliency maps"
         notes.append(f"Saliency used by EPS-style training: {what} from `{man.get('dir')}` "
                      f"({man.get('n_maps')} maps): {man.get('description', '')}.")
     return notes
 
 
-def _submission_notes(experiments: Sequence[str], archives: Sequence[str] | str) -> list[str]:
+def _submission_notes(archives: Mapping[str, str]) -> list[str]:
     return [f"Test-set submission archive of `{e}`: `{a}` (official format "
             "`results/VOC2012/Segmentation/comp6_test_cls/<id>.png`; upload it to the PASCAL VOC evaluation "
-            "server for the test mIoU)." for e, a in zip(experiments, _as_list(archives))]
+            "server for the test mIoU)." for e, a in archives.items()]
 
 
-def _refinement_kind(mask_paths: Sequence[str]) -> str:
-    parts = {Path(p).parent.name for p in mask_paths}
-    if parts == {"pseudo_masks_irn"}:
-        return "IRN random walk"
-    if parts == {"pseudo_masks_rw"}:
-        return "AffinityNet random walk"
-    return "dense CRF"
+def refinement_kind(settings: Mapping[str, Any]) -> str:
+    """How an experiment's pseudo-masks were made, from its ``refine`` setting (default ``crf``)."""
+    kind = settings.get("refine") or "crf"
+    return REFINEMENTS.get(kind, str(kind))
 
 
 def threshold_chosen_on(cam_eval: Mapping[str, Any], split: str) -> bool:
@@ -228,105 +375,98 @@ def threshold_chosen_on(cam_eval: Mapping[str, Any], split: str) -> bool:
     return bool(flag) and not th.get("own_bg", False)
 
 
-def _refinement_rows(experiments, cam_ev, mask_ev, mask_shards, ir_label_evals, dataset, mask_split) -> list[dict]:
+def _refinement_rows(d: ReportInputs) -> list[dict]:
     """Per experiment: how the pseudo-masks were made and what refinement added over the CAM seeds on the same
     split (CAM seeds at the chosen t vs. pseudo-masks), plus IRN's confident-label coverage when present."""
-    ir = {experiment_of(p, dataset, experiments): read_json(p) for p in _as_list(ir_label_evals)}
     out = []
-    for e in experiments:
-        split = mask_ev[e].get("split") or mask_split  # the split the pseudo-masks are scored on
-        cam_on_mask = (cam_ev[e].get("scores") or {}).get(split)
+    for e in d.experiments:
+        split = d.mask_eval[e].get("split") or d.mask_split  # the split the pseudo-masks are scored on
+        cam_on_mask = (d.cam_eval[e].get("scores") or {}).get(split)
         seed = cam_on_mask["miou"] if cam_on_mask else None
-        mask = mask_ev[e]["scores"]["miou"]
-        row = {"experiment": e, "refinement": _refinement_kind(mask_shards[e]), "split": split,
+        mask = d.mask_eval[e]["scores"]["miou"]
+        row = {"experiment": e, "refinement": refinement_kind(d.settings.get(e) or {}), "split": split,
                "cam_seeds_miou": seed,
-               "cam_seeds_threshold_chosen_on_this_split": bool(cam_on_mask) and threshold_chosen_on(cam_ev[e], split),
+               "cam_seeds_threshold_chosen_on_this_split": bool(cam_on_mask) and threshold_chosen_on(d.cam_eval[e],
+                                                                                                      split),
                "pseudo_mask_miou": mask,
                "delta": None if seed is None or mask is None else mask - seed}
-        if e in ir:
-            row["ir_labels"] = {"labelled_fraction": ir[e].get("labelled_fraction"),
-                                "miou_labelled": ir[e].get("miou_labelled")}
+        if e in d.ir_label_eval:
+            ir = d.ir_label_eval[e]
+            row["ir_labels"] = {"labelled_fraction": ir.get("labelled_fraction"),
+                                "miou_labelled": ir.get("miou_labelled")}
         out.append(row)
     return out
 
 
-def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepared: str, eval_split: str,
-                 mask_split: str, methods: Mapping[str, str], config: Mapping[str, Any],
-                 cam_evals: Sequence[str], mask_evals: Sequence[str], seg_evals: Sequence[str],
-                 cams: Sequence[str], masks: Sequence[str], preds: Sequence[str],
-                 classifiers: Sequence[str] = (), segmenters: Sequence[str] = (),
-                 out_md: str, out_json: str, out_curves: str, out_per_class: str, out_qualitative: str,
-                 out_training: str, log: str | None = None, n_examples: int = 6, n_train_examples: int = 2,
-                 repo: str | os.PathLike | None = None, saliency: Sequence[str] = (),
-                 submissions: Sequence[str] = (), notes: Sequence[str] = (),
-                 ir_label_evals: Sequence[str] = ()) -> dict:
-    """Write the suite report; returns the report dict (the content of ``out_json``).
+def qualitative_panels(q: Mapping[str, Any], experiments: Sequence[str],
+                       thresholds: Mapping[str, float]) -> tuple[list[list[dict | None]], dict]:
+    """Panels of the qualitative grid from :func:`read_qualitative`'s samples, and what they show (ids, class labels
+    in the legend)."""
+    labels: set[int] = set()
+    rows: list[list[dict | None]] = []
 
-    Args:
-        experiments: experiment names of the suite, in order; ``cam_evals``/``mask_evals``/``seg_evals``/
-            ``classifiers``/``segmenters`` are given in the same order (the last two may be empty or name
-            missing files). ``cams``/``masks``/``preds``: the shards of all experiments (CAMs of ``eval_split``,
-            pseudo-masks of ``mask_split``, predictions of ``eval_split``), told apart by their path
-            ``.../<dataset>/<experiment>/...``.
-        methods: experiment -> method name. config: the workflow config (its ``seed`` is recorded).
-        out_*: the Markdown, JSON and the four PNG plots. Nothing is written unless everything succeeded.
-        repo: working tree whose git SHA is recorded (default: the current directory).
-        saliency: saliency manifests used by the experiments (their kind is stated in the report's notes).
-        submissions: test-set submission archives (same order as ``experiments``), listed in the notes.
-        notes: further lines for the report's notes.
-        ir_label_evals: ``eval/ir_labels.json`` of the experiments refined by IRN (any order, told apart by path).
-    """
-    logger = setup_job_logging(log)
-    experiments = list(experiments)
-    if not experiments:
-        raise DataError(f"suite {suite!r} has no experiments")
-    info = DatasetInfo(prepared)
-    classes = info.classes
-    paths = {"cam_evals": _as_list(cam_evals), "mask_evals": _as_list(mask_evals), "seg_evals": _as_list(seg_evals)}
-    for name, lst in paths.items():
-        if len(lst) != len(experiments):
-            raise DataError(f"report: {len(lst)} {name} for {len(experiments)} experiments {experiments}")
-    classifiers, segmenters = _as_list(classifiers), _as_list(segmenters)
-    classifiers += [""] * (len(experiments) - len(classifiers))
-    segmenters += [""] * (len(experiments) - len(segmenters))
+    def label_panel(title: str, lab: np.ndarray | None, note: str = "n/a") -> dict:
+        if lab is None:
+            return {"title": title, "image": None, "note": note}
+        labels.update(int(v) for v in np.unique(lab))
+        return {"title": title, "image": colorize(lab)}
 
-    cam_ev = {e: _read_eval(p, "CAM") for e, p in zip(experiments, paths["cam_evals"])}
-    mask_ev = {e: _read_eval(p, "pseudo-mask") for e, p in zip(experiments, paths["mask_evals"])}
-    seg_ev = {e: _read_eval(p, "segmentation") for e, p in zip(experiments, paths["seg_evals"])}
-    for e in experiments:
-        if list(cam_ev[e].get("classes", classes)) != list(classes):
-            raise DataError(f"{paths['cam_evals'][experiments.index(e)]} has classes {cam_ev[e].get('classes')}, "
-                            f"the dataset {classes}")
-        if eval_split not in cam_ev[e].get("scores", {}):
-            raise DataError(f"{paths['cam_evals'][experiments.index(e)]} has no scores for the eval split "
-                            f"{eval_split!r} (has {sorted(cam_ev[e].get('scores', {}))})")
-        for ev, p in ((mask_ev[e], paths["mask_evals"]), (seg_ev[e], paths["seg_evals"])):
-            if len(ev["scores"]["iou"]) != len(classes):
-                raise DataError(f"{p[experiments.index(e)]} scores {len(ev['scores']['iou'])} classes, the dataset "
-                                f"has {len(classes)}")
+    for sample in q["eval"]:
+        image = sample["image"]
+        row: list[dict | None] = [{"title": f"{q['eval_split']}/{sample['id']}", "image": image},
+                                  label_panel("ground truth", sample["gt"], "no GT mask")]
+        for e in experiments:
+            t = thresholds[e]
+            if sample["cams"][e] is not None:
+                keys, cams = sample["cams"][e]
+                fg = cams[keys > 0]  # a leading background map (SIPE/SFC) is not shown in the heat map
+                heat = fg.max(axis=0) if fg.shape[0] else np.zeros(cams.shape[1:], np.float32)
+                row.append({"title": f"{e}: CAM (max)", "image": rb.overlay_heatmap(image, heat)})
+                row.append(label_panel(f"{e}: CAM > t={rb.fmt_t(t)}", cam_to_labels(cams, keys, t)))
+            else:
+                row += [{"title": f"{e}: CAM", "image": None, "note": "no CAM"},
+                        {"title": f"{e}: CAM > t", "image": None, "note": "no CAM"}]
+            row.append(label_panel(f"{e}: prediction", sample["preds"][e], "no prediction"))
+        rows.append(row)
+    for sample in q["train"]:
+        row = [{"title": f"{q['train_split']}/{sample['id']}", "image": sample["image"]},
+               label_panel("ground truth", sample["gt"], "no GT mask")]
+        for e in experiments:
+            row += [None, label_panel(f"{e}: pseudo-mask", sample["masks"][e]), None]
+        rows.append(row)
+    meta = {"eval_split": q["eval_split"], "eval_ids": q["eval_ids"], "train_split": q["train_split"],
+            "train_ids": q["train_ids"], "labels": sorted(labels)}
+    return rows, meta
 
-    cam_shards = shards_by_experiment(_as_list(cams), dataset, experiments)
-    mask_shards = shards_by_experiment(_as_list(masks), dataset, experiments)
-    pred_shards = shards_by_experiment(_as_list(preds), dataset, experiments)
-    mask_attrs = {}
-    for e in experiments:
-        _check_split(cam_shards[e], eval_split, "CAM")
-        _check_split(pred_shards[e], eval_split, "prediction")
-        mask_attrs[e] = _check_split(mask_shards[e], mask_split, "pseudo-mask")
+
+@dataclass
+class BuiltReport:
+    """The report in memory: its dict (``report.json``), texts and PNG figures (output key -> (path, bytes))."""
+
+    report: dict[str, Any]
+    markdown: str
+    json_text: str
+    figures: dict[str, tuple[str, bytes]]
+
+
+def build(d: ReportInputs, out: Mapping[str, str]) -> BuiltReport:
+    """The report dict, its Markdown and JSON texts and the four PNG figures of the collected inputs ``d``, with
+    ``out``'s paths (``md``, ``curves``, ``per_class``, ``qualitative``, ``training``) for the plots' relative links.
+    Reads and writes nothing."""
+    experiments, classes, eval_split = d.experiments, d.classes, d.eval_split
 
     # ----- numbers
     rows, thresholds, per_class = [], [], {"classes": list(classes), "experiments": {}}
     for e in experiments:
-        ce, me, se = cam_ev[e], mask_ev[e], seg_ev[e]
+        ce, me, se = d.cam_eval[e], d.mask_eval[e], d.seg_eval[e]
         th = ce["threshold"]
         src = th["source"]
         cam_scores = ce["scores"][eval_split]
         eval_curve = ce.get("curves", {}).get(eval_split, {})
         metric = "miou_strict" if ce.get("mean") == "strict" else "miou"
-        method = methods.get(e) if methods else None
         rows.append({
             "experiment": e,
-            "method": method or (config.get("experiments", {}).get(e, {}).get("method")) or "?",
+            "method": d.labels.get(e) or (d.settings.get(e) or {}).get("method") or "?",
             "threshold": th["value"],
             "cam": {"split": eval_split, "miou": cam_scores["miou"], "miou_strict": cam_scores["miou_strict"],
                     "n_images": eval_curve.get("n_images"), "pixel_acc": cam_scores.get("pixel_acc"),
@@ -338,7 +478,7 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
                              "miou_strict": se["scores"]["miou_strict"], "n_images": se.get("n_images"),
                              "pixel_acc": se["scores"].get("pixel_acc")},
         })
-        bg_used = sorted({float(a["bg_threshold"]) for a in mask_attrs[e] if "bg_threshold" in a})
+        bg_used = sorted({float(a["bg_threshold"]) for a in d.mask_attrs[e] if "bg_threshold" in a})
         thresholds.append({
             "experiment": e,
             "value": th["value"],
@@ -353,28 +493,28 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
             "eval_miou_at_value": cam_scores[metric],
             "eval_oracle": {"t": eval_curve.get("best_t"), "miou": eval_curve.get("best_miou")},
             "pseudo_mask_bg_thresholds": bg_used,
-            "pseudo_mask_bg_threshold_source": sorted({str(a["bg_threshold_source"]) for a in mask_attrs[e]
+            "pseudo_mask_bg_threshold_source": sorted({str(a["bg_threshold_source"]) for a in d.mask_attrs[e]
                                                        if "bg_threshold_source" in a}),
         })
         per_class["experiments"][e] = {"cam": _scores_view(cam_scores), "pseudo_mask": _scores_view(me["scores"]),
                                        "segmentation": _scores_view(se["scores"])}
 
-    refinement = _refinement_rows(experiments, cam_ev, mask_ev, mask_shards, ir_label_evals, dataset, mask_split)
-    baseline = all_background_baseline(info, eval_split)
+    refinement = _refinement_rows(d)
+    baseline = all_background_baseline(d.baseline, classes, eval_split, d.baseline_n_images)
 
     training, curves_cls, curves_seg, models = {}, {}, {}, {}
-    for e, pc, ps in zip(experiments, classifiers, segmenters):
-        sc, cc = training_summary(pc, logger)
-        ss, cs = training_summary(ps, logger)
+    for e in experiments:
+        runs = d.training[e]
+        sc, ss = training_summary(runs["classifier"]), training_summary(runs["segmentation"])
         training[e] = {"classifier": sc, "segmentation": ss}
-        curves_cls[e], curves_seg[e] = cc, cs
+        curves_cls[e], curves_seg[e] = runs["classifier"]["curve"], runs["segmentation"]["curve"]
         models[e] = {net: {"seed": s["seed"], "config_hash": s["config_hash"], "path": s["model_path"] or ""}
                      for net, s in (("classifier", sc), ("segmentation", ss))}
 
     # ----- figures (in memory)
     curve_items = []
     for e, th in zip(experiments, thresholds):
-        ce = cam_ev[e]
+        ce = d.cam_eval[e]
         metric = "miou_strict" if ce.get("mean") == "strict" else "miou"
         splits = {}
         for split, c in ce.get("curves", {}).items():
@@ -388,31 +528,30 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
             v = per_class["experiments"][e][stage]
             series.append({"experiment": e, "stage": stage, "iou": v["iou"], "miou": v["miou"]})
 
-    qual_rows, qual_meta = _qualitative_rows(info, experiments, cam_shards, mask_shards, pred_shards,
-                                             {t["experiment"]: t["value"] for t in thresholds}, eval_split,
-                                             mask_split, n_examples, n_train_examples)
+    qual_rows, qual_meta = qualitative_panels(d.qualitative, experiments,
+                                              {t["experiment"]: t["value"] for t in thresholds})
 
     figures = {}
     for key, path, make in (
-        ("threshold_curves", out_curves, lambda: rb.plot_threshold_curves(curve_items)),
-        ("per_class_iou", out_per_class, lambda: rb.plot_per_class_iou(classes, series)),
-        ("qualitative", out_qualitative, lambda: rb.plot_qualitative(qual_rows, classes, qual_meta["labels"])),
-        ("training", out_training, lambda: rb.plot_training({"classifier": curves_cls,
-                                                             "segmentation": curves_seg})),
+        ("threshold_curves", out["curves"], lambda: rb.plot_threshold_curves(curve_items)),
+        ("per_class_iou", out["per_class"], lambda: rb.plot_per_class_iou(classes, series)),
+        ("qualitative", out["qualitative"], lambda: rb.plot_qualitative(qual_rows, classes, qual_meta["labels"])),
+        ("training", out["training"], lambda: rb.plot_training({"classifier": curves_cls,
+                                                                "segmentation": curves_seg})),
     ):
-        figures[key] = (path, rb.figure_png_bytes(make()))
+        figures[key] = (str(path), rb.figure_png_bytes(make()))
 
-    md_dir = Path(out_md).parent
-    env = rb.environment(repo if repo is not None else Path.cwd())
+    md_dir = Path(out["md"]).parent
+    files = d.files
     report = {
-        "title": f"WSSS report: dataset {dataset}, suite {suite}",
-        "notes": _saliency_notes(saliency) + _submission_notes(experiments, submissions) + list(notes),
-        "dataset": dataset,
-        "suite": suite,
-        "synthetic": bool(info.manifest.get("synthetic", False)),
-        "dataset_info": {k: info.manifest.get(k) for k in ("name", "kind", "n_classes", "splits")}
-        | {"classes": list(classes), "prepared": str(prepared)},
-        "splits": {"eval": eval_split, "train": mask_split,
+        "title": f"WSSS report: dataset {d.dataset}, suite {d.suite}",
+        "notes": _saliency_notes(d.saliency) + _submission_notes(d.submissions) + list(d.notes),
+        "dataset": d.dataset,
+        "suite": d.suite,
+        "synthetic": bool(d.manifest.get("synthetic", False)),
+        "dataset_info": {k: d.manifest.get(k) for k in ("name", "kind", "n_classes", "splits")}
+        | {"classes": list(classes), "prepared": str(d.prepared)},
+        "splits": {"eval": eval_split, "train": d.mask_split,
                    "pseudo_mask_eval": rows[0]["pseudo_mask"]["split"],
                    "threshold_source": sorted({t["source"]["split"] for t in thresholds})},
         "mean_conventions": dict(rb.MEAN_CONVENTIONS),
@@ -424,31 +563,20 @@ def build_report(*, experiments: Sequence[str], suite: str, dataset: str, prepar
         "training": training,
         "training_window": TRAINING_WINDOW,
         "qualitative": {k: v for k, v in qual_meta.items() if k != "labels"},
-        "reproducibility": {"seed": config.get("seed"), "models": models, **env},
+        "reproducibility": {"seed": d.seed, "models": models, **d.environment},
         "plots": {k: os.path.relpath(p, md_dir) for k, (p, _) in figures.items()},
-        "inputs": {**paths, "classifiers": classifiers, "segmenters": segmenters,
-                   "cams": cam_shards, "masks": mask_shards, "preds": pred_shards},
-        "config": {"seed": config.get("seed"),
-                   "experiments": {e: config.get("experiments", {}).get(e) for e in experiments},
-                   "eval": config.get("stages", {}).get("eval")},
+        "inputs": {**{f"{name}s": [files[e][name][0] for e in experiments]
+                      for name in ("cam_eval", "mask_eval", "seg_eval")},
+                   "classifiers": [(files[e].get("classifier") or [""])[0] for e in experiments],
+                   "segmenters": [(files[e].get("segmentation") or [""])[0] for e in experiments],
+                   **{kind: {e: list(files[e].get(kind, [])) for e in experiments}
+                      for kind in ("cams", "masks", "preds")}},
+        "config": {"seed": d.seed, "experiments": {e: d.settings.get(e) for e in experiments},
+                   "eval": d.eval_stage},
     }
     md = rb.render_markdown(report)
     json_text = json.dumps(report, indent=2, default=_json_default) + "\n"
-
-    # ----- write: plots, JSON, then the Markdown (the rule's main target) last
-    for n, (path, data) in enumerate(figures.values(), 1):
-        with atomic_path(path, suffix=".png") as tmp:
-            tmp.write_bytes(data)
-        fault_point("report_write", n, path)  # test hook (WSSS_FAULT), a no-op otherwise
-    write_text(out_json, json_text)
-    fault_point("report_write", len(figures) + 1, out_json)
-    write_text(out_md, md)
-    for row in rows:
-        logger.info("%s (%s): t=%s CAM %.4f, pseudo-mask %s, segmentation %s", row["experiment"], row["method"],
-                    row["threshold"], row["cam"]["miou"] or float("nan"), rb.fmt(row["pseudo_mask"]["miou"]),
-                    rb.fmt(row["segmentation"]["miou"]))
-    logger.info("wrote %s", out_md)
-    return report
+    return BuiltReport(report=report, markdown=md, json_text=json_text, figures=figures)
 
 
 def _json_default(o: Any) -> Any:
@@ -461,65 +589,42 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def _gt_or_none(info: DatasetInfo, image_id: str) -> np.ndarray | None:
-    p = info.mask_path(image_id)
-    return read_label_png(p, info.n_classes) if p.is_file() else None
+# ============================================================================================ write
+
+def write(built: BuiltReport, out: Mapping[str, str], logger) -> None:
+    """Write the plots, then ``out['json']``, then ``out['md']`` (the rule's main target) last, each atomically."""
+    for n, (path, data) in enumerate(built.figures.values(), 1):
+        with atomic_path(path, suffix=".png") as tmp:
+            tmp.write_bytes(data)
+        fault_point("report_write", n, path)  # test hook (WSSS_FAULT), a no-op otherwise
+    write_text(out["json"], built.json_text)
+    fault_point("report_write", len(built.figures) + 1, out["json"])
+    write_text(out["md"], built.markdown)
+    for row in built.report["rows"]:
+        logger.info("%s (%s): t=%s CAM %.4f, pseudo-mask %s, segmentation %s", row["experiment"], row["method"],
+                    row["threshold"], row["cam"]["miou"] or float("nan"), rb.fmt(row["pseudo_mask"]["miou"]),
+                    rb.fmt(row["segmentation"]["miou"]))
+    logger.info("wrote %s", out["md"])
 
 
-def _qualitative_rows(info: DatasetInfo, experiments: Sequence[str], cam_shards: Mapping[str, list[str]],
-                      mask_shards: Mapping[str, list[str]], pred_shards: Mapping[str, list[str]],
-                      thresholds: Mapping[str, float], eval_split: str, mask_split: str, n_eval: int,
-                      n_train: int) -> tuple[list[list[dict | None]], dict]:
-    """Panels of the qualitative grid and what they show (ids, class labels in the legend)."""
-    labels: set[int] = set()
-    rows: list[list[dict | None]] = []
+# ============================================================================================ stage
 
-    def label_panel(title: str, lab: np.ndarray | None, note: str = "n/a") -> dict:
-        if lab is None:
-            return {"title": title, "image": None, "note": note}
-        labels.update(int(v) for v in np.unique(lab))
-        return {"title": title, "image": colorize(lab)}
+def report(job: JobSettings, inp: Files, out: Files) -> dict:
+    """The suite report of ``job.extra['suite']`` into ``out`` (``md``, ``json``, ``curves``, ``per_class``,
+    ``qualitative``, ``training``); returns the report dict (the content of ``out.json``). Nothing is written
+    unless everything was read and rendered.
 
-    with contextlib.ExitStack() as stack:
-        def open_stores(by_exp):
-            return {e: stack.enter_context(ShardedStore(by_exp[e])) if by_exp.get(e) else None for e in experiments}
-
-        cam_st, mask_st, pred_st = open_stores(cam_shards), open_stores(mask_shards), open_stores(pred_shards)
-        ev_ids = info.ids(eval_split)
-        cam_sets = [s for s in cam_st.values() if s is not None]
-        in_all = [i for i in ev_ids if cam_sets and all(i in s for s in cam_sets)]
-        in_any = [i for i in ev_ids if any(i in s for s in cam_sets)]
-        eval_ids = _pick(in_all or in_any or ev_ids, n_eval)
-        for image_id in eval_ids:
-            image = read_image(info.image_path(image_id))
-            row: list[dict | None] = [{"title": f"{eval_split}/{image_id}", "image": image},
-                                      label_panel("ground truth", _gt_or_none(info, image_id), "no GT mask")]
-            for e in experiments:
-                t = thresholds[e]
-                if cam_st[e] is not None and image_id in cam_st[e]:
-                    keys, cams = cam_st[e][image_id]
-                    fg = cams[keys > 0]  # a leading background map (SIPE/SFC) is not shown in the heat map
-                    heat = fg.max(axis=0) if fg.shape[0] else np.zeros(cams.shape[1:], np.float32)
-                    row.append({"title": f"{e}: CAM (max)", "image": rb.overlay_heatmap(image, heat)})
-                    row.append(label_panel(f"{e}: CAM > t={rb.fmt_t(t)}", cam_to_labels(cams, keys, t)))
-                else:
-                    row += [{"title": f"{e}: CAM", "image": None, "note": "no CAM"},
-                            {"title": f"{e}: CAM > t", "image": None, "note": "no CAM"}]
-                pred = pred_st[e][image_id] if pred_st[e] is not None and image_id in pred_st[e] else None
-                row.append(label_panel(f"{e}: prediction", pred, "no prediction"))
-            rows.append(row)
-
-        mask_sets = [s for s in mask_st.values() if s is not None]
-        tr_ids = [i for i in info.ids(mask_split) if mask_sets and all(i in s for s in mask_sets)
-                  and info.mask_path(i).is_file()]
-        train_ids = _pick(tr_ids, n_train)
-        for image_id in train_ids:
-            image = read_image(info.image_path(image_id))
-            row = [{"title": f"{mask_split}/{image_id}", "image": image},
-                   label_panel("ground truth", _gt_or_none(info, image_id), "no GT mask")]
-            for e in experiments:
-                row += [None, label_panel(f"{e}: pseudo-mask", mask_st[e][image_id]), None]
-            rows.append(row)
-    meta = {"eval_split": eval_split, "eval_ids": eval_ids, "train_split": mask_split, "train_ids": train_ids,
-            "labels": sorted(labels)}
-    return rows, meta
+    ``job``: ``prepared``, ``dataset``, ``splits`` (``eval``: CAMs and predictions; ``train``: the pseudo-masks),
+    ``log``, and ``extra``: ``suite``, ``experiments`` (in order), ``labels`` ({experiment: row label}),
+    ``settings`` ({experiment: its resolved experiment config: method, label, refine (crf | affinity | irn, default
+    crf), stages, datasets}), ``seed`` (the workflow seed), ``eval_stage`` (the global ``stages.eval``), optional
+    ``notes`` (further lines), and ``files``: {experiment: {``cam_eval``, ``mask_eval``, ``seg_eval``,
+    ``classifier``, ``segmentation`` (model), ``cams`` (eval-split CAM shards), ``masks`` (pseudo-mask shards),
+    ``preds`` (eval-split prediction shards), ``saliency`` (manifests, maybe none), optional ``ir_label_eval`` and
+    ``submission``}}. ``inp``: the same files, flat (the rule's dependencies); they are read through ``files``.
+    """
+    logger = setup_job_logging(job.log)
+    outputs = {k: str(out[k]) for k in ("md", "json", "curves", "per_class", "qualitative", "training")}
+    built = build(collect(job, logger=logger), outputs)
+    write(built, outputs, logger)
+    return built.report

@@ -1,0 +1,155 @@
+"""The pipeline's one table of artifacts: where each output lives, which settings make it, what it is made from.
+
+The Snakemake rules take their ``output:`` paths from :data:`ARTIFACTS` and their inputs from
+:class:`Pipeline`, which formats the same templates; the config hash stamped into every output follows from the
+same table (an artifact's hash covers its own stage settings and the hashes of the artifacts it is made from), so
+a stage dependency is written down once, here.
+
+Paths are relative to ``results_dir``; wildcards are ``{dataset}``, ``{experiment}``, ``{split}``, ``{shard}``,
+``{nshards}`` and ``{suite}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Mapping
+
+from .config import config_hash, experiment_config, stage_config
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One kind of pipeline output.
+
+    ``path``: template under ``results_dir``; ``stage``: the config stage whose settings make it (``drop``: keys of
+    those settings that do not matter for it); ``after``: the artifacts it is made from (``"pseudo_masks"`` stands
+    for the one the experiment's ``refine`` choice makes); ``kind`` / ``split_role``: sharded HDF5 outputs, their
+    shard kind and, for a fixed split, its role (``train``: the training split)."""
+
+    path: str
+    stage: str | None = None
+    after: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+    kind: str | None = None
+    split_role: str | None = None
+
+
+_E = "{dataset}/{experiment}"
+_SHARD = "{shard}-of-{nshards}.h5"
+
+ARTIFACTS: dict[str, Artifact] = {
+    "toy_source": Artifact("{dataset}/source"),
+    "manifest": Artifact("{dataset}/dataset/manifest.json"),
+    "labels": Artifact("{dataset}/dataset/labels.json"),
+    "lists": Artifact("{dataset}/dataset/lists"),
+    "saliency": Artifact("{dataset}/saliency/manifest.json"),
+    "classifier": Artifact(f"{_E}/classifier/model.pt", "classifier"),
+    "cams": Artifact(f"{_E}/cams/{{split}}/{_SHARD}", "cams", ("classifier",), kind="cams"),
+    "cam_eval": Artifact(f"{_E}/eval/cams.json", "eval", ("cams",)),
+    # refinements: each makes the training split's pseudo-masks (REFINERS picks one per experiment)
+    "crf_masks": Artifact(f"{_E}/pseudo_masks/{_SHARD}", "crf", ("cam_eval",), kind="masks", split_role="train"),
+    "affinity": Artifact(f"{_E}/affinity/model.pt", "affinity", ("cams",)),
+    "rw_masks": Artifact(f"{_E}/pseudo_masks_rw/{_SHARD}", "affinity", ("affinity", "cam_eval"), kind="masks",
+                         split_role="train"),
+    "ir_labels": Artifact(f"{_E}/irn/ir_label/{_SHARD}", "irn", ("cam_eval",), drop=("rw",), kind="masks",
+                          split_role="train"),
+    "irn": Artifact(f"{_E}/irn/model.pt", "irn", ("ir_labels",), drop=("rw",)),
+    "irn_masks": Artifact(f"{_E}/pseudo_masks_irn/{_SHARD}", "irn", ("irn", "cam_eval"), kind="masks",
+                          split_role="train"),
+    "ir_label_eval": Artifact(f"{_E}/eval/ir_labels.json", None, ("ir_labels",)),
+    "mask_eval": Artifact(f"{_E}/eval/pseudo_masks.json", None, ("pseudo_masks",)),
+    "segmentation": Artifact(f"{_E}/segmentation/model.pt", "segmentation", ("pseudo_masks",)),
+    "seg_pred": Artifact(f"{_E}/segmentation/pred/{{split}}/{_SHARD}", "segmentation", ("segmentation",),
+                         kind="masks"),
+    "seg_eval": Artifact(f"{_E}/eval/segmentation.json", None, ("seg_pred",)),
+    "submission": Artifact(f"{_E}/submission/results.tar.gz", None, ("seg_pred",)),
+    "report": Artifact("{dataset}/reports/{suite}"),  # report.md, report.json and the plots
+}
+
+#: ``experiments.<name>.refine`` -> the artifact that holds its pseudo-masks (and the stage that sizes its shards)
+REFINERS: dict[str, str] = {"crf": "crf_masks", "affinity": "rw_masks", "irn": "irn_masks"}
+
+
+def export_library_path(root: str) -> None:
+    """Put ``root`` (the folder holding ``wsss_core``) first on ``PYTHONPATH``, which the pipeline's jobs inherit:
+    Snakemake puts only a script's own folder on the path, so a job in an environment without the project installed
+    (``--sdm conda``, a container) imports the library of the workflow it runs."""
+    import os
+
+    paths = [root, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+
+
+def state_dir(model_path: str) -> str:
+    """The resumable state (checkpoints, metrics.jsonl) of a training stage: ``state/`` beside its model file."""
+    return model_path.rsplit("/", 1)[0] + "/state"
+
+
+class Pipeline:
+    """Paths, settings and config hashes of every artifact for one (validated) config."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = config
+        self.results = str(config["results_dir"]).rstrip("/")
+        self._hash = lru_cache(maxsize=None)(self._hash_uncached)
+
+    # ------------------------------------------------------------------ paths
+    def template(self, artifact: str) -> str:
+        """The path template of ``artifact`` under ``results_dir``, wildcards left in (for a rule's ``output:``)."""
+        return f"{self.results}/{ARTIFACTS[artifact].path}"
+
+    def path(self, artifact: str, **wildcards: Any) -> str:
+        return self.template(artifact).format(**wildcards)
+
+    def mask_artifact(self, experiment: str) -> str:
+        """The artifact that holds ``experiment``'s pseudo-masks (its ``refine`` choice)."""
+        return REFINERS[experiment_config(self.config, experiment).get("refine", "crf")]
+
+    def resolve(self, experiment: str | None, artifact: str) -> str:
+        return self.mask_artifact(experiment) if artifact == "pseudo_masks" else artifact
+
+    def n_shards(self, dataset: str, experiment: str, artifact: str) -> int:
+        return int(self.settings(dataset, experiment, self.resolve(experiment, artifact))["n_shards"])
+
+    def shards(self, artifact: str, dataset: str, experiment: str, split: str | None = None) -> list[str]:
+        """Every shard path of a sharded artifact (``split``: for artifacts of any split, e.g. ``cams``)."""
+        artifact = self.resolve(experiment, artifact)
+        a = ARTIFACTS[artifact]
+        if a.split_role:
+            split = self.split_name(dataset, a.split_role)
+        n = self.n_shards(dataset, experiment, artifact)
+        return [self.path(artifact, dataset=dataset, experiment=experiment, split=split, shard=k, nshards=n)
+                for k in range(n)]
+
+    def split_name(self, dataset: str, role: str) -> str:
+        """The split a role (train, threshold, mask_eval, eval, test) stands for in ``dataset``."""
+        return self.config["datasets"][dataset]["splits"][role]
+
+    # ------------------------------------------------------------------ settings and hashes
+    def settings(self, dataset: str, experiment: str | None, artifact: str) -> dict[str, Any]:
+        """The stage settings that make ``artifact`` (its ``drop`` keys removed); {} for an artifact of no stage."""
+        a = ARTIFACTS[self.resolve(experiment, artifact)]
+        if a.stage is None:
+            return {}
+        cfg = stage_config(self.config, dataset, experiment, a.stage)
+        return {k: v for k, v in cfg.items() if k not in a.drop}
+
+    def hash(self, dataset: str, experiment: str, artifact: str) -> str:
+        """Hash of everything that determines ``artifact``: its settings, the hashes of what it is made from, and at
+        the root (the classifier) the dataset's settings, the method and the seed."""
+        return self._hash(dataset, experiment, self.resolve(experiment, artifact))
+
+    def _hash_uncached(self, dataset: str, experiment: str, artifact: str) -> str:
+        a = ARTIFACTS[artifact]
+        node: dict[str, Any] = {"artifact": artifact, "settings": self.settings(dataset, experiment, artifact),
+                                "after": [self.hash(dataset, experiment, b) for b in a.after]}
+        if not a.after:
+            exp = experiment_config(self.config, experiment)
+            node.update(dataset=self.dataset_settings(dataset), method=exp["method"], seed=self.config["seed"])
+        return config_hash(node)
+
+    def dataset_settings(self, dataset: str) -> dict[str, Any]:
+        """What a prepared dataset depends on: the dataset's own settings, without stage overrides."""
+        ds = self.config["datasets"][dataset]
+        return {k: v for k, v in ds.items() if k not in ("stages", "saliency")}
