@@ -537,10 +537,14 @@ def test_workflow_script_passes_the_rule_names(monkeypatch, tmp_path):
     out = {"md": "r.md", "json": "r.json", "curves": "c.png", "per_class": "p.png", "qualitative": "q.png",
            "training": "t.png"}
     log = str(tmp_path / "l.log")
-    snake = SimpleNamespace(input=inp, output=out, params=params, log=[log], threads=1, wildcards={"suite": "cam"})
+    config = {"seed": 3, "device": "cpu", "gpu_lock_dir": "locks", "weights_dir": "w", "method_plugins": []}
+    snake = SimpleNamespace(input=inp, output=out, params=params, log=[log], threads=1, wildcards={"suite": "cam"},
+                            config=config)
     runpy.run_path(str(REPO / "workflow_scripts" / "report.py"), init_globals={"snakemake": snake})
     job = seen["job"]
     assert isinstance(job, JobSettings) and job.log == log and job.prepared == "d" and job.split("eval") == "val"
+    # how the job runs comes from the workflow config, not from the params
+    assert (job.seed, job.device, job.lock_dir, job.weights_dir) == (3, "cpu", "locks", "w")
     assert job.extra["files"] == files and job.extra["experiments"] == ["cam"]
     assert seen["out"].md == "r.md" and seen["out"].json == "r.json" and seen["out"].training == "t.png"
     assert seen["inp"].cams == ["x.h5"] and seen["inp"].segmentation == ["b.pt"]
