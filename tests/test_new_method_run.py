@@ -74,6 +74,7 @@ def test_plugin_method_runs_through_classifier_cams_and_eval_without_installed_w
     assert proc.returncode == 0, proc.stderr[-6000:]
     ev = json.loads((tmp_path / target).read_text())
     assert 0.0 <= ev["scores"]["val"]["miou"] <= 1.0 and ev["threshold"]["source"]["split"] == "train"
-    rows = [json.loads(x) for x in (tmp_path / "results/toy/tiny/classifier/state/metrics.jsonl").read_text().split()]
+    metrics = tmp_path / "results/toy/tiny/classifier/state/metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["tiny_marker"] == 1.0 for r in rows)
     assert "rule train_classifier" in proc.stdout + proc.stderr and "rule infer_cams" in proc.stdout + proc.stderr

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +75,16 @@ def test_demo_end_to_end_and_noop_rerun(tmp_path):
     again = run_snakemake(tmp_path, "--cores", "2", "toy_cam_report")
     assert "Nothing to be done" in again.stdout + again.stderr
     assert again.elapsed < 60, f"no-op rerun took {again.elapsed:.1f} s"  # gross-regression guard
+
+    # the finished run folder (results with the toy dataset, .snakemake) moved elsewhere is up to date there
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path, moved, symlinks=True)  # copy2: modification times kept
+    shutil.rmtree(tmp_path / "results")
+    there = run_snakemake(moved, "-n", "toy_cam_report")
+    assert "Nothing to be done" in there.stdout + there.stderr, there.stdout[-3000:]
+    manifest = json.loads((moved / "results/toy/dataset/manifest.json").read_text())
+    assert not Path(manifest["root"]).is_absolute() and not Path(manifest["image_dir"]).is_absolute()
+    shutil.copytree(moved / "results", tmp_path / "results", symlinks=True)
 
     # the plots are registered for Snakemake's HTML report
     run_snakemake(tmp_path, "--report", str(tmp_path / "report.html"), "toy_cam_report")
