@@ -84,6 +84,9 @@ def test_demo_end_to_end_and_noop_rerun(tmp_path):
     assert "Nothing to be done" in there.stdout + there.stderr, there.stdout[-3000:]
     manifest = json.loads((moved / "results/toy/dataset/manifest.json").read_text())
     assert not Path(manifest["root"]).is_absolute() and not Path(manifest["image_dir"]).is_absolute()
+    (moved / "results/toy/reports/cam/report.md").unlink()  # the report job reads images and shards: from `moved`
+    redo = run_snakemake(moved, "--cores", "2", "toy_cam_report")
+    assert re.findall(r"^(?:local)?rule (\w+):", redo.stdout + redo.stderr, re.M) == ["report"]
     shutil.copytree(moved / "results", tmp_path / "results", symlinks=True)
 
     # the plots are registered for Snakemake's HTML report
