@@ -86,7 +86,7 @@ def test_demo_end_to_end_and_noop_rerun(tmp_path):
     assert not Path(manifest["root"]).is_absolute() and not Path(manifest["image_dir"]).is_absolute()
     (moved / "results/toy/reports/cam/report.md").unlink()  # the report job reads images and shards: from `moved`
     redo = run_snakemake(moved, "--cores", "2", "toy_cam_report")
-    assert re.findall(r"^(?:local)?rule (\w+):", redo.stdout + redo.stderr, re.M) == ["report"]
+    assert set(re.findall(r"^(?:local)?rule (\w+):", redo.stdout + redo.stderr, re.M)) == {"report", "toy_cam_report"}
     shutil.copytree(moved / "results", tmp_path / "results", symlinks=True)
 
     # the plots are registered for Snakemake's HTML report
