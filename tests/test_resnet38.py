@@ -17,11 +17,12 @@ from wsss_core.errors import WeightsError
 from wsss_core.models import ResNet38, build_resnet38, freeze_stem, load_weights
 from wsss_core.models.mxnet_params import (
     V1_MAGIC, V2_MAGIC, V3_MAGIC, load_params_file, mxnet_to_resnet38_name, mxnet_to_resnet38_state_dict,
-    read_mxnet_params, resnet38_to_mxnet_name, resnet38_to_mxnet_names, write_mxnet_params,
+    read_mxnet_params,
 )
 from wsss_core.models.weights import sha256_file
 
 from conftest import random_images, randomize_bn as _randomize_bn  # noqa: E402
+from mxnet_fixture import resnet38_to_mxnet_name, resnet38_to_mxnet_names, write_mxnet_params  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
