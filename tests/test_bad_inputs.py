@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from conftest import run_snakemake, write_yaml
 
 from wsss_core.data.datasets import ClassificationDataset

@@ -6,7 +6,6 @@ its final weights saved and reloaded as the CAM stage does -> CAM inference of o
 from __future__ import annotations
 
 import sys
-import textwrap
 import types
 
 import numpy as np
