@@ -46,6 +46,7 @@ def _validate_config():
     validate(config, "../schemas/config.schema.yaml")
     from wsss_core.methods import check_method_name, load_plugins
 
+    P0 = Pipeline(config)
     try:
         load_plugins(config.get("method_plugins") or [])
         for suite, s in config["suites"].items():
@@ -57,10 +58,16 @@ def _validate_config():
             method = experiment_config(config, exp).get("method")
             if method is None:
                 raise ConfigError(f"experiments.{exp} has no method (set method:, or extends: an experiment with one)")
-            try:
-                check_method_name(method)
-            except KeyError as exc:
-                raise ConfigError(f"experiments.{exp}.method: {exc.args[0]}") from None
+            names = {"method": method}
+            for d in config["datasets"]:
+                base = (P0.settings(d, exp, "classifier").get("fsae") or {}).get("base")
+                if base is not None:
+                    names[f"stages.classifier.fsae.base (dataset {d})"] = base
+            for key, name in names.items():
+                try:
+                    check_method_name(name)
+                except KeyError as exc:
+                    raise ConfigError(f"experiments.{exp}.{key}: {exc.args[0]}") from None
     except ConfigError as exc:
         raise WorkflowError(f"invalid configuration: {exc}\n{CONFIG_FIX}") from None
 

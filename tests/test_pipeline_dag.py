@@ -243,3 +243,16 @@ def test_every_toy_stage_is_cpu_sized():
             cfg = stage_config(config, "toy", exp, stage)
             assert cfg.get("max_steps", 0) <= 1200, (exp, stage, cfg.get("max_steps"))
             assert cfg.get("crop_size", 0) <= 96, (exp, stage, cfg.get("crop_size"))
+
+
+def test_unknown_method_or_fsae_base_or_parent_is_an_error_naming_it(tmp_path):
+    """Methods are checked against the registry when the workflow starts (no torch import): the message names the
+    key and the closest registered name; an `extends` cycle is named too."""
+    for exp, want in (({"method": "sipee"}, "experiments.sipe.method: unknown method 'sipee'; did you mean 'sipe'"),
+                      ({"stages": {"classifier": {"fsae": {"base": "ppcc"}}}},
+                       "experiments.sipe.stages.classifier.fsae.base (dataset toy): unknown method 'ppcc'"),
+                      ({"extends": "sfc"}, "cycle: sipe -> sfc -> sipe")):
+        cfg = write_yaml(tmp_path / "bad.yaml", {"experiments": {"sipe": exp}})
+        proc = run_snakemake(tmp_path, "-n", "toy_cam_report", configfile=cfg, check=False)
+        assert proc.returncode != 0 and want in proc.stdout + proc.stderr, (want, proc.stderr[-2000:])
+    assert not (tmp_path / "results").exists()
