@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from common import VOC_SAMPLE, best_of, best_of_interleaved, render_image, result, write_result
 
 from wsss_core.data.io import read_image
-from wsss_core.data.transforms import normalize, resize, to_tensor
+from wsss_core.data.transforms import normalize, resize_pil_bicubic, to_tensor
 from wsss_core.methods import cam as cam_method
 from wsss_core.methods.cam import CAMNet
 from wsss_core.methods.inference import compiled_cam_fn, frozen_cam_fn, multiscale_cams
@@ -49,7 +49,7 @@ def reference_cams(model: CAMNet, image: np.ndarray, scales, keys) -> np.ndarray
     maps = []
     with torch.no_grad():
         for s in scales:
-            img = image if s == 1.0 else resize(image, (max(1, round(h * s)), max(1, round(w * s))))
+            img = resize_pil_bicubic(image, (max(1, round(h * s)), max(1, round(w * s))))  # PIL bicubic views
             for flip in (False, True):
                 x = to_tensor(normalize(np.ascontiguousarray(img[:, ::-1]) if flip else img)).unsqueeze(0)
                 cam = model.cam(x)

@@ -168,7 +168,8 @@ def test_affinity_crf_default_is_the_old_label_crf_and_psa_softmax_is_selectable
     from wsss_core.refine.crf import PRESETS, CRFParams
     from wsss_core.stages.affinity import AFF_CRF, affinity_crf
 
-    assert AFF_CRF == CRFParams("labels", 3, 3, 80, 13, 10, 10, 0.7) == affinity_crf({})
+    assert AFF_CRF == CRFParams("labels", 3, 3, 80, 13, 10, 10, 0.7, label_unary="all", pairwise="utils") \
+        == affinity_crf({})
     assert affinity_crf({"crf": {"preset": "psa_aff_label", "params": {}}}) == AFF_CRF
     assert affinity_crf({"crf": {"preset": "psa_softmax"}}) == PRESETS["psa_softmax"]
     assert affinity_crf({"crf": {"preset": "psa_softmax", "params": {"iters": 3}}}).iters == 3
@@ -246,8 +247,8 @@ def test_own_bg_store_drops_key_0_for_labels_and_walk(tmp_path):
     keys, cams = fg_cams(np.array([0, 5]), np.concatenate([own_bg, cam]))
     assert keys.tolist() == [5] and np.array_equal(cams, cam)
     for crf in (PRESETS["psa_aff_label"], PRESETS["psa_softmax"]):
-        with_bg = confident_labels(image, np.array([0, 5]), np.concatenate([own_bg, cam]), 1, 12, crf)
-        np.testing.assert_array_equal(with_bg, confident_labels(image, np.array([5]), cam, 1, 12, crf))
+        with_bg = confident_labels(image, np.array([0, 5]), np.concatenate([own_bg, cam]), 1, 12, crf, n_classes=21)
+        np.testing.assert_array_equal(with_bg, confident_labels(image, np.array([5]), cam, 1, 12, crf, n_classes=21))
         assert (with_bg == 5).any()
     g = torch.Generator().manual_seed(0)
     far = lambda x: torch.randn(1, 16, x.shape[2] // 8, x.shape[3] // 8, generator=g) * 1e4  # noqa: E731

@@ -38,15 +38,16 @@ def split_labels(h=32, w=32, fg=1):
 
 def test_presets_and_overrides():
     p = PRESETS["seam_label"]
-    assert (p.mode, p.gauss_sxy, p.gauss_compat, p.bilat_sxy, p.bilat_srgb, p.bilat_compat, p.iters, p.gt_prob) == \
-        ("labels", 3, 3, 50, 5, 10, 10, 0.7)
+    assert (p.mode, p.gauss_sxy, p.gauss_compat, p.bilat_sxy, p.bilat_srgb, p.bilat_compat, p.iters, p.gt_prob,
+            p.label_unary, p.pairwise) == ("labels", 3, 3, 50, 5, 10, 10, 0.7, "all", "add")
     assert PRESETS["psa_softmax"] == CRFParams("softmax", 3, 3, 80, 13, 10, 10)
     assert PRESETS["deeplab_test"] == CRFParams("softmax", 3, 3, 32, 13, 10, 1)
     assert PRESETS["mctformer_seg"] == CRFParams("softmax", 4, 3, 83, 5, 3, 10)
     q = crf_params("psa_softmax", iters=5)
     assert q.iters == 5 and q.bilat_sxy == 80 and PRESETS["psa_softmax"].iters == 10
     assert crf_params(None, mode="labels", gauss_sxy=3, gauss_compat=3, bilat_sxy=50, bilat_srgb=5,
-                      bilat_compat=10, iters=10) == PRESETS["seam_label"]
+                      bilat_compat=10, iters=10, label_unary="all") == PRESETS["seam_label"]
+    assert crf_params("seam_label", label_unary="present").label_unary == "present"
     with pytest.raises(ConfigError):
         crf_params("nope")
     with pytest.raises(ConfigError):
@@ -57,6 +58,10 @@ def test_presets_and_overrides():
         crf_params("seam_label", mode="hard")
     with pytest.raises(ConfigError):
         crf_params("seam_label", gt_prob=1.0)
+    with pytest.raises(ConfigError):
+        crf_params("seam_label", label_unary="some")
+    with pytest.raises(ConfigError):
+        crf_params("seam_label", pairwise="lattice")
 
 
 # ----------------------------------------------------------------------------- 4. unary energies
@@ -159,7 +164,7 @@ def test_crf_refine_cams_maps_back_to_keys(preset):
     cams[0, :, 16:] = 0.8      # class 15 on the right
     cams[1, :, 16:] = 0.3      # a weaker class 3 everywhere on the right
     cams[0, 8, 5] = 0.9        # single noisy pixel on the left
-    out = crf_refine_cams(img, cams, np.array([15, 3]), 0.26, PRESETS[preset])
+    out = crf_refine_cams(img, cams, np.array([15, 3]), 0.26, PRESETS[preset], n_classes=21)
     assert out.dtype == np.uint8 and out.shape == (32, 32)
     expected = np.where(split_labels() == 1, 15, 0)
     np.testing.assert_array_equal(out, expected)
@@ -208,7 +213,8 @@ def test_bg_power_monotone_in_alpha():
 def test_psa_aff_label_preset_and_crf_cam_probs():
     from wsss_core.refine.crf import crf_cam_probs
 
-    assert PRESETS["psa_aff_label"] == CRFParams("labels", 3, 3, 80, 13, 10, 10, 0.7)
+    assert PRESETS["psa_aff_label"] == CRFParams("labels", 3, 3, 80, 13, 10, 10, 0.7, label_unary="all",
+                                                 pairwise="utils")
     img = two_colour_image(16, 16)
     rng = np.random.default_rng(0)
     cams = rng.random((2, 16, 16)).astype(np.float32)
@@ -218,9 +224,20 @@ def test_psa_aff_label_preset_and_crf_cam_probs():
     stack = np.clip(np.concatenate([bg[None], cams]), 1e-5, 1)
     np.testing.assert_allclose(q0, stack / stack.sum(0, keepdims=True), rtol=1e-4, atol=1e-6)
     for preset in ("psa_aff_label", "psa_softmax"):
-        q = crf_cam_probs(img, cams, bg, PRESETS[preset])
+        q = crf_cam_probs(img, cams, bg, PRESETS[preset], keys=np.array([4, 11]), n_classes=21)
         assert q.shape == (3, 16, 16) and q.dtype == np.float32
-        np.testing.assert_allclose(q.sum(0), 1, rtol=1e-5)
-        lab = crf_refine_cams(img, cams, np.array([4, 11]), bg, PRESETS[preset])
+        if preset == "psa_softmax":
+            np.testing.assert_allclose(q.sum(0), 1, rtol=1e-5)
+        else:   # the channels [0, 4, 11] of Q over 21 labels: the 18 absent ones hold the rest
+            assert float(q.sum(0).max()) <= 1 + 1e-5 and float(q.sum(0).min()) > 0.5
+        lab = crf_refine_cams(img, cams, np.array([4, 11]), bg, PRESETS[preset], n_classes=21)
         np.testing.assert_array_equal(lab, np.array([0, 4, 11])[q.argmax(0)])
+    with pytest.raises(ValueError, match="n_classes"):
+        crf_cam_probs(img, cams, bg, PRESETS["psa_aff_label"], keys=np.array([4, 11]))
+    with pytest.raises(ValueError, match="keys"):
+        crf_cam_probs(img, cams, bg, PRESETS["psa_aff_label"], n_classes=21)
+    with pytest.raises(ValueError, match="n_classes"):
+        crf_refine_cams(img, cams, np.array([4, 11]), bg, PRESETS["seam_label"])
+    with pytest.raises(ValueError, match="exceed"):
+        crf_refine_cams(img, cams, np.array([4, 11]), bg, PRESETS["seam_label"], n_classes=5)
     assert (crf_cam_probs(img, np.zeros((0, 16, 16), np.float32), 0.3, PRESETS["psa_softmax"]) == 1).all()

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from wsss_core.data.transforms import normalize, resize, to_tensor
+from wsss_core.data.transforms import normalize, to_tensor
 from wsss_core.engine.trainer import _on_cuda
 from wsss_core.methods import cam as cam_method
 from wsss_core.methods import ppc as ppc_method
@@ -41,7 +42,8 @@ def plain_multiscale(fn, image, scales, flip, classes=None):
     total = 0
     with torch.no_grad():
         for s in scales:
-            img = image if s == 1.0 else resize(image, (max(1, round(h * s)), max(1, round(w * s))))
+            size = (max(1, round(w * s)), max(1, round(h * s)))  # the references' PIL bicubic views
+            img = image if s == 1.0 else np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
             for f in ((False, True) if flip else (False,)):
                 x = to_tensor(normalize(np.ascontiguousarray(img[:, ::-1]) if f else img)).unsqueeze(0)
                 c = F.interpolate(fn(x), size=(h, w), mode="bilinear", align_corners=False)[0]

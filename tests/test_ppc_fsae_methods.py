@@ -93,6 +93,28 @@ def test_ppc_eps_without_saliency_says_so():
         ppc.training_step(model, batch, 0, cfg)
 
 
+@pytest.mark.parametrize("variant", ["eps", "seam"])
+def test_ppc_proto_safe_denominator_defaults_to_the_reference_and_reaches_the_contrast_loss(variant, monkeypatch):
+    assert ppc.ppc_settings({"ppc": {"variant": variant}})["proto_safe_denominator"] is False
+    assert ppc.ppc_settings({"ppc": {"variant": variant, "proto_safe_denominator": None}})[
+        "proto_safe_denominator"] is False
+    seen = []
+    real = ppc.ops.ppc_contrast_loss
+
+    def spy(*a, **kw):
+        seen.append(kw["proto_safe_denominator"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ppc.ops, "ppc_contrast_loss", spy)
+    torch.manual_seed(0)
+    cfg = _cfg(variant)
+    model = ppc.build_model(cfg, K).train()
+    ppc.training_step(model, _batch(), 0, cfg)
+    safe_cfg = {**cfg, "ppc": {**cfg["ppc"], "proto_safe_denominator": True}}
+    out = ppc.training_step(model, _batch(), 0, safe_cfg)
+    assert seen == [False, True] and torch.isfinite(out["loss_nce"])
+
+
 def test_ppc_param_groups_reproduce_or_fix_the_momentum_quirk():
     cfg = _cfg()
     model = ppc.build_model(cfg, K)
@@ -163,6 +185,60 @@ def test_fsae_pixel_ce_follows_teacher_labels_on_the_strong_view():
         want = fsae_ops.pixel_ce(zs, t["target"])
     assert t["mask"].float().mean() > 0.2
     torch.testing.assert_close(out["loss_pl"], want)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_fsae_teacher_forward_and_bn_running_statistics_as_the_one_module_upstream(shared):
+    """``obeychoi0120/PixMatch`` ``module/train.py::train_ssl`` runs the teacher on the student module itself
+    (``EMA.apply_shadow`` swaps parameters, not buffers), in train mode: with trainable BN its weak-view forward updates
+    the one set of running statistics. ``shared_bn_stats`` (default) reproduces that bit for bit; off, the student's
+    statistics come from its own forwards only."""
+    import copy
+
+    cfg = _cfg()
+    cfg["backbone"].update(frozen_bn=False, frozen_stem=False)
+    cfg["fsae"]["shared_bn_stats"] = shared
+    torch.manual_seed(0)
+    model = fsae.build_model(cfg, K).train()
+    assert model.updates_bn_stats()
+    with torch.no_grad():  # an EMA teacher that differs from the student
+        for p in model.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref = copy.deepcopy(model.student)  # the reference's single module
+    shadow = {n: p.detach().clone() for n, p in model.teacher.named_parameters() if n in model.registered}
+    teacher_bufs = {n: b.clone() for n, b in model.teacher.named_buffers()}
+    batch = _batch()
+    torch.manual_seed(1)
+    fsae.training_step(model, batch, 0, cfg)
+    # train_ssl: student on both weak views; apply_shadow; teacher forward_cam(img_w); restore; student strong view
+    torch.manual_seed(1)
+    ppc.supervised_loss(ref, batch, 0, cfg, sal_view2="direct")
+    params = dict(ref.named_parameters())
+    backup = {n: params[n].data for n in shadow}
+    for n, p in shadow.items():
+        params[n].data = p
+    with torch.no_grad():
+        if shared:
+            ref.logits(batch["image"])
+        else:  # what the separate teacher does with its own buffers: the same forward, statistics not kept
+            saved = {n: b.clone() for n, b in ref.named_buffers()}
+            ref.logits(batch["image"])
+            for n, b in ref.named_buffers():
+                b.copy_(saved[n])
+    for n in shadow:
+        params[n].data = backup[n]
+    ref.logits(batch["image_strong"])
+    ref_bufs = dict(ref.named_buffers())
+    for n, b in model.student.named_buffers():
+        assert torch.equal(b, ref_bufs[n]), n
+    for n, b in model.teacher.named_buffers():  # the teacher's own copy: untouched when shared
+        if shared:
+            assert torch.equal(b, teacher_bufs[n]), n
+    fsae.after_step(model, 0, cfg)  # EMA update: buffers copied from the student
+    for n, b in model.teacher.named_buffers():
+        assert torch.equal(b, ref_bufs[n]), n
+    frozen = fsae.build_model(_cfg(), K).train()  # VOC-like frozen BN: nothing to share
+    assert not frozen.updates_bn_stats()
 
 
 def test_fsae_rejects_unknown_keys_and_bad_base():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,9 +208,118 @@ def test_prototype_weighted_topk_over_batch():
         assert torch.allclose(protos[ch], exp / exp.norm(), atol=1e-5)
 
 
-def test_prototype_no_nan_on_zero_weights():
-    protos = P.prototypes(torch.zeros(1, 2, 2, 2), torch.randn(1, 3, 2, 2, generator=_g(19)), k=2)
-    assert torch.isfinite(protos).all()
+def _ref_norm_cam(cam, bg_thr, bg_index=-1, eps=1e-5):
+    """numpy transcription of the contrast-loss CAM normalisation of ``usr922/wseg@esp``
+    ``module/train.py::get_contrast_loss`` (relu; x[x < min+eps] = 0; (x-min-eps)/(max-min+eps); bg := bg_thr)."""
+    x = np.maximum(cam.astype(np.float32), 0)
+    mn = x.min(axis=(2, 3), keepdims=True)
+    mx = x.max(axis=(2, 3), keepdims=True)
+    x = np.where(x < mn + np.float32(eps), np.float32(0), x)
+    out = (x - mn - np.float32(eps)) / (mx - mn + np.float32(eps))
+    out[:, bg_index] = bg_thr
+    return out
+
+
+def _ref_prototypes_all(norm_cam, feat):
+    """numpy reference prototypes with k = N·h·w (every pixel is in the top-k, so ties cannot matter):
+    ``P[c] = Σ w·f / Σ w`` (plain sum, no clamp), then l2 normalisation."""
+    c = norm_cam.shape[1]
+    wts = norm_cam.transpose(1, 0, 2, 3).reshape(c, -1).astype(np.float64)      # (C, M)
+    f = feat.transpose(0, 2, 3, 1).reshape(-1, feat.shape[1]).astype(np.float64)  # (M, D)
+    proto = (wts @ f) / wts.sum(1, keepdims=True)
+    return proto / np.linalg.norm(proto, axis=1, keepdims=True)
+
+
+def _zero_class_batch(seed=5):
+    """N=2, C=4 (bg last), 4x4, D=3; class 1 is <= 0 before relu in every image of both views."""
+    g = _g(seed)
+    n, c, h, w, d = 2, 4, 4, 4, 3
+    cam1 = torch.randn(n, c, h, w, generator=g)
+    cam2 = torch.randn(n, c, h, w, generator=g)
+    cam1[:, 1] = -torch.rand(n, h, w, generator=g)
+    cam2[:, 1] = 0.0
+    f1 = torch.randn(n, d, h, w, generator=g)
+    f2 = torch.randn(n, d, h, w, generator=g)
+    label = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    return cam1, f1, cam2, f2, label
+
+
+def test_prototype_of_a_class_zero_in_every_image_is_the_plus_mean_as_upstream():
+    # usr922/wseg@esp module/train.py::get_contrast_loss: a zero map normalises to -1 everywhere, so
+    # P = sum(-1 * f) / sum(-1) = +mean(f); a denominator clamped at 1e-5 flipped it to -mean(f).
+    cam, feat, _, _, _ = _zero_class_batch()
+    nc_ref = _ref_norm_cam(cam.numpy(), 0.10)
+    assert (nc_ref[:, 1] == -1.0).all()                            # (0 - 0 - 1e-5) / (0 - 0 + 1e-5)
+    nc = P.contrast_norm_cam(cam, 0.10, -1)
+    np.testing.assert_array_equal(nc.numpy(), nc_ref)
+    m = 2 * 4 * 4
+    exp = _ref_prototypes_all(nc_ref, feat.numpy())
+    got = P.prototypes(nc, feat, k=m).numpy()
+    np.testing.assert_allclose(got, exp, atol=1e-5)
+    mean = feat.numpy().transpose(0, 2, 3, 1).reshape(-1, 3).mean(0)
+    np.testing.assert_allclose(got[1], mean / np.linalg.norm(mean), atol=1e-6)  # +mean, not -mean
+    # the switch gives the same prototype here (all weights equal: plain mean of the top-k features)
+    np.testing.assert_allclose(P.prototypes(nc, feat, k=m, safe_denominator=True).numpy()[1], got[1], atol=1e-6)
+
+
+def test_prototype_of_a_zero_class_points_along_the_features_with_ties_in_the_topk():
+    # k < N·h·w: which tied pixels torch.topk picks is implementation-defined, but with features in the positive
+    # orthant the reference prototype (a +mean of some of them) is positive; the old clamp made it negative.
+    g = _g(31)
+    cam = torch.rand(3, 5, 4, 4, generator=g)
+    cam[:, 2] = 0.0
+    feat = torch.rand(3, 6, 4, 4, generator=g) + 0.1
+    nc = P.contrast_norm_cam(cam, 0.10, -1)
+    for safe in (False, True):
+        assert (P.prototypes(nc, feat, k=3, safe_denominator=safe)[2] > 0).all()
+
+
+def test_prototype_zero_and_mixed_weight_sums_reference_and_safe_switch():
+    feat = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, -1.0]]).T.reshape(1, 2, 2, 2)  # 4 pixels
+    f = feat.reshape(2, 4).T.numpy().astype(np.float64)
+    w = np.array([1.0, 0.5, -1.0, -1.0])                           # sum -0.5: mixed signs
+    nc = torch.stack([torch.zeros(4), torch.tensor(w, dtype=torch.float32)]).reshape(1, 2, 2, 2)
+    ref = P.prototypes(nc, feat, k=4)
+    assert not torch.isfinite(ref[0]).any()                        # 0 / 0, as upstream
+    exp = (w @ f) / w.sum()
+    np.testing.assert_allclose(ref[1].numpy(), exp / np.linalg.norm(exp), atol=1e-6)
+    safe = P.prototypes(nc, feat, k=4, safe_denominator=True)
+    assert torch.isfinite(safe).all()
+    mean = f.mean(0)                                               # no positive weight: plain mean
+    np.testing.assert_allclose(safe[0].numpy(), mean / np.linalg.norm(mean), atol=1e-6)
+    conv = (np.maximum(w, 0) @ f) / np.maximum(w, 0).sum()         # convex weights (1, 0.5, 0, 0) / 1.5
+    np.testing.assert_allclose(safe[1].numpy(), conv / np.linalg.norm(conv), atol=1e-6)
+
+
+def test_contrast_cross_terms_match_a_numpy_reference_on_a_zero_class_batch():
+    """Cross-prototype and cross-pseudo-label terms against a numpy transcription of ``usr922/wseg@esp``
+    ``module/train.py::get_contrast_loss`` (same-size views, k = N·h·w so that the top-k has no ties).
+    The old clamped denominator gave cross_proto 0.7102 / cross_label 0.6185 here; the reference 0.4518 / 0.4639."""
+    cam1, f1, cam2, f2, label = _zero_class_batch()
+    m = 2 * 4 * 4
+    out = P.ppc_contrast_loss(cam1, f1, cam2, f2, label, bg_index=-1, bg_thr=0.10, proto_k=m, generator=_g(0))
+    lab = np.concatenate([label.numpy(), np.ones((2, 1), np.float32)], 1)[:, :, None, None]
+
+    def view(cam, feat):
+        nc = _ref_norm_cam(cam.numpy(), 0.10)
+        y = (nc * lab).argmax(1).reshape(-1)
+        fr = feat.numpy().transpose(0, 2, 3, 1).reshape(-1, 3).astype(np.float64)
+        return y, fr / np.linalg.norm(fr, axis=1, keepdims=True), _ref_prototypes_all(nc, feat.numpy())
+
+    def ce(fr, proto, y):
+        logits = fr @ proto.T / 0.1
+        lse = np.log(np.exp(logits).sum(1))
+        return float(np.mean(lse - logits[np.arange(len(y)), y]))
+
+    (y1, fr1, p1), (y2, fr2, p2) = view(cam1, f1), view(cam2, f2)
+    cross_proto = 0.1 * 0.5 * (ce(fr1, p2, y1) + ce(fr2, p1, y2))
+    cross_label = 0.1 * 0.5 * (ce(fr1, p1, y2) + ce(fr2, p2, y1))
+    assert out["cross_proto"].item() == pytest.approx(cross_proto, abs=1e-5)
+    assert out["cross_label"].item() == pytest.approx(cross_label, abs=1e-5)
+    assert cross_proto == pytest.approx(0.451808, abs=1e-5) and cross_label == pytest.approx(0.463943, abs=1e-5)
+    safe = P.ppc_contrast_loss(cam1, f1, cam2, f2, label, bg_index=-1, bg_thr=0.10, proto_k=m, generator=_g(0),
+                               proto_safe_denominator=True)
+    assert safe["cross_proto"].item() == pytest.approx(cross_proto, abs=1e-4)  # only the -1e-5 weights differ
 
 
 @pytest.mark.parametrize("bg_index", [0, -1])

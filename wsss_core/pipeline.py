@@ -25,7 +25,9 @@ class Artifact:
     ``path``: template under ``results_dir``; ``stage``: the config stage whose settings make it (``drop``: keys of
     those settings that do not matter for it); ``after``: the artifacts it is made from (``"pseudo_masks"`` stands
     for the one the experiment's ``refine`` choice makes); ``kind`` / ``split_role``: sharded HDF5 outputs, their
-    shard kind and, for a fixed split, its role (``train``: the training split)."""
+    shard kind and, for a fixed split, its role (``train``: the training split); ``version``: part of the config
+    hash, raised when a code change alters what the artifact is for unchanged settings, so that existing outputs
+    count as out of date."""
 
     path: str
     stage: str | None = None
@@ -33,6 +35,7 @@ class Artifact:
     drop: tuple[str, ...] = ()
     kind: str | None = None
     split_role: str | None = None
+    version: int = 1
 
 
 _E = "{dataset}/{experiment}"
@@ -44,11 +47,15 @@ ARTIFACTS: dict[str, Artifact] = {
     "labels": Artifact("{dataset}/dataset/labels.json"),
     "lists": Artifact("{dataset}/dataset/lists"),
     "saliency": Artifact("{dataset}/saliency/manifest.json"),
-    "classifier": Artifact(f"{_E}/classifier/model.pt", "classifier"),
-    "cams": Artifact(f"{_E}/cams/{{split}}/{_SHARD}", "cams", ("classifier",), kind="cams"),
+    # version 2: PPC prototypes and FSAE's strong views as the references compute them
+    "classifier": Artifact(f"{_E}/classifier/model.pt", "classifier", version=2),
+    # version 2: multi-scale views resized with PIL bicubic, as the references
+    "cams": Artifact(f"{_E}/cams/{{split}}/{_SHARD}", "cams", ("classifier",), kind="cams", version=2),
     "cam_eval": Artifact(f"{_E}/eval/cams.json", "eval", ("cams",)),
     # refinements: each makes the training split's pseudo-masks (REFINERS picks one per experiment)
-    "crf_masks": Artifact(f"{_E}/pseudo_masks/{_SHARD}", "crf", ("cam_eval",), kind="masks", split_role="train"),
+    # version 2: label CRFs over all classes (wseg's seam_label)
+    "crf_masks": Artifact(f"{_E}/pseudo_masks/{_SHARD}", "crf", ("cam_eval",), kind="masks", split_role="train",
+                          version=2),
     "affinity": Artifact(f"{_E}/affinity/model.pt", "affinity", ("cams",)),
     "rw_masks": Artifact(f"{_E}/pseudo_masks_rw/{_SHARD}", "affinity", ("affinity", "cam_eval"), kind="masks",
                          split_role="train"),
@@ -144,6 +151,8 @@ class Pipeline:
         a = ARTIFACTS[artifact]
         node: dict[str, Any] = {"artifact": artifact, "settings": self.settings(dataset, experiment, artifact),
                                 "after": [self.hash(dataset, experiment, b) for b in a.after]}
+        if a.version > 1:
+            node["version"] = a.version
         if not a.after:
             exp = experiment_config(self.config, experiment)
             node.update(dataset=self.dataset_settings(dataset), method=exp["method"], seed=self.config["seed"])

@@ -1,4 +1,4 @@
-"""Image augmentation of the FSAE strong view (and of the views datasets' weak view), on numpy.
+"""Image augmentation of the FSAE strong view (and of the views datasets' weak view), numpy in and out.
 
 The kit of ``obeychoi0120/PixMatch`` ``data/dataset.py::ImageDataset`` (weak view: RandomResizeLong, h-flip,
 ColorJitter, crop; strong view: the same geometry, a fresh ColorJitter, GaussianBlur and RandAugment) with the
@@ -6,16 +6,18 @@ photometric RandAugment ops of ``data/augmentation/randaugment.py::RandAugment``
 in that repository unless noted.
 
 Works on HWC uint8 RGB images and takes an explicit ``numpy.random.Generator`` so a sample's views are a pure
-function of the seed (same convention as :mod:`wsss_core.data.transforms`).
+function of the seed (same convention as :mod:`wsss_core.data.transforms`). The photometric ops (RandAugment, colour
+jitter, blur) run PIL's and torchvision's own functions on a PIL image, as PixMatch does, so their pixels are the
+reference's; only the random draws come from the generator.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import cv2
 import numpy as np
 import torch
+from PIL import Image, ImageEnhance, ImageOps
 
 from .io import IGNORE_INDEX
 from .transforms import crop_with_box, normalize, resize, to_tensor
@@ -83,76 +85,64 @@ def apply_geometry(img: np.ndarray, geom: Mapping[str, Any], label: bool = False
 
 
 # =====================================================================================================
-# Photometric ops on uint8 RGB (PIL semantics)
+# Photometric ops on uint8 RGB: PIL's own ops (randaugment.py applies them to PIL images), not numpy copies
 # =====================================================================================================
 
-def _grey(img: np.ndarray) -> np.ndarray:
-    """PIL 'L' conversion (ITU-R 601-2 luma), float64 (H, W, 1)."""
-    x = img.astype(np.float64)
-    return (x[..., 0:1] * 299 + x[..., 1:2] * 587 + x[..., 2:3] * 114) / 1000.0
+def _pil(img: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(img))
 
 
-def _blend(img: np.ndarray, degenerate: np.ndarray, factor: float) -> np.ndarray:
-    """PIL ImageEnhance: ``degenerate + factor * (img - degenerate)``, clipped/rounded to uint8.
+def _u8(pil_img: Image.Image) -> np.ndarray:
+    """The PIL image as a new writable uint8 array."""
+    return np.array(pil_img)
 
-    ``factor == 1`` returns the image unchanged (bit-exact)."""
-    x = img.astype(np.float64)
-    out = degenerate + float(factor) * (x - degenerate)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+def _tvf():
+    """``torchvision.transforms.functional`` (imported on first use)."""
+    from torchvision.transforms import functional as tvf
+
+    return tvf
 
 
 def adjust_brightness(img: np.ndarray, v: float) -> np.ndarray:
-    """Blend with black (factor ``v``)."""
-    return _blend(img, np.zeros_like(img, dtype=np.float64), v)
+    """``PIL.ImageEnhance.Brightness(img).enhance(v)`` (blend with black; ``randaugment.py::Brightness``, and
+    torchvision's ``adjust_brightness`` on a PIL image)."""
+    return _u8(ImageEnhance.Brightness(_pil(img)).enhance(float(v)))
 
 
 def adjust_color(img: np.ndarray, v: float) -> np.ndarray:
-    """Saturation: blend with the greyscale image."""
-    return _blend(img, np.broadcast_to(_grey(img), img.shape), v)
+    """``PIL.ImageEnhance.Color(img).enhance(v)`` (saturation: blend with the 'L' image; ``randaugment.py::Color``,
+    torchvision's ``adjust_saturation`` on a PIL image)."""
+    return _u8(ImageEnhance.Color(_pil(img)).enhance(float(v)))
 
 
 def adjust_contrast(img: np.ndarray, v: float) -> np.ndarray:
-    """Blend with a constant image at the (rounded) mean grey level."""
-    return _blend(img, np.full(img.shape, float(np.floor(_grey(img).mean() + 0.5))), v)
+    """``PIL.ImageEnhance.Contrast(img).enhance(v)`` (blend with the mean grey level; ``randaugment.py::Contrast``,
+    torchvision's ``adjust_contrast`` on a PIL image)."""
+    return _u8(ImageEnhance.Contrast(_pil(img)).enhance(float(v)))
 
 
 def adjust_sharpness(img: np.ndarray, v: float) -> np.ndarray:
-    """Blend with PIL's SMOOTH-filtered image (kernel [[1,1,1],[1,5,1],[1,1,1]]/13, border kept)."""
-    k = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float64) / 13.0
-    smooth = cv2.filter2D(img.astype(np.float64), -1, k, borderType=cv2.BORDER_REPLICATE)
-    smooth = np.rint(smooth)
-    if img.shape[0] > 2 and img.shape[1] > 2:
-        degenerate = img.astype(np.float64).copy()
-        degenerate[1:-1, 1:-1] = smooth[1:-1, 1:-1]
-    else:
-        degenerate = img.astype(np.float64)
-    return _blend(img, degenerate, v)
+    """``PIL.ImageEnhance.Sharpness(img).enhance(v)`` (blend with the SMOOTH-filtered image;
+    ``randaugment.py::Sharpness``)."""
+    return _u8(ImageEnhance.Sharpness(_pil(img)).enhance(float(v)))
 
 
 def adjust_hue(img: np.ndarray, v: float) -> np.ndarray:
-    """Rotate the hue by ``v`` turns (``v`` in [-0.5, 0.5]), torchvision semantics, via OpenCV HSV."""
-    if v == 0:
-        return img.copy()
-    hsv = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2HSV_FULL)  # H in 0..255 for a full turn
-    hsv[..., 0] = ((hsv[..., 0].astype(np.int64) + int(round(v * 256))) % 256).astype(np.uint8)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+    """torchvision ``adjust_hue(img, v)`` on a PIL image (``v`` in [-0.5, 0.5] turns): PIL HSV, H shifted by
+    ``int(v * 255)`` mod 256, back to RGB (the hue term of ``transforms.ColorJitter`` in ``data/dataset.py``)."""
+    return _u8(_tvf().adjust_hue(_pil(img), float(v)))
 
 
 def autocontrast(img: np.ndarray, _v: float | None = None) -> np.ndarray:
-    """Per-channel min..max stretch to 0..255 (PIL ``autocontrast`` with cutoff 0); flat channels unchanged."""
-    out = img.copy()
-    for c in range(img.shape[2]):
-        ch = img[..., c]
-        lo, hi = int(ch.min()), int(ch.max())
-        if hi > lo:
-            lut = np.clip(np.rint((np.arange(256) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
-            out[..., c] = lut[ch]
-    return out
+    """``PIL.ImageOps.autocontrast(img)`` (per-channel min..max stretch, cutoff 0; ``randaugment.py::AutoContrast``)."""
+    return _u8(ImageOps.autocontrast(_pil(img)))
 
 
 def equalize(img: np.ndarray, _v: float | None = None) -> np.ndarray:
-    """Per-channel histogram equalisation (OpenCV ``equalizeHist``)."""
-    return np.stack([cv2.equalizeHist(np.ascontiguousarray(img[..., c])) for c in range(img.shape[2])], axis=2)
+    """``PIL.ImageOps.equalize(img)`` (per-channel histogram equalisation with PIL's lookup table;
+    ``randaugment.py::Equalize``)."""
+    return _u8(ImageOps.equalize(_pil(img)))
 
 
 def identity(img: np.ndarray, _v: float | None = None) -> np.ndarray:
@@ -160,15 +150,15 @@ def identity(img: np.ndarray, _v: float | None = None) -> np.ndarray:
 
 
 def posterize(img: np.ndarray, v: float) -> np.ndarray:
-    """Keep the top ``int(v)`` bits of each channel (v in [4, 8])."""
-    bits = int(v)
-    mask = (0xFF << (8 - bits)) & 0xFF
-    return (img & np.uint8(mask)).astype(np.uint8)
+    """``PIL.ImageOps.posterize(img, max(1, int(v)))``: keep the top bits of each channel (v in [4, 8];
+    ``randaugment.py::Posterize``)."""
+    return _u8(ImageOps.posterize(_pil(img), max(1, int(v))))
 
 
 def solarize(img: np.ndarray, v: float) -> np.ndarray:
-    """Invert pixels ``>= v`` (threshold v in [0, 256]; 256 is an identity)."""
-    return np.where(img >= v, 255 - img, img).astype(np.uint8)
+    """``PIL.ImageOps.solarize(img, v)``: invert pixels ``>= v`` (v in [0, 256]; 256 is an identity;
+    ``randaugment.py::Solarize``)."""
+    return _u8(ImageOps.solarize(_pil(img), v))
 
 
 # (name, fn, lo, hi). Index order = randaugment.py::augment_list(use_geom_augs=False). lo/hi None: no magnitude (a value
@@ -219,8 +209,10 @@ def apply_randaugment(img: np.ndarray, ops: Sequence[tuple[int, float]]) -> np.n
 
 def color_jitter_torchvision(img: np.ndarray, rng: np.random.Generator,
                              jitter: tuple[float, float, float, float] | None = JITTER) -> np.ndarray:
-    """torchvision-style ColorJitter(b, c, s, h) on uint8 RGB: factors b,c,s ~ U(1-x, 1+x), hue ~ U(-h, h),
-    applied in a random order, with PIL's uint8 blends. ``jitter=None`` returns a copy (and draws nothing).
+    """torchvision ColorJitter(b, c, s, h) on uint8 RGB: factors b,c,s ~ U(1-x, 1+x), hue ~ U(-h, h), applied in a
+    random order with torchvision's own functional ops on a PIL image (``adjust_brightness``, ``adjust_contrast``,
+    ``adjust_saturation``, ``adjust_hue``; as ``transforms.ColorJitter.forward``). ``jitter=None`` returns a copy (and
+    draws nothing). The order and factors come from ``rng`` (permutation, then b, c, s, h), not from torch's RNG.
 
     Reproduces ``obeychoi0120/PixMatch`` ``data/dataset.py::ImageDataset``:
     ``transforms.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1)`` (both views). Unlike
@@ -233,29 +225,31 @@ def color_jitter_torchvision(img: np.ndarray, rng: np.random.Generator,
     fc = float(rng.uniform(max(0.0, 1 - c), 1 + c))
     fs = float(rng.uniform(max(0.0, 1 - s), 1 + s))
     fh = float(rng.uniform(-h, h))
+    tvf = _tvf()
+    out = _pil(img)
     for o in order:
         if o == 0 and b > 0:
-            img = adjust_brightness(img, fb)
+            out = tvf.adjust_brightness(out, fb)
         elif o == 1 and c > 0:
-            img = adjust_contrast(img, fc)
+            out = tvf.adjust_contrast(out, fc)
         elif o == 2 and s > 0:
-            img = adjust_color(img, fs)
+            out = tvf.adjust_saturation(out, fs)
         elif o == 3 and h > 0:
-            img = adjust_hue(img, fh)
-    return img
+            out = tvf.adjust_hue(out, fh)
+    return _u8(out)
 
 
 def gaussian_blur(img: np.ndarray, rng: np.random.Generator, kernel: int = BLUR_KERNEL,
                   sigma: tuple[float, float] = BLUR_SIGMA) -> np.ndarray:
-    """GaussianBlur(k, sigma ~ U(sigma)) (``ImageDataset.__init__``). sigma is always drawn; ``kernel <= 1`` is an
-    identity."""
+    """``transforms.GaussianBlur(k, sigma)`` (``ImageDataset.__init__``) with sigma ~ U(sigma) drawn from ``rng``:
+    torchvision's ``gaussian_blur(img, [k, k], [sg, sg])`` on a PIL image (reflect padding, float kernel, rounded back
+    to uint8). sigma is always drawn; ``kernel <= 1`` is an identity (as torchvision's 1-tap kernel)."""
     sg = float(rng.uniform(*sigma))
     if kernel <= 1:
         return img.copy()
     if kernel % 2 == 0:
         raise ValueError("blur kernel must be odd")
-    return cv2.GaussianBlur(img, (int(kernel), int(kernel)), sigmaX=sg, sigmaY=sg,
-                            borderType=cv2.BORDER_REFLECT_101)
+    return _u8(_tvf().gaussian_blur(_pil(img), [int(kernel), int(kernel)], [sg, sg]))
 
 
 def make_weak_strong_views(img: np.ndarray, rng: np.random.Generator, saliency: np.ndarray | None = None,

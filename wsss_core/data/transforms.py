@@ -9,6 +9,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -30,6 +31,22 @@ def resize(img: np.ndarray, size_hw: tuple[int, int], label: bool = False) -> np
     interp = cv2.INTER_NEAREST if label else cv2.INTER_CUBIC
     out = cv2.resize(img, (int(w), int(h)), interpolation=interp)
     return np.clip(out, 0, 255).astype(img.dtype) if not label and img.dtype == np.uint8 else out
+
+
+def resize_pil_bicubic(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Resize a uint8 (H, W) or (H, W, 3) image to ``size_hw`` = (H', W') with PIL's bicubic filter
+    (``Image.fromarray(img).resize((W', H'), Image.BICUBIC)``), returned as a new writable array; the image itself
+    when the size is unchanged (the shortcut of ``Image.resize`` and of ``chenqi1126/SIPE``
+    ``tool/imutils.py::pil_resize``).
+
+    Unlike ``cv2.INTER_CUBIC`` (:func:`resize`), PIL widens the filter support by the shrink factor, i.e. it
+    antialiases when shrinking, and it uses its own fixed-point rounding: the two differ by tens of grey levels at a
+    0.5 scale. The multi-scale CAM views of the references are made this way
+    (:func:`wsss_core.methods.inference.scaled_views`)."""
+    h, w = int(size_hw[0]), int(size_hw[1])
+    if img.shape[:2] == (h, w):
+        return img
+    return np.array(Image.fromarray(np.ascontiguousarray(img)).resize((w, h), Image.BICUBIC))
 
 
 def random_resize_long(img: np.ndarray, rng: np.random.Generator, lo: int, hi: int) -> np.ndarray:

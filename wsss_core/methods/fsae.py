@@ -18,10 +18,26 @@ view), ``cam_forward`` and ``cam_logits(model, images) -> (logits (N, C+1, h, w)
 (method name) and the switches below; everything else of the classifier config goes to the base method.
 
 Inference uses the student (saved checkpoints hold both; ``train_ssl`` saves only the student).
+
+Teacher and BatchNorm statistics (``shared_bn_stats``, default True). Upstream there is one module: ``train_ssl``
+calls ``ema.apply_shadow()`` (``module/ema.py::EMA.apply_shadow`` swaps the EMA values into the registered
+*parameters* only), runs the teacher as ``model.module.forward_cam(img_w)`` under ``no_grad`` on that same module,
+still in train mode (``contrast_train.py`` calls ``model.train()`` once), then ``ema.restore()``. Buffers are never
+swapped, so a BatchNorm in train mode would fold the teacher's weak-view batch statistics into the one set of running
+statistics the student also uses. In the published configurations this never happens: ``network/resnet38d.py::
+Net.train`` puts every ``BatchNorm2d`` in eval mode (frozen BN, same in ``obeychoi0120/wseg@ssl``), so neither the
+teacher nor the student updates running statistics; here too with ``backbone.frozen_bn: true`` (all VOC configs).
+With trainable BN (the toy configs) our separate teacher reproduces the shared-module behaviour exactly: its forward
+runs on the student's buffer tensors (:meth:`FSAEModel.student_buffers`), so its batch statistics update the
+student's running statistics in place, between the student's weak-view and strong-view forwards as upstream (the
+train-mode outputs use batch statistics, so losses are unchanged; only the running statistics, i.e. eval-mode
+inference, are). ``shared_bn_stats: false`` keeps the teacher's update in its own copy (discarded
+at the next EMA update), i.e. the student's statistics come from its own forwards only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Mapping
 
@@ -47,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "n_strong_augs": ops.N_STRONG_AUGS,
     "blur_kernel": ops.BLUR_KERNEL,    # 1 = identity, as in the authors' seed-7 runs (data/dataset.py)
     "sal_view2": "direct",             # ssl mode resizes full-res saliency straight to view 2 (train_ssl)
+    "shared_bn_stats": True,           # teacher forward updates the student's BN running stats (one module upstream)
 }
 
 
@@ -103,6 +120,30 @@ class FSAEModel(nn.Module):
 
     def forward(self, x: torch.Tensor):
         return self.student(x)
+
+    def updates_bn_stats(self) -> bool:
+        """Whether a teacher forward would update BatchNorm running statistics (a BN in train mode that tracks them)."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+                   for m in self.teacher.modules())
+
+    @contextlib.contextmanager
+    def student_buffers(self):
+        """Inside, the teacher's modules hold the student's buffer tensors (BN running statistics, ...), so a teacher
+        forward updates them in place exactly as the reference's single module does (``EMA.apply_shadow`` swaps
+        parameters, not buffers); the teacher's own buffers are put back on exit."""
+        s_mods = dict(self.student.named_modules())
+        saved = []
+        for name, mod in self.teacher.named_modules():
+            src = s_mods[name]._buffers
+            for k, b in mod._buffers.items():
+                if b is not None and src.get(k) is not None:
+                    saved.append((mod, k, b))
+                    mod._buffers[k] = src[k]
+        try:
+            yield
+        finally:
+            for mod, k, b in saved:
+                mod._buffers[k] = b
 
     @torch.no_grad()
     def ema_update(self, momentum: float) -> None:
@@ -165,8 +206,10 @@ def training_step(model: FSAEModel, batch: Mapping[str, torch.Tensor], step: int
     label = batch["label"]
     teacher = model.teacher if s["ema"] else model.student
     valid = batch.get("valid")
-    with torch.no_grad():
+    share = s["ema"] and s["shared_bn_stats"] and model.updates_bn_stats()  # see the module docstring
+    with torch.no_grad(), (model.student_buffers() if share else contextlib.nullcontext()):
         z_w, bg = m.cam_logits(teacher, batch["image"], label=label, valid=valid)
+    with torch.no_grad():
         t = ops.teacher_pseudo_labels(z_w.float(), label, s["p_cutoff"], s["bdry"], s["bdry_size"],
                                       s["bdry_cutoff"], bg_index=bg, absent=s["absent"])
     z_s, _ = m.cam_logits(model.student, batch["image_strong"], label=label, valid=valid)

@@ -10,17 +10,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.transforms import normalize, resize, to_tensor
+from ..data.transforms import normalize, resize_pil_bicubic, to_tensor
 
 
 def scaled_views(image: np.ndarray, scales: Sequence[float], flip: bool,
                  device: torch.device, channels_last: bool = False) -> Iterator[torch.Tensor]:
-    """Per scale s: the uint8 (H, W, 3) image resized (bicubic) to (round(H s), round(W s)), normalised, as a
-    batch (1, 3, h, w), or (2, 3, h, w) = [img, hflip img] with ``flip``, on ``device``; in the channels-last
-    memory layout (same values and shape) with ``channels_last``."""
+    """Per scale s: the uint8 (H, W, 3) image resized with PIL bicubic to (round(H s), round(W s)) (Python's
+    round, half to even, as ``np.round``; at least 1), normalised, as a batch (1, 3, h, w), or (2, 3, h, w) =
+    [img, hflip img] with ``flip``, on ``device``; in the channels-last memory layout (same values and shape) with
+    ``channels_last``. A scale that keeps the size (1.0) uses the image as is.
+
+    The references' image pyramids, reproduced bit for bit (:func:`~wsss_core.data.transforms.resize_pil_bicubic`):
+    ``chenqi1126/SIPE`` and ``Barrett-python/SFC`` ``data/data_voc.py::VOC12ClassificationDatasetMSF`` (s == 1 kept,
+    else ``tool/imutils.py::pil_rescale``: ``int(np.round(h * s))``, PIL ``Image.BICUBIC``), ``usr922/wseg`` /
+    ``obeychoi0120/PixMatch`` ``contrast_infer.py::preprocess`` (PPC, FSAE: ``image.resize((round(W s), round(H s)),
+    Image.BICUBIC)``) and ``xulianuwa/MCTformer`` ``datasets.py::VOC12DatasetMS`` (the same, unit 1). PIL
+    antialiases when shrinking; ``cv2.INTER_CUBIC`` does not (tens of grey levels apart at 0.5)."""
     h, w = image.shape[:2]
     for s in scales:
-        img = image if s == 1.0 else resize(image, (max(1, round(h * s)), max(1, round(w * s))))
+        img = resize_pil_bicubic(image, (max(1, round(h * s)), max(1, round(w * s))))
         x = to_tensor(normalize(img)).unsqueeze(0)
         if flip:
             x = torch.cat([x, x.flip(-1)], 0)
@@ -142,11 +150,11 @@ def multiscale_cams(cam_fn: Callable[[torch.Tensor], torch.Tensor], image: np.nd
                     channels_last: bool = True, amp: bool = False) -> np.ndarray:
     """Fused CAMs of one image.
 
-    image: uint8 (H, W, 3). For each scale the image is resized (bicubic), run with and without h-flip (one
-    batch of 2), the maps (of the selected classes only) are un-flipped and summed at the network's resolution,
-    bilinearly resized back to (H, W) (align_corners False) and summed over scales; then each class map is divided
-    by its maximum (+1e-5). ``classes`` (0-based foreground indices) selects the maps to return. Returns float32
-    (K, H, W) in [0, 1).
+    image: uint8 (H, W, 3). For each scale the image is resized (PIL bicubic, :func:`scaled_views`), run with and
+    without h-flip (one batch of 2), the maps (of the selected classes only) are un-flipped and summed at the
+    network's resolution, bilinearly resized back to (H, W) (align_corners False) and summed over scales; then each
+    class map is divided by its maximum (+1e-5). ``classes`` (0-based foreground indices) selects the maps to
+    return. Returns float32 (K, H, W) in [0, 1).
 
     Bilinear resizing is linear and commutes with the h-flip, so un-flipping and summing before resizing equals
     resizing each map first (up to float rounding, < 1e-6). ``channels_last`` runs the network on NHWC inputs

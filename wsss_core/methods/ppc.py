@@ -17,7 +17,10 @@ weight decay passed in the momentum slot), and ``ppc``: ``variant``, ``view2_siz
 ``tau``, ``gamma``, ``ecr_topk``, ``eps_tau``, ``eps_alpha``, ``esp_onehot_bug`` (True reproduces the channel bug of
 ``usr922/wseg@esp`` ``module/train.py::max_onehot``), ``sal_view2`` (``resize``: base mode, saliency bilinearly resized
 to the view-2 size first; ``direct``: FSAE ssl mode, nearest from full resolution, as in ``obeychoi0120/PixMatch``
-``module/train.py::train_ssl``).
+``module/train.py::train_ssl``), ``proto_safe_denominator`` (False reproduces the contrast-loss prototype
+``Σ w·f / Σ w`` of ``usr922/wseg@esp`` ``module/train.py::get_contrast_loss`` with a weight sum that can be negative
+(a class map zero in every image: P = +mean of its top-k features) or zero (non-finite); True: convex weights, see
+:func:`wsss_core.methods.ppc_ops.prototypes`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ VARIANTS = {"seam": ops.MASTER_DEFAULTS, "eps": ops.ESP_DEFAULTS}
 
 
 def ppc_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Variant defaults (``ppc_ops.MASTER_DEFAULTS`` / ``ESP_DEFAULTS``) overridden by ``cfg['ppc']`` (non-null)."""
+    """Variant defaults (``ppc_ops.MASTER_DEFAULTS`` / ``ESP_DEFAULTS``, e.g. ``proto_safe_denominator: False``)
+    overridden by ``cfg['ppc']`` (non-null)."""
     user = dict(cfg.get("ppc") or {})
     variant = user.get("variant", "eps")
     if variant not in VARIANTS:
@@ -138,7 +142,8 @@ def supervised_loss(model: PPCNet, batch: Mapping[str, torch.Tensor], step: int,
     l_ecr = ops.ecr_loss(c1, c2, cam_rv1, cam_rv2, label, bg, p["ecr_topk"], p["esp_onehot_bug"])
     gen = torch.Generator().manual_seed(1_000_003 * int(step) + 7)  # hard-pixel sampling, stable across resumes
     nce = ops.ppc_contrast_loss(o1["cam_rv"], o1["f_proj"], o2["cam_rv"], o2["f_proj"], label, bg, p["bg_thr"],
-                                p["proto_div"], tau=p["tau"], gamma=p["gamma"], generator=gen)
+                                p["proto_div"], tau=p["tau"], gamma=p["gamma"], generator=gen,
+                                proto_safe_denominator=bool(p["proto_safe_denominator"]))
     out = {"loss_cls": l_cls, "loss_er": l_er, "loss_ecr": l_ecr, "loss_nce": nce["loss"]}
     total = l_cls + l_er + l_ecr + nce["loss"]
     if p["variant"] == "eps":

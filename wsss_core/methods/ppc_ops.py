@@ -47,6 +47,7 @@ MASTER_DEFAULTS: dict[str, Any] = {
     "gamma": 0.1,           # γ = 0.1 (esp train_contrast: gamma = 0.10)
     "ecr_topk": 0.2,        # ECR top-k: k = int(21·h·w·0.2)
     "view2_size": 128,      # second view is 128×128
+    "proto_safe_denominator": False,  # False: prototype = Σ w·f / Σ w, the sum may be ≤ 0 (reference quirk)
 }
 ESP_DEFAULTS: dict[str, Any] = {
     **MASTER_DEFAULTS,
@@ -315,21 +316,47 @@ def pseudo_labels(norm_cam: torch.Tensor, label: torch.Tensor, bg_index: int = 0
 
 
 @torch.no_grad()
-def prototypes(norm_cam: torch.Tensor, feat: torch.Tensor, k: int, eps: float = EPS) -> torch.Tensor:
+def prototypes(norm_cam: torch.Tensor, feat: torch.Tensor, k: int, safe_denominator: bool = False,
+               eps: float = EPS) -> torch.Tensor:
     """Contrast-loss prototypes: one per channel (absent classes included), from the top-k over the **whole batch**.
 
-    ``P[c] = l2norm(Σ_top Ĉ_c[i]·f[i] / max(Σ_top Ĉ_c[i], eps))`` with f the detached, un-normalised features.
-    norm_cam (N, C, h, w), feat (N, D, h, w) -> (C, D). ``k`` is clipped to N·h·w.
+    Reference (``usr922/wseg@esp`` ``module/train.py::get_contrast_loss``, master ``contrast_train.py`` inline, FSAE's
+    ``obeychoi0120/PixMatch`` / ``obeychoi0120/wseg@ssl`` ``module/loss.py::get_contrast_loss``)::
+
+        top_values, top_indices = torch.topk(norm_cam.transpose(0, 1).reshape(C, -1), k)   # over N·h·w
+        P[c] = sum(top_values[c, :, None] * f[top_indices[c]], 0) / sum(top_values[c])
+        P = F.normalize(P, dim=-1)
+
+    with f the detached, un-normalised features. The denominator is the plain sum of the top-k weights, which
+    can be negative or zero (a reference quirk, reproduced by default): a class whose map is zero in every image
+    of the batch has Ĉ = −1 everywhere (:func:`contrast_norm_cam`), so P = Σ(−f)/(−k) = +mean of the k selected
+    features (a clamp of the sum at ``eps`` would flip that sign); a zero sum (e.g. ``bg_thr`` 0 on the bg
+    channel) gives a non-finite prototype, as upstream.
+
+    ``safe_denominator=True`` (config ``classifier.ppc.proto_safe_denominator``; not in the reference) makes
+    every prototype a convex combination of its top-k features: weights ``relu(top_values)``, divided by their
+    sum; where that sum is ≤ ``eps`` (no positive activation in the batch) the plain mean of the top-k features,
+    i.e. the reference's value for a map that is constant (e.g. zero) in every image. It differs from the
+    reference only where the top-k mixes signs.
+
+    norm_cam (N, C, h, w), feat (N, D, h, w) -> (C, D). ``k`` is clipped to [1, N·h·w] (upstream's 16×16 view gives
+    k = 16 or 32; a tiny test view could give k = 0, an empty sum). Ties (the constant bg channel, an all-zero map)
+    are broken by ``torch.topk``, as upstream.
     """
     n, c, h, w = norm_cam.shape
     d = feat.shape[1]
     cam_flat = norm_cam.detach().permute(1, 0, 2, 3).reshape(c, -1)        # (C, M), rows ordered (n, h, w)
     f_flat = feat.detach().permute(0, 2, 3, 1).reshape(-1, d).to(cam_flat.dtype)  # (M, D)
-    k = min(int(k), cam_flat.shape[1])
+    k = max(min(int(k), cam_flat.shape[1]), 1)
     val, idx = torch.topk(cam_flat, k, dim=1)                              # (C, k)
+    if safe_denominator:
+        wgt = F.relu(val)
+        den = wgt.sum(1, keepdim=True)                                     # (C, 1)
+        wgt = torch.where(den > eps, wgt, torch.ones_like(wgt))            # no positive weight: plain mean
+        den = torch.where(den > eps, den, torch.full_like(den, float(k)))
+        return F.normalize((wgt[..., None] * f_flat[idx]).sum(1) / den, dim=1)
     num = (val[..., None] * f_flat[idx]).sum(1)                            # (C, D)
-    den = val.sum(1, keepdim=True).clamp_min(eps)
-    return F.normalize(num / den, dim=1)
+    return F.normalize(num / val.sum(1, keepdim=True), dim=1)
 
 
 def flat_features(feat: torch.Tensor) -> torch.Tensor:
@@ -382,7 +409,8 @@ def hard_proto_loss(f: torch.Tensor, p: torch.Tensor, y: torch.Tensor, tau: floa
 def ppc_contrast_loss(cam1: torch.Tensor, feat1: torch.Tensor, cam2: torch.Tensor, feat2: torch.Tensor,
                       label: torch.Tensor, bg_index: int = 0, bg_thr: float = 0.20, proto_div: int = 8,
                       proto_k: int | None = None, tau: float = 0.1, gamma: float = 0.1,
-                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                      generator: torch.Generator | None = None,
+                      proto_safe_denominator: bool = False) -> dict[str, torch.Tensor]:
     """L_nce (esp ``module/train.py::get_contrast_loss``) on the PCM outputs (``cam_rv_down``) and projected features
     (``f_proj``) of both views.
 
@@ -390,6 +418,7 @@ def ppc_contrast_loss(cam1: torch.Tensor, feat1: torch.Tensor, cam2: torch.Tenso
     (cam2 (N,C,h,w), feat2 (N,D,h,w)); gradient flows through the feature resize. label (N, K).
     Defaults are master's (bg 0, bg_thr 0.20, k = hw//8, τ = γ = 0.1); esp/FSAE: ``bg_index=-1, bg_thr=0.10,
     proto_div=16``. ``proto_k`` overrides ``(h·w)//proto_div`` (h, w of view 2, per image, not per batch).
+    ``proto_safe_denominator``: :func:`prototypes`' ``safe_denominator`` (False: the reference's plain sum).
     Returns ``{"loss", "cross_proto", "cross_label", "intra"}`` (scalars, γ included).
     """
     size = cam2.shape[-2:]
@@ -401,8 +430,8 @@ def ppc_contrast_loss(cam1: torch.Tensor, feat1: torch.Tensor, cam2: torch.Tenso
         n2 = contrast_norm_cam(cam2, bg_thr, bg_index)
         y1 = pseudo_labels(n1, label, bg_index).reshape(-1)
         y2 = pseudo_labels(n2, label, bg_index).reshape(-1)
-        p1 = prototypes(n1, feat1, k)
-        p2 = prototypes(n2, feat2, k)
+        p1 = prototypes(n1, feat1, k, proto_safe_denominator)
+        p2 = prototypes(n2, feat2, k, proto_safe_denominator)
     f1, f2 = flat_features(feat1), flat_features(feat2)
     cross_proto = gamma * 0.5 * (proto_ce(f1, p2, y1, tau) + proto_ce(f2, p1, y2, tau))
     cross_label = gamma * 0.5 * (proto_ce(f1, p1, y2, tau) + proto_ce(f2, p2, y1, tau))

@@ -5,6 +5,7 @@
 Pieces (pure torch / numpy; devices follow the inputs):
 
 - :func:`pair_offsets` / :func:`pair_indices`: the radius-r "forward" neighbour pairs (34 offsets at r = 5);
+  :func:`walk_radius`: wseg's smaller radius on a small feature grid;
 - :func:`affinity_label_map`: confident fg from the low-alpha CRF, confident bg from the high-alpha CRF, everything else
   ignored (255); :func:`score_label_map` the same from the two CRF score stacks (MCTformer
   ``psa/voc12/data.py::VOC12AffDataset.__getitem__``), :func:`block_mean` their 8x8 reduction to stride 8 (same place);
@@ -47,7 +48,8 @@ def pair_indices(h: int, w: int, radius: int = 5,
 
     ``offsets`` (default :func:`pair_offsets`) sets the direction order (IRN orders them by path length).
     "From" pixels are rows 0..h-r and columns r-1..w-r (so every offset stays inside the grid); a grid smaller
-    than that (h < r or w < 2r - 1) has no pairs, and the random walk leaves its scores unchanged.
+    than that (h < r or w < 2r - 1), or a radius < 2 (no offsets), has no pairs, and the random walk leaves its
+    scores unchanged.
     The tables are computed once per (h, w, radius, offsets) and shared (callers must not modify them).
     """
     return _pair_indices(int(h), int(w), int(radius), None if offsets is None else tuple(map(tuple, offsets)))
@@ -57,13 +59,30 @@ def pair_indices(h: int, w: int, radius: int = 5,
 def _pair_indices(h: int, w: int, radius: int,
                   offsets: tuple[tuple[int, int], ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
     r = radius
+    offsets = pair_offsets(radius) if offsets is None else offsets
+    if not offsets:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.long)
     ys, xs = torch.meshgrid(torch.arange(0, max(h - r + 1, 0)), torch.arange(r - 1, max(w - r + 1, r - 1)),
                             indexing="ij")
     ys, xs = ys.reshape(-1), xs.reshape(-1)
     frm = ys * w + xs
-    offsets = pair_offsets(radius) if offsets is None else offsets
     to = torch.stack([(ys + dy) * w + (xs + dx) for dy, dx in offsets])
     return frm, to
+
+
+def walk_radius(h: int, w: int, radius: int = 5, shrink: bool = True) -> int:
+    """The pair radius of the random walk on an h x w feature grid.
+
+    usr922/wseg ``network/resnet38_aff.py::Net.forward``: a grid whose short side m is below ``2 * radius + 1``
+    uses radius ``(m - 1) // 2`` (so radius 5 becomes 4 for m = 9, 10 and 3 for m = 7, 8); ``shrink=False`` keeps
+    ``radius`` (jiwoon-ahn/psa ``network/resnet38_aff.py::Net.forward`` and its copy in xulianuwa/MCTformer
+    ``psa/network/resnet38_aff.py``, where a grid
+    too small for the radius, h < r or w < 2r - 1, gives empty or mismatched pair indices and the forward fails;
+    here it has no pairs, see :func:`pair_indices`)."""
+    m = min(int(h), int(w))
+    if shrink and m < 2 * radius + 1:
+        return max((m - 1) // 2, 0)
+    return int(radius)
 
 
 def affinity_label_map(la: np.ndarray, ha: np.ndarray) -> np.ndarray:

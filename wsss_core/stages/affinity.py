@@ -4,9 +4,11 @@ affinity network on confident CAM labels, then random-walk the CAMs into pseudo-
 
 Selected per experiment with ``refine: affinity``; the pseudo-masks then come from
 :func:`random_walk_masks` instead of the CRF stage. Variants: ``affinity.crf`` (default ``psa_aff_label``, the PPC
-label-unary CRF; MCTformer: ``psa_softmax`` with la 1 / ha 12) and ``affinity.label_reduce`` (default ``nearest``;
-MCTformer/PSA: ``block_mean``). Any method's CAM store works: a store's own bg map (key 0) is dropped, and the walk
-then needs a numeric ``affinity.bg_threshold``.
+label-unary CRF over all C classes; MCTformer: ``psa_softmax`` with la 1 / ha 12), ``affinity.label_reduce``
+(default ``block_mean``: PSA ``voc12/data.py::VOC12AffDataset`` with ``imutils.AvgPool2d(8)``, as wseg and MCTformer
+copy it; ``nearest``: sample the label map) and ``affinity.shrink_radius`` (default true: wseg's smaller walk radius on
+a small feature grid; false: PSA/MCTformer). Any method's CAM store works: a store's own bg map (key 0) is dropped,
+and the walk then needs a numeric ``affinity.bg_threshold``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from ..pipeline import state_dir
 from .job import Files, JobSettings
 from .refine import resolve_bg_threshold
 
-#: aff_prepare's CRF (usr922/wseg ``aff_prepare.py``): unary_from_labels(gt_prob 0.7), Gaussian 3/3, bilateral 80/13/10, 10 iterations.
+#: aff_prepare's CRF (usr922/wseg ``aff_prepare.py``): unary_from_labels(C labels, gt_prob 0.7), Gaussian 3/3, bilateral
+#: 80/13/10 (create_pairwise_*), 10 iterations.
 AFF_CRF = PRESETS["psa_aff_label"]
 #: ``affinity.label_reduce``: how the full-resolution labels reach stride 8 (spec A2 step 4).
 LABEL_REDUCE = ("nearest", "block_mean")
@@ -60,21 +63,23 @@ def fg_cams(keys: np.ndarray, cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def confident_scores(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, la: float, ha: float,
-                     crf: CRFParams = AFF_CRF) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     crf: CRFParams = AFF_CRF,
+                     n_classes: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The two CRF score stacks of the affinity labels (spec A1): Q over [bg, cams] with bg = (1 - max cam)^la
-    (confident fg) and ^ha (confident bg). An own-bg map (key 0) is dropped first (:func:`fg_cams`).
+    (confident fg) and ^ha (confident bg). An own-bg map (key 0) is dropped first (:func:`fg_cams`). A label CRF
+    over all classes (``psa_aff_label``) needs the dataset's class count ``n_classes``.
 
-    Returns the fg keys (K,) and float32 ``q_la``, ``q_ha``, each (K+1, H, W)."""
+    Returns the fg keys (K,) and float32 ``q_la``, ``q_ha``, each (K+1, H, W) (the channels [0, *keys])."""
     keys, cams = fg_cams(keys, cams)
-    return (keys, crf_cam_probs(image, cams, bg_power(cams, la), crf),
-            crf_cam_probs(image, cams, bg_power(cams, ha), crf))
+    return (keys, crf_cam_probs(image, cams, bg_power(cams, la), crf, keys, n_classes),
+            crf_cam_probs(image, cams, bg_power(cams, ha), crf, keys, n_classes))
 
 
 def confident_labels(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, la: float, ha: float,
-                     crf: CRFParams = AFF_CRF) -> np.ndarray:
+                     crf: CRFParams = AFF_CRF, n_classes: int | None = None) -> np.ndarray:
     """uint8 (H, W) affinity training labels at full resolution (class ids, 0 = bg, 255 = ignored):
     :func:`confident_scores` -> :func:`~wsss_core.refine.affinity.score_label_map`. Own-bg maps are dropped."""
-    keys, q_la, q_ha = confident_scores(image, keys, cams, la, ha, crf)
+    keys, q_la, q_ha = confident_scores(image, keys, cams, la, ha, crf, n_classes)
     return aff.score_label_map(q_la, q_ha, keys)
 
 
@@ -91,16 +96,17 @@ class AffinityDataset(_Seeded, torch.utils.data.Dataset):
 
     Labels from :func:`confident_scores` (computed on the fly with ``cfg["crf"]``; a store's own bg map is
     dropped); augmentation: colour jitter, random crop (image pad 0 after normalisation), h-flip. Reduction to
-    stride 8 (``cfg["label_reduce"]``): "nearest" samples the full-resolution label map (crop pad 255);
-    "block_mean" (MCTformer/PSA, spec A2 4-7) crops the two CRF score stacks (pad 0), averages 8 x 8 blocks,
-    then takes the argmax (blocks of padding only: 255).
+    stride 8 (``cfg["label_reduce"]``): "block_mean" (default; PSA/PPC/MCTformer ``VOC12AffDataset``) crops the two
+    CRF score stacks (pad 0), averages 8 x 8 blocks, then takes the argmax (blocks of padding only: 255);
+    "nearest" samples the full-resolution label map (crop pad 255).
     """
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], cam_shards: Sequence[str], cfg: Mapping[str, Any],
                  seed: int = 0):
         self.info, self.ids, self.cam_shards, self.cfg, self.seed = info, list(ids), list(cam_shards), cfg, seed
         self.crf = affinity_crf(cfg)
-        self.reduce = cfg.get("label_reduce", "nearest")
+        self.n_classes = info.n_classes if self.crf.needs_class_count else None
+        self.reduce = cfg.get("label_reduce", "block_mean")
         if self.reduce not in LABEL_REDUCE:
             raise ConfigError(f"affinity.label_reduce must be one of {LABEL_REDUCE}, got {self.reduce!r}")
         self._store = None
@@ -114,7 +120,8 @@ class AffinityDataset(_Seeded, torch.utils.data.Dataset):
         rng = self.rng(i)
         image_id = self.ids[i]
         image = read_image(self.info.image_path(image_id))
-        keys, q_la, q_ha = confident_scores(image, *self._store[image_id], self.cfg["la"], self.cfg["ha"], self.crf)
+        keys, q_la, q_ha = confident_scores(image, *self._store[image_id], self.cfg["la"], self.cfg["ha"], self.crf,
+                                            self.n_classes)
         img = color_jitter_fixed_order(image, rng)
         crop = int(self.cfg["crop_size"])
         if self.reduce == "nearest":
@@ -165,9 +172,13 @@ def train_affinity(job: JobSettings, inp: Files, out: Files) -> None:
 
 @torch.no_grad()
 def random_walk_labels(model: aff.AffinityNet, image: np.ndarray, keys: np.ndarray, cams: np.ndarray, bg: float,
-                       device: torch.device, radius: int = 5, beta: float = 8.0, logt: int = 6) -> np.ndarray:
+                       device: torch.device, radius: int = 5, beta: float = 8.0, logt: int = 6,
+                       shrink_radius: bool = True) -> np.ndarray:
     """Spec A7: pad to a multiple of 8, features, dense affinity^beta, T^(2^logt), [bg const, cams] pooled by 8,
     ``cam . T``, bilinear upsampling, argmax, crop. Returns uint8 (H, W) class labels.
+
+    The pairs use :func:`~wsss_core.refine.affinity.walk_radius` (``shrink_radius``: wseg's radius (m - 1) // 2 on a
+    feature grid whose short side m is < 2 * radius + 1).
 
     keys (K,), cams (K, H, W) as stored; a store's own bg map (key 0) is dropped (:func:`fg_cams`), the walk's bg
     score is always the constant ``bg``."""
@@ -180,6 +191,7 @@ def random_walk_labels(model: aff.AffinityNet, image: np.ndarray, keys: np.ndarr
     x[0, :, :h, :w] = to_tensor(normalize(image))
     feat = model(x.to(device))
     fh, fw = feat.shape[-2:]
+    radius = aff.walk_radius(fh, fw, radius, shrink_radius)
     a = aff.pair_affinities(feat, radius)[0]
     trans = aff.transition_matrix(aff.dense_affinity(a, fh, fw, radius), beta, logt)
     scores = np.concatenate([np.full((1, h, w), bg, np.float32), cams.astype(np.float32)])
@@ -219,9 +231,10 @@ def random_walk_masks(job: JobSettings, inp: Files, out: Files) -> None:
     model.load_state_dict(ckpt["model"])
     model = model.to(run.device).eval()
     ids = shard_ids(info.ids(split), shard, n_shards)
+    shrink = bool(cfg.get("shrink_radius", True))
     attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": job.config_hash,
              "refine": "random_walk", "beta": cfg["beta"], "logt": cfg["logt"], "radius": cfg["radius"],
-             "bg_threshold": bg, "bg_threshold_source": source}
+             "shrink_radius": shrink, "bg_threshold": bg, "bg_threshold_source": source}
     run.logger.info("random walk on %d images: beta %s, logt %s, bg %.2f (%s)", len(ids), cfg["beta"], cfg["logt"],
                     bg, source)
     with ShardedStore(list(inp.cams)) as store, ShardWriter(out.masks, "masks", attrs) as writer:
@@ -229,5 +242,6 @@ def random_walk_masks(job: JobSettings, inp: Files, out: Files) -> None:
             keys, cams = store[image_id]
             image = read_image(info.image_path(image_id))
             writer.add_mask(image_id, random_walk_labels(model, image, keys, cams, bg, run.device,
-                                                         int(cfg["radius"]), float(cfg["beta"]), int(cfg["logt"])))
+                                                         int(cfg["radius"]), float(cfg["beta"]), int(cfg["logt"]),
+                                                         shrink))
     run.logger.info("wrote %d pseudo-masks to %s", len(ids), out.masks)

@@ -107,7 +107,11 @@ def cam_to_ir_label(job: JobSettings, inp: Files, out: Files) -> None:
     logger = setup_job_logging(job.log)
     info = DatasetInfo(job.prepared)
     crf = dict(cfg.get("crf") or {})
-    params = crf_params(crf.get("preset", "seam_label"), **dict(crf.get("params") or {}))
+    # SIPE/IRN crf_inference_label: the label unary over bg + the present classes (cam_to_ir_label's compact keys)
+    params = crf_params(crf.get("preset", "seam_label"), **{"label_unary": "present", **dict(crf.get("params") or {})})
+    if params.needs_class_count:
+        raise ConfigError("irn.crf.params.label_unary must be 'present': cam_to_ir_label runs the CRF over bg + the "
+                          "image's classes (SIPE/IRN crf_inference_label)")
     weights = dict(cfg.get("cam_combine") or {"cams": 1.0, "aux": 0.0})
     bg, source = resolve_bg(cfg, inp.cam_eval)
     bg_scale = float(cfg.get("bg_scale", 0.5))

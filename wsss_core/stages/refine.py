@@ -36,7 +36,7 @@ def _refine_one(image_id: str) -> tuple[str, np.ndarray]:
     elif bg is None:
         raise DataError(f"{image_id}: the CAMs have no background map and no bg threshold is available; set "
                         "crf.bg_threshold to a number")
-    return image_id, crf_refine_cams(image, cams, keys, bg, w["params"])
+    return image_id, crf_refine_cams(image, cams, keys, bg, w["params"], n_classes=w["info"].n_classes)
 
 
 def resolve_bg_threshold(cfg: Mapping[str, Any], cam_eval: str | None,
