@@ -349,7 +349,8 @@ class DatasetInfo:
         lab = read_json(self.dir / "labels.json")
         self.classes: list[str] = lab["classes"]
         self._labels: dict[str, list[int]] = lab["labels"]
-        root = Path(self.manifest["root"]).expanduser()  # relative: to the run folder (the job's working directory)
+        # relative: to the run folder (the job's working directory); manifests of older runs hold absolute folders
+        root = Path(self.manifest.get("root", ".")).expanduser()
         self.image_dir = root / self.manifest["image_dir"]
         self.mask_dir = root / self.manifest["mask_dir"]
 
