@@ -130,11 +130,12 @@ def settings_from_snakemake(smk: Any) -> JobSettings:
 def run_job(smk: Any, name: str) -> None:
     """Run stage function ``name`` (:data:`STAGE_FUNCTIONS`) for the Snakemake job ``smk``: bad input (a
     :class:`~wsss_core.errors.WsssError`) ends the job with its one-line message in the log."""
-    from ..engine.logs import setup_job_logging
+    from ..engine.logs import get_logger
     from ..errors import bad_input_ends_job
     from ..methods import load_plugins
 
     job = settings_from_snakemake(smk)
-    with bad_input_ends_job(setup_job_logging(job.log)):
+    # the stage function opens the job's log (setup_job_logging / job.start); the error line goes to the same logger
+    with bad_input_ends_job(get_logger()):
         load_plugins(job.method_plugins)
         stage_function(name)(job, Files.of(smk.input), Files.of(smk.output))
