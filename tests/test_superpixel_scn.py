@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from wsss_core.errors import WeightsError
 from wsss_core.superpixel import ops, scn
-from wsss_core.superpixel.providers import SuperpixelProvider, soft_slic, slic_features
+from wsss_core.superpixel.providers import SuperpixelProvider, slic_features, soft_slic
 
 
 def test_scn_output_is_a_normalised_q():
@@ -53,7 +53,6 @@ def _block_q(b, h, w, cell, spread):
 
 def test_reconstruction_loss_zero_cases_and_compactness():
     cell = 4
-    q = torch.softmax(torch.randn(2, 9, 5 * cell, 6 * cell, dtype=torch.float64), 1)
     const = torch.zeros(2, 2, 5 * cell, 6 * cell, dtype=torch.float64)
     const[:, 1] = 1                                                   # one class everywhere
     # CE is -log(R + 1e-8) with R = 1 - what leaves the grid at the border; zero with a Q that loses no mass

@@ -446,7 +446,7 @@ def ppc_contrast_loss(cam1: torch.Tensor, feat1: torch.Tensor, cam2: torch.Tenso
 
 
 def eps_saliency_loss(cam: torch.Tensor, sal: torch.Tensor, label: torch.Tensor, tau: float = 0.4,
-                      alpha: float = 0.5, bg_index: int = -1) -> torch.Tensor:
+                      alpha: float = 0.5, bg_index: int = -1, eps_per_cell: bool = False) -> torch.Tensor:
     """EPS saliency loss S(cam, sal) (esp ``eps.py::get_eps_loss``, EPS+PPC variant; bg channel **last** by default).
 
     1. ``sal`` (N, 1, H, W) is resized to the cam size with nearest interpolation;
@@ -454,7 +454,8 @@ def eps_saliency_loss(cam: torch.Tensor, sal: torch.Tensor, label: torch.Tensor,
     3. for each present class c: ``iou_c = Σ round(p_c)·round(sal) / (Σ round(p_c) + 1e-4)``, valid iff > ``tau``;
     4. ``fg = Σ_{present & valid} p_c``, ``bg = 1 − (p_bg + Σ_{present & invalid} p_c)``; absent classes ignored;
     5. ``MSE(alpha·fg + (1−alpha)·bg, sal)``.
-    cam (N, C, h, w), label (N, K). Scalar.
+    cam (N, C, h, w), label (N, K). Scalar. ``eps_per_cell``: the 1e-4 is added to every cell before the sum
+    (SP-CAM, CHENDL-SHEN/ESC ``core/loss.py::SP_CAM_Loss``, bg channel first: ``bg_index=0``).
     """
     n, c, h, w = cam.shape
     sal = F.interpolate(sal.to(cam.dtype), size=(h, w), mode="nearest")
@@ -464,7 +465,7 @@ def eps_saliency_loss(cam: torch.Tensor, sal: torch.Tensor, label: torch.Tensor,
     pf = p[:, fg_idx]                                                      # (N, K, h, w)
     with torch.no_grad():
         r = torch.round(pf)
-        iou = (r * torch.round(sal)).sum((2, 3)) / (r.sum((2, 3)) + 1e-4)  # (N, K)
+        iou = (r * torch.round(sal)).sum((2, 3)) / (r.sum((2, 3)) + 1e-4 * (h * w if eps_per_cell else 1))  # (N, K)
         present = label > 0.5
         valid = (present & (iou > tau)).to(p.dtype)[:, :, None, None]
         invalid = (present & ~(iou > tau)).to(p.dtype)[:, :, None, None]

@@ -44,7 +44,7 @@ class SpixelNet(nn.Module):
 
     def __init__(self, batch_norm: bool = True):
         super().__init__()
-        c = lambda cin, cout, stride=1: _conv(batch_norm, cin, cout, 3, stride)   # noqa: E731
+        c = lambda cin, cout, stride=1: _conv(batch_norm, cin, cout, 3, stride)
         self.conv0a, self.conv0b = c(3, 16), c(16, 16)
         self.conv1a, self.conv1b = c(16, 32, 2), c(32, 32)
         self.conv2a, self.conv2b = c(32, 64, 2), c(64, 64)
