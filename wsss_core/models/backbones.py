@@ -115,6 +115,65 @@ def build_resnet(arch: str = "resnet50", layers: Sequence[int] | None = None, wi
 
 
 
+class ResNeStBackbone(nn.Module):
+    """ResNeSt (Zhang et al. 2020, github.com/zhanghang1989/ResNeSt) trunk from timm's ``resnest*d`` family, which
+    has the official layout (deep stem, radix 2, avd, avg-down shortcuts) and parameter names: the official ImageNet
+    files load into it as they are. Output stride 16: layer4 keeps stride 1 and dilates its later blocks by 2
+    (the official ``dilated=False, dilation=2``, as CHENDL-SHEN/ESC ``core/networks.py::Backbone`` builds it).
+
+    Same interface as :class:`ResNetBackbone`: ``forward_features`` -> ``{"layer1": ..., "layer4": ...}``,
+    ``stage_channels``, ``out_channels``; (B, 3, H, W) -> (B, 2048, ceil(H/16), ceil(W/16)).
+    """
+
+    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), width_per_group: int = 64, stem_width: int = 32):
+        super().__init__()
+        from timm.models.resnest import ResNestBottleneck
+        from timm.models.resnet import ResNet
+
+        net = ResNet(block=ResNestBottleneck, layers=list(layers), stem_type="deep", stem_width=stem_width,
+                     avg_down=True, base_width=width_per_group, cardinality=1,
+                     block_args={"radix": 2, "avd": True, "avd_first": False}, output_stride=16, num_classes=0,
+                     global_pool="")
+        self.conv1, self.bn1, self.act1, self.maxpool = net.conv1, net.bn1, net.act1, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        # The official dilated layer4 (``resnest/torch/models/resnet.py::ResNet._make_layer`` with dilation 2) keeps
+        # the first block's 3x3 average pooling at stride 1 (``is_first``) and an identity pool in its shortcut;
+        # timm drops the former and puts a 2x2 "same" average in the latter.
+        first = self.layer4[0]
+        first.avd_last = nn.AvgPool2d(3, 1, padding=1)
+        first.downsample[0] = nn.Identity()
+        self.output_stride = 16
+        self.stage_channels = [stem_width * 2] + [getattr(net, f"layer{i}")[-1].bn3.num_features for i in range(1, 5)]
+        self.out_channels = self.stage_channels[-1]
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        feats = {}
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            x = getattr(self, name)(x)
+            feats[name] = x
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)["layer4"]
+
+
+def backbone_from_config(bb: Mapping[str, Any], cache_dir: str = "weights", **force: Any) -> nn.Module:
+    """A ResNet (:func:`resnet_from_config`) or, for ``arch: resnest50`` (``layers``, ``width_per_group``,
+    ``stem_width``, ``weights``), a :class:`ResNeStBackbone`; ``force`` as for :func:`resnet_from_config`."""
+    if not str(bb.get("arch", "resnet50")).startswith("resnest"):
+        return resnet_from_config(bb, cache_dir, **force)
+    if bb["arch"] != "resnest50":
+        raise ValueError(f"unknown backbone {bb['arch']!r}; ResNeSt: resnest50")
+    net = ResNeStBackbone(bb.get("layers") or (3, 4, 6, 3), bb.get("width_per_group", 64), bb.get("stem_width", 32))
+    weights = force.get("weights", bb.get("weights"))
+    if weights:
+        from .weights import load_weights
+
+        net.weights_info = load_weights(net, weights, cache_dir=cache_dir)
+    return net
+
+
 def resnet_from_config(bb: Mapping[str, Any], cache_dir: str = "weights", *, default_arch: str = "resnet50",
                        default_output_stride: int = 16, **force: Any) -> ResNetBackbone:
     """:func:`build_resnet` from a stage's ``backbone`` config (``arch``, ``layers``, ``width_per_group``,
