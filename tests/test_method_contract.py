@@ -24,6 +24,8 @@ TINY_RESNET = {"backbone": {"arch": "resnet50", "layers": [1, 1, 1, 1], "width_p
 #: every method: small crops, batch 2, no pretrained weights, no workers
 SHRINK = {"backbone": {"weights": None}, "batch_size": 2, "crop_size": 32, "resize_long": [32, 48], "max_steps": 1,
           "num_workers": 0, "amp": False}
+_TINY_RESNEST = {"backbone": {"arch": "resnest50", "layers": [1, 1, 1, 1], "width_per_group": 8, "stem_width": 8,
+                             "weights": None}}
 _TINY_PPC = {"backbone": {"arch": "resnet38", "width": 0.0625, "weights": None}, "ppc": {"view2_size": 16}}
 #: per built-in method, on top of its experiment's toy settings (a method not listed here: TINY_RESNET when its
 #: backbone is a ResNet-50/101, e.g. the dataset's toy default, else only SHRINK)
@@ -35,6 +37,9 @@ TINY = {
     "fsae": _TINY_PPC,  # the experiment named fsae's base (ppc_fsae: PPC)
     "mctformer": {"backbone": {"arch": "vit", "embed_dim": 16, "depth": 3, "heads": 2, "patch_size": 8,
                                "img_size": 32, "drop_path": 0.0, "weights": None}},
+    "eps_cam": _TINY_RESNEST,
+    "spcam": _TINY_RESNEST,
+    "msa": {**TINY_RESNET, "msa": {"patches": 1}},   # a 2x2 superpixel grid: one patch
 }
 
 

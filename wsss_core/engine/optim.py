@@ -40,4 +40,23 @@ def reference_sgd(groups: Iterable[dict[str, Any]], cfg: Mapping[str, Any], weig
     schedule is the trainer's LambdaLR."""
     wd = float(cfg.get("weight_decay", weight_decay))
     momentum = wd if quirk and not cfg.get("fix_quirk", False) else float(cfg.get("momentum", 0.9))
-    return torch.optim.SGD(list(groups), lr=float(cfg["lr"]), momentum=momentum, weight_decay=wd)
+    return torch.optim.SGD(list(groups), lr=float(cfg["lr"]), momentum=momentum, weight_decay=wd,
+                           nesterov=bool(cfg.get("nesterov", False)) and momentum > 0)
+
+
+def weight_bias_groups(parts: Iterable[tuple[str, Iterable[tuple[str, torch.nn.Parameter]], float]],
+                       cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """PuzzleCAM-style groups (CHENDL-SHEN/ESC and MSA ``train*.py``): for each ``(name, named parameters, mult)``,
+    the trainable weights (any parameter whose name does not end in ``bias``, BN scales included) at
+    ``lr * mult`` with ``cfg['weight_decay']``, the biases at ``2 * lr * mult`` without weight decay. Empty groups
+    are dropped. The SGD over them: :func:`reference_sgd` (the quirk; ``nesterov`` from ``cfg``)."""
+    lr, wd = float(cfg["lr"]), float(cfg.get("weight_decay", 1e-4))
+    out = []
+    for name, named, mult in parts:
+        w, b = [], []
+        for pname, p in named:
+            if p.requires_grad:
+                (b if pname.endswith("bias") else w).append(p)
+        out += [{"params": w, "lr": lr * mult, "weight_decay": wd, "name": f"{name}_w"},
+                {"params": b, "lr": 2 * lr * mult, "weight_decay": 0.0, "name": f"{name}_b"}]
+    return [g for g in out if g["params"]]

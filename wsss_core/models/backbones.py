@@ -134,7 +134,7 @@ class ResNeStBackbone(nn.Module):
                      avg_down=True, base_width=width_per_group, cardinality=1,
                      block_args={"radix": 2, "avd": True, "avd_first": False}, output_stride=16, num_classes=0,
                      global_pool="")
-        self.conv1, self.bn1, self.act1, self.maxpool = net.conv1, net.bn1, net.act1, net.maxpool
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.act1, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         # The official dilated layer4 (``resnest/torch/models/resnet.py::ResNet._make_layer`` with dilation 2) keeps
         # the first block's 3x3 average pooling at stride 1 (``is_first``) and an identity pool in its shortcut;
@@ -147,7 +147,7 @@ class ResNeStBackbone(nn.Module):
         self.out_channels = self.stage_channels[-1]
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         feats = {}
         for name in ("layer1", "layer2", "layer3", "layer4"):
             x = getattr(self, name)(x)

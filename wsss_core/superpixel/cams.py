@@ -1,0 +1,124 @@
+"""Superpixel CAM methods' shared parts: Q inside a model, and their multi-scale inference.
+
+- :func:`provider_from_config`: the ``superpixels`` block of a classifier config -> a :class:`SuperpixelProvider`;
+- :class:`QModule`: that provider as a frozen submodule (eval mode, no gradient, never in an optimizer);
+- :func:`superpixel_cams`: SP-CAM / MSA inference of one image (CHENDL-SHEN/ESC ``evaluator.py::Evaluator.get_cam``,
+  ``get_Q``, ``get_mutiscale_cam``; MSA ``evaluator_cls_image.py``): per scale and flip, the image resized
+  bilinearly to the scale and then to the next multiple of 16 (the Q input: straight to that size), the model's
+  superpixel-level map (softmax or raw), ``n`` superpixel random-walk steps, PSAM upsampling ``up(., Q)``, bilinear
+  to the scale-1 size, un-flipped and summed; ``make_cam``, bilinear to the image size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .providers import IMAGENET_MEAN, IMAGENET_STD, SuperpixelProvider
+
+#: ``classifier.superpixels`` keys and defaults
+SUPERPIXEL_DEFAULTS: dict[str, Any] = {
+    "backend": "soft_slic",   # scn | soft_slic | skimage_slic
+    "weights": None,          # the SCN's weights spec (backend scn), e.g. {path: ...}
+    "iters": 5,               # soft-SLIC E/M steps
+    "color_scale": 0.26,      # SSN's LAB scale
+    "pos_scale": 2.5,         # SSN's position scale (per cell)
+}
+
+
+def superpixel_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    from ..methods.base import method_settings
+
+    return method_settings(cfg, "superpixels", SUPERPIXEL_DEFAULTS)
+
+
+def provider_from_config(cfg: Mapping[str, Any], cache_dir: str = "weights") -> SuperpixelProvider:
+    """The Q provider of a classifier config's ``superpixels`` block (defaults :data:`SUPERPIXEL_DEFAULTS`)."""
+    sp = superpixel_settings(cfg)
+    net = None
+    if sp["backend"] == "scn":
+        from ..errors import ConfigError
+        from .scn import load_scn
+
+        if not sp["weights"]:
+            raise ConfigError("classifier.superpixels.backend is scn but superpixels.weights names no SCN "
+                              "checkpoint (train one with the train_scn stage, or give {path: ...})")
+        net, _ = load_scn(sp["weights"], cache_dir)
+    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    return SuperpixelProvider(sp["backend"], net, mean, std, sp["iters"], sp["color_scale"], sp["pos_scale"])
+
+
+class QModule(nn.Module):
+    """A frozen Q provider as a submodule: ``forward(x)`` normalised (B, 3, H, W) -> Q (B, 9, H, W), no gradient.
+
+    Its SCN (if any) is saved with the model and stays in eval mode whatever ``train()`` says.
+    """
+
+    def __init__(self, provider: SuperpixelProvider):
+        super().__init__()
+        self.provider = provider
+        self.scn = provider.scn
+
+    def train(self, mode: bool = True) -> "QModule":
+        super().train(mode)
+        if self.scn is not None:
+            self.scn.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.provider.q(x)
+
+
+def ceil16(n: float) -> int:
+    return int(math.ceil(n / ops.CELL) * ops.CELL)
+
+
+@torch.no_grad()
+def superpixel_cams(model_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], q_fn: Callable | None,
+                    image: np.ndarray,
+                    keys: Sequence[int], scales: Sequence[float], flip: bool, device: torch.device,
+                    rw_steps: int = 0, softmax: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> tuple[np.ndarray, np.ndarray]:
+    """Superpixel-level multi-scale CAMs of one image.
+
+    image uint8 (H, W, 3); ``model_fn(x, q)`` -> (1, C+1, h, w) superpixel-level logits (channel 0 background);
+    ``q_fn(x)`` -> Q. ``keys``: the present foreground labels (1..C). Returns ``(keys, cams)`` with cams float32
+    (K, H, W) in [0, 1): ``make_cam`` of the summed maps of those channels (the background channel is replaced by
+    the threshold downstream). ``q_fn=None`` (SP-CAM's stage-1 EPS classifier): no superpixels, the maps are resized
+    bilinearly to the image size and summed there (``model_fn(x, None)``).
+    """
+    from ..methods.msa_ops import make_cam
+
+    hh, ww = image.shape[:2]
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    img = ((torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255 - m) / s)[None].to(device)
+    out_size = (ceil16(hh), ceil16(ww)) if q_fn is not None else (hh, ww)
+    total = None
+    for sc in scales:
+        size = (round(hh * sc), round(ww * sc))
+        size16 = (ceil16(size[0]), ceil16(size[1]))
+        x = F.interpolate(F.interpolate(img, size, mode="bilinear", align_corners=False), size16, mode="bilinear",
+                          align_corners=False)
+        xq = F.interpolate(img, size16, mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            xi, xqi = (x.flip(-1), xq.flip(-1)) if flipped else (x, xq)
+            q = q_fn(xqi) if q_fn is not None else None
+            z = model_fn(xi, q)
+            p = torch.softmax(z, 1) if softmax else z
+            if q is not None:
+                if rw_steps:
+                    p = ops.random_walk(p, ops.asam(q), rw_steps)
+                p = ops.up(p, q)
+            p = F.interpolate(p, out_size, mode="bilinear", align_corners=False)
+            p = p.flip(-1) if flipped else p
+            total = p if total is None else total + p
+    sel = torch.as_tensor(list(keys), dtype=torch.long, device=total.device)
+    cams = make_cam(total)[:, sel]
+    cams = F.interpolate(cams, (hh, ww), mode="bilinear", align_corners=False)[0]
+    return np.asarray(list(keys), dtype=np.int64), cams.cpu().numpy().astype(np.float32)
