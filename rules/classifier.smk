@@ -6,6 +6,7 @@ rule train_classifier:
         manifest=rules.prepare_dataset.output.manifest,
         weights=weights_inputs("classifier"),
         saliency=lambda w: saliency_inputs(w.dataset, w.experiment),
+        scn=classifier_scn_inputs,
     output:
         model=out("classifier"),
     params:

@@ -82,6 +82,7 @@ ENV = "../envs/wsss.yaml"
 wildcard_constraints:
     dataset="|".join(config["datasets"]),
     experiment="|".join(config["experiments"]),
+    scn="|".join(config.get("superpixel_networks") or {}) or "(?!)",
     suite="|".join(config["suites"]),
     split="[a-z][a-z0-9_]*",
     shard=r"\d+",
@@ -124,6 +125,9 @@ def job_params(artifact=None, **extra):
             job.update(dataset=d, prepared=prepared(d), splits=dict(dataset_cfg(d)["splits"]))
         if e is not None:
             job.update(experiment=e, method=experiment_config(config, e)["method"])
+        elif w.get("scn") is not None:  # a superpixel network's job: its name stands where an experiment would
+            e = w.get("scn")
+            job.update(experiment=e)
         if artifact is not None:
             job.update(cfg=P.settings(d, e, artifact), config_hash=P.hash(d, e, artifact))
         return job
@@ -161,9 +165,10 @@ def dataset_for_prepare(dataset):
     return {**P.dataset_settings(dataset), "root": dataset_root(dataset)}
 
 
-def saliency_inputs(dataset, experiment):
-    """The saliency manifest when the experiment trains with saliency (classifier.saliency); checks a user folder now."""
-    if not scfg(dataset, experiment, "classifier").get("saliency"):
+def saliency_inputs(dataset, experiment, required=False):
+    """The saliency manifest when the experiment trains with saliency (classifier.saliency, or ``required``); checks
+    a user folder now."""
+    if not (required or scfg(dataset, experiment, "classifier").get("saliency")):
         return []
     ds = dataset_cfg(dataset)
     if ds["kind"] != "toy":
@@ -181,7 +186,8 @@ def weights_inputs(artifact):
     local path is checked now (DAG build)."""
 
     def fn(w):
-        spec = P.settings(w.dataset, w.experiment, artifact)["backbone"].get("weights")
+        settings = P.settings(w.dataset, w.get("experiment") or w.get("scn"), artifact)
+        spec = (settings["backbone"] if "backbone" in settings else settings).get("weights")
         if spec and spec.get("path") and not Path(spec["path"]).expanduser().is_file():
             raise WorkflowError(f"{missing_weights_message(spec['path'])} (Set in config: the backbone.weights.path "
                                 "of this rule's stage, for the dataset and experiment shown below.)")
@@ -269,6 +275,29 @@ def cam_splits(dataset, experiment):
 
 def all_cam_shards(w):
     return [p for s in cam_splits(w.dataset, w.experiment) for p in shard_paths("cams", w.dataset, w.experiment, s)]
+
+
+def scn_inputs(w):
+    """train_scn's inputs besides the dataset: for recipe saliency_cam, the saliency manifest and the train-split CAM
+    shards of the network's cams_from experiment."""
+    if P.settings(w.dataset, w.scn, "scn")["recipe"] != "saliency_cam":
+        return {}
+    exp = P.cams_from(w.scn)
+    if exp not in config["experiments"]:
+        raise WorkflowError(f"superpixel_networks.{w.scn}.cams_from: unknown experiment {exp!r}")
+    return {"saliency": saliency_inputs(w.dataset, exp, required=True),
+            "cams": shard_paths("cams", w.dataset, exp, P.split_name(w.dataset, "train"))}
+
+
+def classifier_scn_inputs(w):
+    """The trained superpixel network of a classifier that takes its Q maps from one (superpixels.backend scn)."""
+    network = P.scn_network(w.dataset, w.experiment)
+    if network is None:
+        return []
+    if network not in (config.get("superpixel_networks") or {}):
+        raise WorkflowError(f"experiment {w.experiment!r}: classifier.superpixels.network {network!r} is not under "
+                            f"superpixel_networks (known: {sorted(config.get('superpixel_networks') or {})})")
+    return [P.path("scn", dataset=w.dataset, scn=network)]
 
 
 def irn_classifier_inputs(w):

@@ -1,4 +1,5 @@
-# Pseudo-masks of `refine: crf`: CAMs + chosen background threshold + dense CRF (pydensecrf2), sharded; and the
+# Pseudo-masks of `refine: crf`: CAMs + chosen background threshold + dense CRF (pydensecrf2), sharded; of
+# `refine: none`: the thresholded CAMs; and the
 # evaluation of every experiment's pseudo-masks, whichever refinement made them.
 
 
@@ -18,6 +19,24 @@ rule refine_crf:
         f"{L}/{{dataset}}/{{experiment}}/refine_crf/{{shard}}-of-{{nshards}}.log",
     script:
         "../workflow_scripts/refine_crf.py"
+
+
+rule threshold_masks:
+    input:
+        cams=shards("cams", "train"),
+        cam_eval=rules.eval_cams.output.json,
+        manifest=rules.prepare_dataset.output.manifest,
+    output:
+        masks=out("cam_masks"),
+    params:
+        job=job_params("cam_masks"),
+    threads: 1
+    conda:
+        ENV
+    log:
+        f"{L}/{{dataset}}/{{experiment}}/threshold_masks/{{shard}}-of-{{nshards}}.log",
+    script:
+        "../workflow_scripts/threshold_masks.py"
 
 
 rule eval_pseudo_masks:

@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any, Mapping
 
-STAGES = ("classifier", "cams", "eval", "crf", "affinity", "irn", "segmentation")
+STAGES = ("classifier", "cams", "eval", "crf", "affinity", "irn", "segmentation", "scn")
 
 
 def url_file_name(url: str) -> str:
@@ -65,6 +65,16 @@ def experiment_config(config: Mapping[str, Any], experiment: str) -> dict[str, A
     return out
 
 
+def network_config(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """``superpixel_networks.<name>``; an unknown name is a :class:`ConfigError` naming the known ones."""
+    from .errors import ConfigError
+
+    nets = config.get("superpixel_networks") or {}
+    if name not in nets:
+        raise ConfigError(f"unknown superpixel network {name!r} (superpixel_networks: {sorted(nets)})")
+    return dict(nets[name] or {})
+
+
 def stage_config(config: Mapping[str, Any], dataset: str, experiment: str | None, stage: str) -> dict[str, Any]:
     """Effective settings of ``stage`` for ``dataset`` and ``experiment``; later levels override earlier ones
     (deep merge; a ``weights`` spec replaces as a whole):
@@ -76,13 +86,14 @@ def stage_config(config: Mapping[str, Any], dataset: str, experiment: str | None
 
     Levels 3 and 4 are read from the experiment with its ``extends`` chain resolved
     (:func:`experiment_config`: parent first), so an experiment that extends another inherits its toy settings.
+    For the ``scn`` stage, ``experiment`` names a superpixel network (``superpixel_networks.<name>``, same layout).
     """
     if stage not in STAGES:
         raise KeyError(f"unknown stage {stage!r}")
     cfg = dict(config["stages"][stage])
     cfg = deep_merge(cfg, config["datasets"][dataset].get("stages", {}).get(stage))
     if experiment is not None:
-        exp = experiment_config(config, experiment)
+        exp = network_config(config, experiment) if stage == "scn" else experiment_config(config, experiment)
         cfg = deep_merge(cfg, exp.get("stages", {}).get(stage))
         cfg = deep_merge(cfg, (exp.get("datasets") or {}).get(dataset, {}).get("stages", {}).get(stage))
     return cfg

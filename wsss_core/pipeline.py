@@ -27,7 +27,8 @@ class Artifact:
     for the one the experiment's ``refine`` choice makes); ``kind`` / ``split_role``: sharded HDF5 outputs, their
     shard kind and, for a fixed split, its role (``train``: the training split); ``version``: part of the config
     hash, raised when a code change alters what the artifact is for unchanged settings, so that existing outputs
-    count as out of date."""
+    count as out of date; ``key``: what the artifact belongs to besides the dataset, an ``experiment`` or a superpixel
+    network (``scn``: the wildcard ``{scn}``, a name under ``superpixel_networks``)."""
 
     path: str
     stage: str | None = None
@@ -36,6 +37,7 @@ class Artifact:
     kind: str | None = None
     split_role: str | None = None
     version: int = 1
+    key: str = "experiment"
 
 
 _E = "{dataset}/{experiment}"
@@ -47,6 +49,9 @@ ARTIFACTS: dict[str, Artifact] = {
     "labels": Artifact("{dataset}/dataset/labels.json"),
     "lists": Artifact("{dataset}/dataset/lists"),
     "saliency": Artifact("{dataset}/saliency/manifest.json"),
+    # superpixel networks, shared by the experiments that name them (classifier.superpixels.network)
+    "scn": Artifact("{dataset}/superpixels/{scn}/model.pt", "scn", key="scn"),
+    "scn_eval": Artifact("{dataset}/superpixels/{scn}/eval.json", "scn", ("scn",), key="scn"),
     # version 2: PPC prototypes and FSAE's strong views as the references compute them
     "classifier": Artifact(f"{_E}/classifier/model.pt", "classifier", version=2),
     # version 2: multi-scale views resized with PIL bicubic, as the references
@@ -56,6 +61,8 @@ ARTIFACTS: dict[str, Artifact] = {
     # version 2: label CRFs over all classes (wseg's seam_label)
     "crf_masks": Artifact(f"{_E}/pseudo_masks/{_SHARD}", "crf", ("cam_eval",), kind="masks", split_role="train",
                           version=2),
+    "cam_masks": Artifact(f"{_E}/pseudo_masks_cam/{_SHARD}", "crf", ("cam_eval",),
+                          drop=("preset", "params", "n_workers"), kind="masks", split_role="train"),
     "affinity": Artifact(f"{_E}/affinity/model.pt", "affinity", ("cams",)),
     "rw_masks": Artifact(f"{_E}/pseudo_masks_rw/{_SHARD}", "affinity", ("affinity", "cam_eval"), kind="masks",
                          split_role="train"),
@@ -75,7 +82,7 @@ ARTIFACTS: dict[str, Artifact] = {
 }
 
 #: ``experiments.<name>.refine`` -> the artifact that holds its pseudo-masks (and the stage that sizes its shards)
-REFINERS: dict[str, str] = {"crf": "crf_masks", "affinity": "rw_masks", "irn": "irn_masks"}
+REFINERS: dict[str, str] = {"crf": "crf_masks", "affinity": "rw_masks", "irn": "irn_masks", "none": "cam_masks"}
 
 
 def export_library_path(root: str) -> None:
@@ -149,14 +156,38 @@ class Pipeline:
 
     def _hash_uncached(self, dataset: str, experiment: str, artifact: str) -> str:
         a = ARTIFACTS[artifact]
-        node: dict[str, Any] = {"artifact": artifact, "settings": self.settings(dataset, experiment, artifact),
+        settings = self.settings(dataset, experiment, artifact)
+        node: dict[str, Any] = {"artifact": artifact, "settings": settings,
                                 "after": [self.hash(dataset, experiment, b) for b in a.after]}
         if a.version > 1:
             node["version"] = a.version
         if not a.after:
-            exp = experiment_config(self.config, experiment)
-            node.update(dataset=self.dataset_settings(dataset), method=exp["method"], seed=self.config["seed"])
+            node.update(dataset=self.dataset_settings(dataset), seed=self.config["seed"])
+            if a.key == "experiment":
+                node["method"] = experiment_config(self.config, experiment)["method"]
+        # made from another key's artifacts: a classifier from a superpixel network, a network from CAMs
+        network = self.scn_network(dataset, experiment) if artifact == "classifier" else None
+        if network is not None:
+            node["scn"] = self.hash(dataset, network, "scn")
+        if artifact == "scn" and settings.get("recipe") == "saliency_cam":
+            node["cams"] = self.hash(dataset, self.cams_from(experiment), "cams")
         return config_hash(node)
+
+    # ------------------------------------------------------------------ superpixel networks
+    def scn_network(self, dataset: str, experiment: str) -> str | None:
+        """The superpixel network ``experiment``'s classifier uses (``superpixels: {backend: scn, network}``)."""
+        sp = stage_config(self.config, dataset, experiment, "classifier").get("superpixels") or {}
+        return sp.get("network") if sp.get("backend") == "scn" else None
+
+    def cams_from(self, network: str) -> str:
+        """The experiment whose train-split CAMs label a ``saliency_cam`` network's superpixels."""
+        from .config import network_config
+        from .errors import ConfigError
+
+        exp = network_config(self.config, network).get("cams_from")
+        if not exp:
+            raise ConfigError(f"superpixel_networks.{network}: recipe saliency_cam needs cams_from: <experiment>")
+        return exp
 
     def dataset_settings(self, dataset: str) -> dict[str, Any]:
         """What a prepared dataset depends on: the dataset's own settings, without stage overrides."""

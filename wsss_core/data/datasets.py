@@ -215,3 +215,83 @@ class ViewsDataset(_Seeded, torch.utils.data.Dataset):
             item["valid"] = torch.from_numpy(apply_geometry(ones, v["geometry_w"], label=True, pad=0)[None]
                                               .astype(np.float32))
         return item
+
+
+class SuperpixelDataset(_Seeded, torch.utils.data.Dataset):
+    """Training crops of a superpixel network (CHENDL-SHEN/MSA ``train_scn.py`` with ``Dataset_with_LABIMG``;
+    CHENDL-SHEN/ESC ``train_Q.py``): random long side in ``resize_long`` (bicubic image), h-flip, normalise, crop
+    (zero padding), and the recipe's content targets cropped alongside.
+
+    item: ``{"image": float32 (3, crop, crop), "id": str}`` plus
+
+    - ``content="lab"``: ``"lab"`` float32 (3, crop, crop), OpenCV's 8-bit RGB -> LAB of the resized image / 255;
+    - ``content="saliency_cam"``: ``"saliency"`` float32 (1, crop, crop) in [0, 1] (nearest) and ``"cam"`` float32
+      (C+1, crop, crop) (bilinear): the stage-1 CAMs of the present classes from ``cam_shards``, background and
+      absent channels 0 (the background channel is replaced by thresholds in the loss).
+    """
+
+    def __init__(self, image_dir: str | Path, ids: Sequence[str], crop_size: int, resize_long: Sequence[int],
+                 content: str, seed: int = 0, n_classes: int | None = None, saliency_dir: str | Path | None = None,
+                 saliency_ext: str = ".png", cam_shards: Sequence[str | Path] = (), ext: str = ".jpg"):
+        if content not in ("lab", "saliency_cam"):
+            raise ValueError(f"superpixel content must be lab or saliency_cam, not {content!r}")
+        if content == "saliency_cam" and (saliency_dir is None or not cam_shards or n_classes is None):
+            raise ValueError("the saliency_cam recipe needs saliency maps, stage-1 CAM shards and n_classes")
+        self.image_dir, self.ids, self.crop = Path(image_dir), list(ids), int(crop_size)
+        self.resize_long, self.content, self.seed, self.ext = tuple(resize_long), content, int(seed), ext
+        self.n_classes, self.saliency_dir, self.saliency_ext = n_classes, saliency_dir, saliency_ext
+        self.cam_shards, self._store = [str(p) for p in cam_shards], None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _cams(self, image_id: str, shape: tuple[int, int]) -> np.ndarray:
+        if self._store is None:  # opened lazily: one handle per worker process
+            from ..store.shards import ShardedStore
+
+            self._store = ShardedStore(self.cam_shards, kind="cams")
+        keys, cams = self._store[image_id]
+        full = np.zeros((self.n_classes + 1, *shape), np.float32)
+        for k, cam in zip(keys, cams):
+            if k > 0:
+                full[int(k)] = cam
+        return full
+
+    def __getitem__(self, i: int) -> dict:
+        import cv2
+
+        rng = self.rng(i)
+        image_id = self.ids[i]
+        img = read_image(self.image_dir / f"{image_id}{self.ext}")
+        h, w = img.shape[:2]
+        target = int(rng.integers(int(self.resize_long[0]), int(self.resize_long[1]) + 1))
+        s = target / max(h, w)
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        flip = rng.random() < 0.5
+        arrays, pads = [], []
+        img = resize(img, size)
+        if flip:
+            img = img[:, ::-1]
+        arrays.append(normalize(img))
+        if self.content == "lab":
+            arrays.append(cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2LAB).astype(np.float32) / 255)
+        else:
+            sal = read_saliency(self.saliency_dir, image_id, self.saliency_ext)
+            if sal.shape != (h, w):
+                raise ValueError(f"saliency map of {image_id} is {sal.shape}, image is {(h, w)}")
+            cam = self._cams(image_id, (h, w))
+            if cam.shape[1:] != (h, w):
+                raise ValueError(f"stage-1 CAM of {image_id} is {cam.shape[1:]}, image is {(h, w)}")
+            sal = resize(sal, size, label=True).astype(np.float32) / 255
+            cam = np.stack([cv2.resize(c, size[::-1], interpolation=cv2.INTER_LINEAR) for c in cam], -1)
+            if flip:
+                sal, cam = sal[:, ::-1], cam[:, ::-1]
+            arrays += [sal, cam]
+        crops = random_crop(arrays, [0.0] * len(arrays), self.crop, rng)
+        item = {"image": to_tensor(crops[0]), "id": image_id}
+        if self.content == "lab":
+            item["lab"] = to_tensor(crops[1])
+        else:
+            item["saliency"] = torch.from_numpy(np.ascontiguousarray(crops[1])[None])
+            item["cam"] = to_tensor(crops[2])
+        return item

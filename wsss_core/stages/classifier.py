@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..config import deep_merge
 from ..data.datasets import ClassificationDataset, TimmClassificationDataset, ViewsDataset
 from ..data.io import read_image
 from ..data.prepare import DatasetInfo
@@ -35,6 +36,11 @@ def train_classifier(job: JobSettings, inp: Files, out: Files) -> None:
     info = DatasetInfo(job.prepared)
     ids = info.ids(split)
     m = get_method(method)
+    if inp.get("scn"):  # the trained superpixel network this classifier takes its Q maps from
+        cfg = deep_merge(cfg, {"superpixels": {"weights": {"path": inp.scn[0]}}})
+    elif (cfg.get("superpixels") or {}).get("backend") == "scn":
+        raise ConfigError("classifier.superpixels.backend is scn but the job got no trained superpixel network "
+                          "(set classifier.superpixels.network to a name under superpixel_networks)")
     model = m.build_model(cfg, info.n_classes - 1, cache_dir=job.weights_dir).to(run.device)
     optimizer = make_optimizer(m, model, cfg)
     data = training_data(m, cfg, info, ids, seed, (inp.get("saliency") or [None])[0])

@@ -36,7 +36,19 @@ def _refine_one(image_id: str) -> tuple[str, np.ndarray]:
     elif bg is None:
         raise DataError(f"{image_id}: the CAMs have no background map and no bg threshold is available; set "
                         "crf.bg_threshold to a number")
+    if w["params"] is None:  # refine: none
+        return image_id, threshold_labels(cams, keys, bg)
     return image_id, crf_refine_cams(image, cams, keys, bg, w["params"], n_classes=w["info"].n_classes)
+
+
+def threshold_labels(cams: np.ndarray, keys: Sequence[int], bg: float | np.ndarray) -> np.ndarray:
+    """Hard labels without a CRF: argmax over [bg, cams] (a tie goes to the background, as SP-CAM / MSA set the
+    background channel to the threshold and take the argmax, CHENDL-SHEN/ESC ``evaluator.py``).
+
+    cams (K, H, W), keys (K,) class labels, bg a number or an (H, W) map -> uint8 (H, W)."""
+    bgmap = np.broadcast_to(np.asarray(bg, np.float32), cams.shape[1:])
+    scores = np.concatenate([bgmap[None], cams]) if len(cams) else bgmap[None]
+    return np.asarray([0, *keys], np.uint8)[scores.argmax(0)]
 
 
 def resolve_bg_threshold(cfg: Mapping[str, Any], cam_eval: str | None,
@@ -77,18 +89,20 @@ def map_images(fn: Callable[[str], Any], ids: Sequence[str], n_workers: int, ini
             yield pool.map(fn, ids, chunksize=8)
 
 
-def refine_crf(job: JobSettings, inp: Files, out: Files) -> None:
+def refine_crf(job: JobSettings, inp: Files, out: Files, crf: bool = True) -> None:
     """Pseudo-masks of one shard of the ``train`` split (uint8 HDF5 shard ``out.masks``, values 0..C-1) from the CAM
-    shards ``inp.cams`` and the background threshold of ``inp.cam_eval``."""
+    shards ``inp.cams`` and the background threshold of ``inp.cam_eval``: a dense CRF, or (``crf=False``,
+    :func:`threshold_masks`) the thresholded CAMs themselves."""
     logger = setup_job_logging(job.log)
     cfg, split, shard, n_shards = job.cfg, job.split("train"), job.shard, job.n_shards
     info = DatasetInfo(job.prepared)
-    params = crf_params(cfg.get("preset", "seam_label"), **dict(cfg.get("params") or {}))
+    params = crf_params(cfg.get("preset", "seam_label"), **dict(cfg.get("params") or {})) if crf else None
     bg, source = resolve_bg_threshold(cfg, inp.cam_eval)
     ids = shard_ids(info.ids(split), shard, n_shards)
-    logger.info("CRF %s on %d images, bg %s (%s)", params, len(ids), bg, source)
+    logger.info("%s on %d images, bg %s (%s)", f"CRF {params}" if crf else "threshold (no CRF)", len(ids), bg,
+                source)
     attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": job.config_hash,
-             "crf": repr(params), "bg_threshold_source": source}
+             "crf": repr(params) if crf else "none", "bg_threshold_source": source}
     if isinstance(bg, tuple):
         attrs["bg_alpha"] = bg[1]
     elif bg is not None:
@@ -99,6 +113,12 @@ def refine_crf(job: JobSettings, inp: Files, out: Files) -> None:
                                                  (inp.cams, job.prepared, params, bg),
                                                  lambda: _WORKER["store"].close()))
         writer = stack.enter_context(ShardWriter(out.masks, "masks", attrs))
-        for image_id, mask in progress(results, total=len(ids), desc=f"crf {shard + 1}/{n_shards}"):
+        for image_id, mask in progress(results, total=len(ids), desc=f"{'crf' if crf else 'masks'} "
+                                                                        f"{shard + 1}/{n_shards}"):
             writer.add_mask(image_id, mask)
     logger.info("wrote %d pseudo-masks to %s", len(ids), out.masks)
+
+
+def threshold_masks(job: JobSettings, inp: Files, out: Files) -> None:
+    """Pseudo-masks of ``refine: none`` (SP-CAM, MSA): the CAMs with the chosen background threshold, no CRF."""
+    refine_crf(job, inp, out, crf=False)

@@ -24,6 +24,7 @@ from .providers import IMAGENET_MEAN, IMAGENET_STD, SuperpixelProvider
 #: ``classifier.superpixels`` keys and defaults
 SUPERPIXEL_DEFAULTS: dict[str, Any] = {
     "backend": "soft_slic",   # scn | soft_slic | skimage_slic
+    "network": None,          # backend scn: the name of a trained network (superpixel_networks.<name>)
     "weights": None,          # the SCN's weights spec (backend scn), e.g. {path: ...}
     "iters": 5,               # soft-SLIC E/M steps
     "color_scale": 0.26,      # SSN's LAB scale
@@ -38,16 +39,13 @@ def superpixel_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def provider_from_config(cfg: Mapping[str, Any], cache_dir: str = "weights") -> SuperpixelProvider:
-    """The Q provider of a classifier config's ``superpixels`` block (defaults :data:`SUPERPIXEL_DEFAULTS`)."""
+    """The Q provider of a classifier config's ``superpixels`` block (defaults :data:`SUPERPIXEL_DEFAULTS`). In the
+    pipeline, ``network`` names the trained SCN and the classifier stage sets ``weights`` to its file."""
     sp = superpixel_settings(cfg)
     net = None
-    if sp["backend"] == "scn":
-        from ..errors import ConfigError
+    if sp["backend"] == "scn":  # weights None: an untrained SCN whose weights come with a classifier checkpoint
         from .scn import load_scn
 
-        if not sp["weights"]:
-            raise ConfigError("classifier.superpixels.backend is scn but superpixels.weights names no SCN "
-                              "checkpoint (train one with the train_scn stage, or give {path: ...})")
         net, _ = load_scn(sp["weights"], cache_dir)
     mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
     return SuperpixelProvider(sp["backend"], net, mean, std, sp["iters"], sp["color_scale"], sp["pos_scale"])
