@@ -57,7 +57,7 @@ def train_scn(job: JobSettings, inp: Files, out: Files) -> None:
     model = model.to(run.device)
     n_fg = info.n_classes - 1
     if cfg["recipe"] == "saliency_cam":
-        man = read_json(inp.saliency)
+        man = read_json(inp.saliency[0])
         data = SuperpixelDataset(info.image_dir, ids, cfg["crop_size"], cfg["resize_long"], "saliency_cam", seed,
                                  n_fg, man["dir"], man.get("ext", ".png"), inp.cams)
     else:
