@@ -324,6 +324,9 @@ def experiment_files(dataset, experiment):
                  preds=shard_paths("seg_pred", d, e, ev), saliency=saliency_inputs(d, e))
     if P.mask_artifact(e) == "irn_masks":
         files["ir_label_eval"] = P.path("ir_label_eval", dataset=d, experiment=e)
+    network = P.scn_network(d, e)
+    if network is not None:
+        files["scn_eval"] = P.path("scn_eval", dataset=d, scn=network)
     if has_test_split(d):
         files["submission"] = P.path("submission", dataset=d, experiment=e)
     return files
@@ -341,6 +344,12 @@ def report_inputs(w):
         for name, paths in files.items():
             flat.setdefault(name, []).extend([paths] if isinstance(paths, str) else paths)
     return {name: list(dict.fromkeys(paths)) for name, paths in flat.items()}
+
+
+def superpixel_settings(w):
+    """The ``superpixels`` block of each experiment's classifier (None for methods without superpixels)."""
+    return {e: P.settings(w.dataset, e, "classifier").get("superpixels")
+            for e in config["suites"][w.suite]["experiments"]}
 
 
 def experiment_label(experiment):

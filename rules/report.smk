@@ -34,6 +34,7 @@ rule report:
             labels=experiment_labels,
             files=report_groups,
             settings=lambda w: {e: experiment_config(config, e) for e in config["suites"][w.suite]["experiments"]},
+            superpixels=superpixel_settings,
             seed=config["seed"],
             eval_stage=config["stages"]["eval"],
         ),

@@ -443,6 +443,27 @@ def render_markdown(r: Mapping[str, Any]) -> str:
         add("")
         _same_split_footnote(add, [x.get("cam_seeds_threshold_chosen_on_this_split", False) for x in r["refinement"]])
 
+    # ----- superpixels
+    if r.get("superpixels"):
+        add("## Superpixels")
+        add("")
+        add("Where each superpixel method's Q maps come from: a trained superpixel network (`scn`, named under "
+            "`superpixel_networks`) or a classical stand-in (`soft_slic`, `skimage_slic`), which changes the "
+            "absolute numbers. GT reconstruction (CHENDL-SHEN/ESC `train_Q.py`): the one-hot ground truth blurred "
+            "to 12 x 12 and back, refined by the superpixel random walk of each back end, scored as mIoU; "
+            "`bilinear` is the blurred mask without superpixels.")
+        add("")
+        backends = ["scn", "soft_slic", "skimage_slic", "bilinear"]
+        add(md_table(["experiment", "Q back end", "network", "GT reconstruction split (images, steps)",
+                      *[f"GT rec. mIoU {b}" for b in backends]],
+                     [[x["experiment"], x["backend"], x.get("network") or "-",
+                       (lambda g: f"{g['split']} ({g['images']}, {g['steps']})" if g else "-")(
+                           x.get("gt_reconstruction")),
+                       *[fmt(((x.get("gt_reconstruction") or {}).get("miou") or {}).get(b)) for b in backends]]
+                      for x in r["superpixels"]],
+                     ["l", "l", "l", "l", "r", "r", "r", "r"]))
+        add("")
+
     # ----- thresholds
     add("## Background threshold")
     add("")

@@ -270,6 +270,7 @@ class ReportInputs:
     submissions: dict[str, str]                #: experiment -> test-set submission archive
     environment: dict[str, Any]                #: versions, git state, host, date
     notes: list[str] = field(default_factory=list)
+    superpixels: dict[str, dict] = field(default_factory=dict)  #: experiment -> its Q back end, SCN score
 
 
 def _experiment_files(experiments: Sequence[str], files: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
@@ -330,6 +331,9 @@ def collect(job: JobSettings, repo: str | os.PathLike | None = None, logger=None
                                    mask_split)
     saliency = [read_json(p) for p in dict.fromkeys(p for e in experiments for p in files[e].get("saliency", []))]
     submissions = {e: files[e]["submission"][0] for e in experiments if files[e].get("submission")}
+    superpixels = {e: {"settings": sp, "gt_reconstruction": read_json(files[e]["scn_eval"][0])
+                       if files[e].get("scn_eval") else None}
+                   for e, sp in (x.get("superpixels") or {}).items() if sp}
     return ReportInputs(
         suite=x.get("suite"), dataset=job.dataset, prepared=str(job.prepared), eval_split=eval_split,
         mask_split=mask_split, experiments=experiments, labels=dict(x.get("labels") or {}),
@@ -337,7 +341,8 @@ def collect(job: JobSettings, repo: str | os.PathLike | None = None, logger=None
         classes=list(classes), manifest=dict(info.manifest), files=files, cam_eval=cam_ev, mask_eval=mask_ev,
         seg_eval=seg_ev, ir_label_eval=ir, mask_attrs=mask_attrs, training=training, baseline=baseline,
         baseline_n_images=len(info.ids(eval_split)), qualitative=qualitative, saliency=saliency,
-        submissions=submissions, environment=rb.environment(repo if repo is not None else Path.cwd()),
+        submissions=submissions, superpixels=superpixels,
+        environment=rb.environment(repo if repo is not None else Path.cwd()),
         notes=list(x.get("notes") or []))
 
 
@@ -449,6 +454,21 @@ class BuiltReport:
     figures: dict[str, tuple[str, bytes]]
 
 
+def superpixel_rows(sp: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+    """Per superpixel experiment: where its Q maps come from and, for a trained network, the GT-reconstruction mIoU
+    of that network, the soft-SLIC and scikit-image SLIC stand-ins and plain bilinear upsampling."""
+    out = []
+    for e, x in sp.items():
+        s = x["settings"] or {}
+        row = {"experiment": e, "backend": s.get("backend", "soft_slic"), "network": s.get("network")}
+        ev = x.get("gt_reconstruction")
+        if ev:
+            row["gt_reconstruction"] = {"split": ev["split"], "images": ev["images"], "steps": ev["steps"],
+                                        "miou": {k: v["miou"] for k, v in ev["backends"].items()}}
+        out.append(row)
+    return out
+
+
 def build(d: ReportInputs, out: Mapping[str, str]) -> BuiltReport:
     """The report dict, its Markdown and JSON texts and the four PNG figures of the collected inputs ``d``, with
     ``out``'s paths (``md``, ``curves``, ``per_class``, ``qualitative``, ``training``) for the plots' relative links.
@@ -558,6 +578,7 @@ def build(d: ReportInputs, out: Mapping[str, str]) -> BuiltReport:
         "rows": rows,
         "thresholds": thresholds,
         "refinement": refinement,
+        "superpixels": superpixel_rows(d.superpixels),
         "per_class": per_class,
         "baseline": baseline,
         "training": training,

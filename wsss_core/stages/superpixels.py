@@ -88,8 +88,8 @@ def _padded(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, np.ndarr
 def eval_superpixels(job: JobSettings, inp: Files, out: Files) -> None:
     """GT-reconstruction mIoU (ESC ``train_Q.py::evaluate``) of the trained SCN ``inp.model``, the soft-SLIC and
     scikit-image SLIC stand-ins, and plain bilinear upsampling (no superpixels), on the first ``eval_images`` images
-    of the ``mask_eval`` split: the one-hot GT blurred to 12 x 12 and back, ``eval_steps`` walk steps with each back
-    end's ASAM, argmax. Writes ``out.json``."""
+    of the ``mask_eval`` split: the one-hot GT blurred to ``eval_low`` x ``eval_low`` (12) and back, ``eval_steps``
+    walk steps with each back end's ASAM, argmax. Writes ``out.json``."""
     cfg = job.cfg
     run = job.start(n_gpus=1)
     info = DatasetInfo(job.prepared)
@@ -98,19 +98,19 @@ def eval_superpixels(job: JobSettings, inp: Files, out: Files) -> None:
     net, _ = scn.load_scn({"path": inp.model}, job.weights_dir)
     providers = {"scn": SuperpixelProvider("scn", net.to(run.device)), "soft_slic": SuperpixelProvider("soft_slic"),
                  "skimage_slic": SuperpixelProvider("skimage_slic")}
-    steps = int(cfg["eval_steps"])
+    steps, low = int(cfg["eval_steps"]), int(cfg.get("eval_low", 12))
     conf = {name: ConfusionMatrix(info.n_classes) for name in [*providers, "bilinear"]}
     for image_id in progress(ids, desc=f"superpixels {split}"):
         x, gt = _padded(read_image(info.image_path(image_id)), read_label_png(info.mask_path(image_id), info.n_classes))
         g = torch.from_numpy(gt.astype(np.int64))[None].to(run.device)
         x = x.to(run.device)
         for name, prov in providers.items():
-            pred = scn.gt_reconstruction(prov.q(x), g, info.n_classes, steps)
+            pred = scn.gt_reconstruction(prov.q(x), g, info.n_classes, steps, low)
             conf[name].update(gt, pred[0].cpu().numpy())
             if name == "scn":
-                base = scn.gt_reconstruction(prov.q(x), g, info.n_classes, 0)
+                base = scn.gt_reconstruction(prov.q(x), g, info.n_classes, 0, low)
                 conf["bilinear"].update(gt, base[0].cpu().numpy())
-    result = {"split": split, "images": len(ids), "steps": steps, "network": job.experiment,
+    result = {"split": split, "images": len(ids), "steps": steps, "low": low, "network": job.experiment,
               "recipe": cfg["recipe"], "config_hash": job.config_hash,
               "backends": {name: c.scores(info.classes) for name, c in conf.items()}}
     write_json(out.json, result)
