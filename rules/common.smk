@@ -327,6 +327,8 @@ def experiment_files(dataset, experiment):
     network = P.scn_network(d, e)
     if network is not None:
         files["scn_eval"] = P.path("scn_eval", dataset=d, scn=network)
+    if scfg(d, e, "rw_grid").get("rw_grid"):
+        files["rw_grid"] = P.path("rw_grid", dataset=d, experiment=e)
     if has_test_split(d):
         files["submission"] = P.path("submission", dataset=d, experiment=e)
     return files

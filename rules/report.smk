@@ -27,6 +27,11 @@ rule report:
             category="{dataset} {suite}",
             caption="../report/training.rst",
         ),
+        superpixels=report(
+            f"{out('report')}/superpixels.png",
+            category="{dataset} {suite}",
+            caption="../report/superpixels.rst",
+        ),
     params:
         job=job_params(
             suite=lambda w: w.suite,

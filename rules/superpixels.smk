@@ -38,3 +38,4 @@ rule eval_superpixels:
         f"{L}/{{dataset}}/superpixels/{{scn}}/eval_superpixels.log",
     script:
         "../workflow_scripts/eval_superpixels.py"
+

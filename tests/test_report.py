@@ -167,7 +167,8 @@ def report_args(world: dict, out_dir: Path, files: dict | None = None, experimen
             flat.setdefault(name, []).extend([paths] if isinstance(paths, str) else paths)
     out = Files(md=str(out_dir / "report.md"), json=str(out_dir / "report.json"),
                 curves=str(out_dir / "threshold_curves.png"), per_class=str(out_dir / "per_class_iou.png"),
-                qualitative=str(out_dir / "qualitative.png"), training=str(out_dir / "training.png"))
+                qualitative=str(out_dir / "qualitative.png"), training=str(out_dir / "training.png"),
+                superpixels=str(out_dir / "superpixels.png"))
     return job, Files(flat), out
 
 
@@ -535,7 +536,7 @@ def test_workflow_script_passes_the_rule_names(monkeypatch, tmp_path):
                                 "settings": {"cam": {"method": "cam"}}, "seed": 0, "eval_stage": {}}}}
     inp = {"manifest": ["m"], "cam_eval": ["c.json"], "cams": ["x.h5"], "segmentation": ["b.pt"]}
     out = {"md": "r.md", "json": "r.json", "curves": "c.png", "per_class": "p.png", "qualitative": "q.png",
-           "training": "t.png"}
+           "training": "t.png", "superpixels": "s.png"}
     log = str(tmp_path / "l.log")
     config = {"seed": 3, "device": "cpu", "gpu_lock_dir": "locks", "weights_dir": "w", "method_plugins": []}
     snake = SimpleNamespace(input=inp, output=out, params=params, log=[log], threads=1, wildcards={"suite": "cam"},

@@ -50,13 +50,17 @@ ARTIFACTS: dict[str, Artifact] = {
     "lists": Artifact("{dataset}/dataset/lists"),
     "saliency": Artifact("{dataset}/saliency/manifest.json"),
     # superpixel networks, shared by the experiments that name them (classifier.superpixels.network)
-    "scn": Artifact("{dataset}/superpixels/{scn}/model.pt", "scn", key="scn"),
+    "scn": Artifact("{dataset}/superpixels/{scn}/model.pt", "scn", drop=("eval_steps", "eval_images", "eval_low"),
+                    key="scn"),
     "scn_eval": Artifact("{dataset}/superpixels/{scn}/eval.json", "scn", ("scn",), key="scn"),
     # version 2: PPC prototypes and FSAE's strong views as the references compute them
     "classifier": Artifact(f"{_E}/classifier/model.pt", "classifier", version=2),
     # version 2: multi-scale views resized with PIL bicubic, as the references
-    "cams": Artifact(f"{_E}/cams/{{split}}/{_SHARD}", "cams", ("classifier",), kind="cams", version=2),
+    "cams": Artifact(f"{_E}/cams/{{split}}/{_SHARD}", "cams", ("classifier",), drop=("rw_grid",), kind="cams",
+                     version=2),
     "cam_eval": Artifact(f"{_E}/eval/cams.json", "eval", ("cams",)),
+    # superpixel methods: the (walk steps n, threshold t) grid of SP-CAM's evaluator (cams.rw_grid)
+    "rw_grid": Artifact(f"{_E}/eval/rw_grid.json", "cams", ("classifier",), drop=("n_shards", "splits")),
     # refinements: each makes the training split's pseudo-masks (REFINERS picks one per experiment)
     # version 2: label CRFs over all classes (wseg's seam_label)
     "crf_masks": Artifact(f"{_E}/pseudo_masks/{_SHARD}", "crf", ("cam_eval",), kind="masks", split_role="train",

@@ -24,7 +24,7 @@ from torch import nn
 from ..engine.optim import reference_sgd, weight_bias_groups
 from ..models.backbones import backbone_from_config
 from ..superpixel import ops
-from ..superpixel.cams import QModule, provider_from_config, superpixel_cams
+from ..superpixel.cams import QModule, provider_from_config, superpixel_cams, superpixel_cams_grid
 from . import eps_cam
 from .base import method_settings
 from .registry import register_method
@@ -128,3 +128,11 @@ def infer_cams(model: SPCAMNet, image: np.ndarray, keys: Sequence[int], scales: 
     keys_out, cams = superpixel_cams(lambda x, q: model(x, q), model.q, image, keys, scales, flip, device,
                                      rw_steps=int(model.rw_steps), softmax=True, mean=p.mean, std=p.std)
     return keys_out, cams, None
+
+
+def infer_cams_grid(model: SPCAMNet, image: np.ndarray, keys: Sequence[int], scales: Sequence[float], flip: bool,
+                    device: torch.device, rw_grid: Sequence[int]) -> dict[int, np.ndarray]:
+    """:func:`infer_cams` for each walk length of ``rw_grid`` (ESC ``evaluator.py``'s ``refine_list``)."""
+    p = model.q.provider
+    return superpixel_cams_grid(lambda x, q: model(x, q), model.q, image, keys, scales, flip, device, rw_grid,
+                                softmax=True, mean=p.mean, std=p.std)

@@ -265,6 +265,33 @@ def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([np.full(window - 1, np.nan), valid])
 
 
+def plot_rw_grids(rows: Sequence[Mapping[str, Any]]) -> Figure:
+    """Heatmaps of the (walk steps n, threshold t) mIoU grid of each superpixel experiment with one, on the split where
+    the pair is chosen, the chosen pair marked; a note when no experiment of the suite has a grid."""
+    grids = [r for r in rows if r.get("rw_grid")]
+    fig = new_figure(5.2 * max(1, len(grids)), 3.4)
+    if not grids:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no superpixel random-walk grid in this suite", ha="center", va="center", color="grey")
+        return fig
+    for k, r in enumerate(grids):
+        g = r["rw_grid"]
+        split = g["chosen"]["split"]
+        ns, ts = g["rw_grid"], np.asarray(g["thresholds"], dtype=float)
+        z = np.asarray([_nan(g["curves"][split][str(n)]) for n in ns])
+        ax = fig.add_subplot(1, len(grids), k + 1)
+        im = ax.imshow(z, aspect="auto", origin="lower", cmap="viridis",
+                       extent=(ts[0], ts[-1], -0.5, len(ns) - 0.5))
+        ax.set_yticks(range(len(ns)), [str(n) for n in ns])
+        ax.plot([g["chosen"]["t"]], [ns.index(g["chosen"]["n"])], marker="x", color="red", ms=9, mew=2)
+        ax.set_title(f"{r['experiment']}: {g['metric']} on {split}", fontsize=10)
+        ax.set_xlabel("background threshold t")
+        ax.set_ylabel("walk steps n")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return fig
+
+
 def plot_training(panels: Mapping[str, Mapping[str, Mapping[str, Any] | None]]) -> Figure:
     """Loss vs step, one axis per network (``{"classifier": {exp: {"step": [...], "loss": [...]} or None}}``).
 
@@ -454,15 +481,48 @@ def render_markdown(r: Mapping[str, Any]) -> str:
             "`bilinear` is the blurred mask without superpixels.")
         add("")
         backends = ["scn", "soft_slic", "skimage_slic", "bilinear"]
-        add(md_table(["experiment", "Q back end", "network", "GT reconstruction split (images, steps)",
+        add(md_table(["experiment", "Q back end", "network", "GT reconstruction split (images, steps, blur)",
                       *[f"GT rec. mIoU {b}" for b in backends]],
                      [[x["experiment"], x["backend"], x.get("network") or "-",
-                       (lambda g: f"{g['split']} ({g['images']}, {g['steps']})" if g else "-")(
+                       (lambda g: f"{g['split']} ({g['images']}, {g['steps']}, {g['low']}x{g['low']})" if g else "-")(
                            x.get("gt_reconstruction")),
                        *[fmt(((x.get("gt_reconstruction") or {}).get("miou") or {}).get(b)) for b in backends]]
                       for x in r["superpixels"]],
                      ["l", "l", "l", "l", "r", "r", "r", "r"]))
         add("")
+        grids = [x for x in r["superpixels"] if x.get("rw_grid")]
+        if grids:
+            add("Superpixel random walk (SP-CAM's evaluator grid): the thresholded CAMs after n walk steps, each n "
+                "with its best background threshold t, on the split where the pair is chosen and on the eval split "
+                "(the references pick the pair on the split they report: that choice is an oracle, marked ‡). "
+                "The pipeline's CAMs use the configured n.")
+            add("")
+            grid_rows = []
+            for x in grids:
+                g = x["rw_grid"]
+                sel, oracle = g["chosen"], g["eval_oracle"]
+                thr = g["thresholds"]
+                for n in g["rw_grid"]:
+                    cs, ce = g["curves"][sel["split"]][str(n)], g["curves"][oracle["split"]][str(n)]
+                    i = max(range(len(cs)), key=lambda j: -1 if cs[j] is None else cs[j])
+                    k = max(range(len(ce)), key=lambda j: -1 if ce[j] is None else ce[j])
+                    mark = ", ".join(m for m, ok in (("chosen", n == sel["n"]), ("configured", n == g["configured_n"]),
+                                                     ("eval oracle‡", n == oracle["n"])) if ok)
+                    grid_rows.append([x["experiment"], n, fmt_t(thr[i]), fmt(cs[i]), fmt(ce[i]), fmt_t(thr[k]),
+                                      fmt(ce[k]), mark or "-"])
+            add(md_table(["experiment", "walk steps n", f"best t on {grids[0]['rw_grid']['chosen']['split']}",
+                          "mIoU there", f"mIoU on {grids[0]['rw_grid']['eval_oracle']['split']} at that t",
+                          "eval-split best t‡", "eval-split best mIoU‡", "pair"], grid_rows,
+                         ["l", "r", "r", "r", "r", "r", "r", "l"]))
+            add("")
+            for x in grids:
+                nb = x["rw_grid"]["n0_vs_best"]
+                if nb.get("n0") is not None:
+                    add(f"- `{x['experiment']}` on `{nb['split']}`: no walk (n = 0) {fmt(nb['n0'])}, best n = "
+                        f"{nb['best_n']} {fmt(nb['best'])} ({nb['best'] - nb['n0']:+.4f}).")
+            add("")
+            add(f"![Superpixel random-walk grid]({r['plots']['superpixels']})")
+            add("")
 
     # ----- thresholds
     add("## Background threshold")

@@ -20,6 +20,7 @@ STAGE_FUNCTIONS = {
     "fetch_weights": "weights:fetch",
     "train_scn": "superpixels:train_scn",
     "eval_superpixels": "superpixels:eval_superpixels",
+    "rw_grid": "superpixels:rw_grid",
     "train_classifier": "classifier:train_classifier",
     "infer_cams": "classifier:infer_cams",
     "eval_cams": "evaluate:eval_cams",

@@ -331,8 +331,9 @@ def collect(job: JobSettings, repo: str | os.PathLike | None = None, logger=None
                                    mask_split)
     saliency = [read_json(p) for p in dict.fromkeys(p for e in experiments for p in files[e].get("saliency", []))]
     submissions = {e: files[e]["submission"][0] for e in experiments if files[e].get("submission")}
-    superpixels = {e: {"settings": sp, "gt_reconstruction": read_json(files[e]["scn_eval"][0])
-                       if files[e].get("scn_eval") else None}
+    superpixels = {e: {"settings": sp,
+                       "gt_reconstruction": read_json(files[e]["scn_eval"][0]) if files[e].get("scn_eval") else None,
+                       "rw_grid": read_json(files[e]["rw_grid"][0]) if files[e].get("rw_grid") else None}
                    for e, sp in (x.get("superpixels") or {}).items() if sp}
     return ReportInputs(
         suite=x.get("suite"), dataset=job.dataset, prepared=str(job.prepared), eval_split=eval_split,
@@ -464,7 +465,12 @@ def superpixel_rows(sp: Mapping[str, Mapping[str, Any]]) -> list[dict]:
         ev = x.get("gt_reconstruction")
         if ev:
             row["gt_reconstruction"] = {"split": ev["split"], "images": ev["images"], "steps": ev["steps"],
+                                        "low": ev.get("low", 12),
                                         "miou": {k: v["miou"] for k, v in ev["backends"].items()}}
+        g = x.get("rw_grid")
+        if g:
+            row["rw_grid"] = {k: g[k] for k in ("rw_grid", "thresholds", "metric", "configured_n", "chosen",
+                                                "eval_oracle", "curves", "n0_vs_best")}
         out.append(row)
     return out
 
@@ -558,6 +564,7 @@ def build(d: ReportInputs, out: Mapping[str, str]) -> BuiltReport:
         ("qualitative", out["qualitative"], lambda: rb.plot_qualitative(qual_rows, classes, qual_meta["labels"])),
         ("training", out["training"], lambda: rb.plot_training({"classifier": curves_cls,
                                                                 "segmentation": curves_seg})),
+        ("superpixels", out["superpixels"], lambda: rb.plot_rw_grids(superpixel_rows(d.superpixels))),
     ):
         figures[key] = (str(path), rb.figure_png_bytes(make()))
 
@@ -632,7 +639,7 @@ def write(built: BuiltReport, out: Mapping[str, str], logger) -> None:
 
 def report(job: JobSettings, inp: Files, out: Files) -> dict:
     """The suite report of ``job.extra['suite']`` into ``out`` (``md``, ``json``, ``curves``, ``per_class``,
-    ``qualitative``, ``training``); returns the report dict (the content of ``out.json``). Nothing is written
+    ``qualitative``, ``training``, ``superpixels``); returns the report dict (the content of ``out.json``). Nothing is written
     unless everything was read and rendered.
 
     ``job``: ``prepared``, ``dataset``, ``splits`` (``eval``: CAMs and predictions; ``train``: the pseudo-masks),
@@ -641,11 +648,13 @@ def report(job: JobSettings, inp: Files, out: Files) -> dict:
     crf), stages, datasets}), ``seed`` (the workflow seed), ``eval_stage`` (the global ``stages.eval``), optional
     ``notes`` (further lines), and ``files``: {experiment: {``cam_eval``, ``mask_eval``, ``seg_eval``,
     ``classifier``, ``segmentation`` (model), ``cams`` (eval-split CAM shards), ``masks`` (pseudo-mask shards),
-    ``preds`` (eval-split prediction shards), ``saliency`` (manifests, maybe none), optional ``ir_label_eval`` and
-    ``submission``}}. ``inp``: the same files, flat (the rule's dependencies); they are read through ``files``.
+    ``preds`` (eval-split prediction shards), ``saliency`` (manifests, maybe none), optional ``ir_label_eval``,
+    ``submission``, ``scn_eval`` and ``rw_grid``}}; optional ``superpixels`` ({experiment: its classifier's
+    superpixels settings}). ``inp``: the same files, flat (the rule's dependencies); they are read through ``files``.
     """
     logger = setup_job_logging(job.log)
-    outputs = {k: str(out[k]) for k in ("md", "json", "curves", "per_class", "qualitative", "training")}
+    outputs = {k: str(out[k]) for k in ("md", "json", "curves", "per_class", "qualitative", "training",
+                                        "superpixels")}
     built = build(collect(job, logger=logger), outputs)
     write(built, outputs, logger)
     return built.report

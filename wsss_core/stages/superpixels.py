@@ -116,3 +116,56 @@ def eval_superpixels(job: JobSettings, inp: Files, out: Files) -> None:
     write_json(out.json, result)
     run.logger.info("GT reconstruction mIoU on %s (%d images, %d steps): %s", split, len(ids), steps,
                     ", ".join(f"{k} {v['miou']:.4f}" for k, v in result["backends"].items()))
+
+
+def rw_grid(job: JobSettings, inp: Files, out: Files) -> None:
+    """SP-CAM's (n, t) grid (CHENDL-SHEN/ESC ``evaluator.py``: ``refine_list`` x ``th_list``): CAMs of the classifier
+    ``inp.model`` after n superpixel random-walk steps for each n of ``cams.rw_grid``, the background-threshold curve
+    of each on the ``threshold`` split (where the pair is chosen) and on the ``eval`` split (the references' own
+    choice: an oracle there). ``job.extra['eval']``: the eval stage settings (thresholds, mean, search)."""
+    from ..metrics.miou import ThresholdCurve
+    from .classifier import load_method_model
+    from .evaluate import _thresholds
+
+    cfg, ev = job.cfg, job.extra["eval"]
+    run = job.start(n_gpus=1)
+    info = DatasetInfo(job.prepared)
+    m, model, meta = load_method_model(inp.model, run.device, job.weights_dir)
+    if not hasattr(m, "infer_cams_grid"):
+        raise ValueError(f"method {meta['method']!r} has no superpixel random walk to sweep (infer_cams_grid)")
+    ns = sorted({int(n) for n in cfg["rw_grid"]})
+    thresholds = _thresholds(ev)
+    strict = ev.get("mean") == "strict"
+    splits = list(dict.fromkeys([job.split("threshold"), job.split("eval")]))
+    grid: dict[str, dict[int, dict]] = {}
+    for split in splits:
+        curves = {n: ThresholdCurve(info.n_classes, thresholds) for n in ns}
+        for image_id in progress(info.ids(split), desc=f"rw grid {split}"):
+            keys = info.labels(image_id)
+            gt = read_label_png(info.mask_path(image_id), info.n_classes)
+            cams = m.infer_cams_grid(model, read_image(info.image_path(image_id)), keys, cfg["scales"], cfg["flip"],
+                                     run.device, ns)
+            for n in ns:
+                curves[n].update(gt, cams[n], np.asarray(keys, np.int64))
+        grid[split] = {n: c.result(info.classes, strict=strict, search=ev.get("search", "grid")) for n, c in
+                       curves.items()}
+    sel, evs = job.split("threshold"), job.split("eval")
+
+    def best(split: str) -> dict:
+        n = max(ns, key=lambda k: grid[split][k]["best_miou"])
+        return {"split": split, "n": n, "t": grid[split][n]["best_t"], "miou": grid[split][n]["best_miou"]}
+
+    chosen = best(sel)
+    t_index = [round(float(t), 6) for t in thresholds].index(round(float(chosen["t"]), 6))
+    metric = "miou_strict" if strict else "miou"
+    chosen["eval_miou"] = grid[evs][chosen["n"]][metric][t_index]
+    result = {"rw_grid": ns, "thresholds": [float(t) for t in thresholds], "metric": metric,
+              "configured_n": int(getattr(model, "rw_steps", 0)), "chosen": chosen, "eval_oracle": best(evs),
+              "curves": {split: {str(n): g[metric] for n, g in per.items()} for split, per in grid.items()},
+              "n0_vs_best": {"split": sel, "n0": grid[sel][0]["best_miou"] if 0 in ns else None,
+                             "best": chosen["miou"], "best_n": chosen["n"]},
+              "config_hash": job.config_hash}
+    write_json(out.json, result)
+    run.logger.info("(n, t) chosen on %s: n=%d t=%s mIoU %.4f (eval %s: %.4f); %s oracle n=%d t=%s mIoU %.4f",
+                    sel, chosen["n"], chosen["t"], chosen["miou"], evs, chosen["eval_miou"], evs,
+                    result["eval_oracle"]["n"], result["eval_oracle"]["t"], result["eval_oracle"]["miou"])

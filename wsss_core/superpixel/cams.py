@@ -77,27 +77,37 @@ def ceil16(n: float) -> int:
 
 
 @torch.no_grad()
-def superpixel_cams(model_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], q_fn: Callable | None,
-                    image: np.ndarray,
-                    keys: Sequence[int], scales: Sequence[float], flip: bool, device: torch.device,
-                    rw_steps: int = 0, softmax: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
-                    std: Sequence[float] = IMAGENET_STD) -> tuple[np.ndarray, np.ndarray]:
-    """Superpixel-level multi-scale CAMs of one image.
+def superpixel_cams_grid(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], q_fn: Callable,
+                         image: np.ndarray, keys: Sequence[int], scales: Sequence[float], flip: bool,
+                         device: torch.device, rw_grid: Sequence[int], softmax: bool = True,
+                         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                         ) -> dict[int, np.ndarray]:
+    """:func:`superpixel_cams` for several walk lengths at once (SP-CAM's ``refine_list``; the network and Q run once
+    per pass): ``{n: cams (K, H, W)}`` for each n of ``rw_grid``."""
+    ns = sorted({int(n) for n in rw_grid})
+    totals: dict[int, torch.Tensor] = {}
 
-    image uint8 (H, W, 3); ``model_fn(x, q)`` -> (1, C+1, h, w) superpixel-level logits (channel 0 background);
-    ``q_fn(x)`` -> Q. ``keys``: the present foreground labels (1..C). Returns ``(keys, cams)`` with cams float32
-    (K, H, W) in [0, 1): ``make_cam`` of the summed maps of those channels (the background channel is replaced by
-    the threshold downstream). ``q_fn=None`` (SP-CAM's stage-1 EPS classifier): no superpixels, the maps are resized
-    bilinearly to the image size and summed there (``model_fn(x, None)``).
-    """
-    from ..methods.msa_ops import make_cam
+    def accumulate(p: torch.Tensor, q: torch.Tensor, flipped: bool, out_size) -> None:
+        a, done = ops.asam(q), 0
+        for n in ns:
+            p = ops.random_walk(p, a, n - done)
+            done = n
+            x = F.interpolate(ops.up(p, q), out_size, mode="bilinear", align_corners=False)
+            x = x.flip(-1) if flipped else x
+            totals[n] = x if n not in totals else totals[n] + x
 
+    _passes(model_fn, q_fn, image, scales, flip, device, softmax, mean, std, accumulate)
+    return {n: _finish(t, keys, image.shape[:2]) for n, t in totals.items()}
+
+
+def _passes(model_fn, q_fn, image, scales, flip, device, softmax, mean, std, consume) -> None:
+    """The scale x flip passes of :func:`superpixel_cams`: ``consume(p, q, flipped, out_size)`` per pass, p the
+    superpixel-level map (softmax or raw), q its Q (None without superpixels)."""
     hh, ww = image.shape[:2]
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]
     img = ((torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255 - m) / s)[None].to(device)
     out_size = (ceil16(hh), ceil16(ww)) if q_fn is not None else (hh, ww)
-    total = None
     for sc in scales:
         size = (round(hh * sc), round(ww * sc))
         size16 = (ceil16(size[0]), ceil16(size[1]))
@@ -108,15 +118,42 @@ def superpixel_cams(model_fn: Callable[[torch.Tensor, torch.Tensor | None], torc
             xi, xqi = (x.flip(-1), xq.flip(-1)) if flipped else (x, xq)
             q = q_fn(xqi) if q_fn is not None else None
             z = model_fn(xi, q)
-            p = torch.softmax(z, 1) if softmax else z
-            if q is not None:
-                if rw_steps:
-                    p = ops.random_walk(p, ops.asam(q), rw_steps)
-                p = ops.up(p, q)
-            p = F.interpolate(p, out_size, mode="bilinear", align_corners=False)
-            p = p.flip(-1) if flipped else p
-            total = p if total is None else total + p
+            consume(torch.softmax(z, 1) if softmax else z, q, flipped, out_size)
+
+
+def _finish(total: torch.Tensor, keys: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+    """``make_cam`` of the summed passes, the channels of ``keys``, bilinear to the image size: (K, H, W) float32."""
+    from ..methods.msa_ops import make_cam
+
     sel = torch.as_tensor(list(keys), dtype=torch.long, device=total.device)
-    cams = make_cam(total)[:, sel]
-    cams = F.interpolate(cams, (hh, ww), mode="bilinear", align_corners=False)[0]
-    return np.asarray(list(keys), dtype=np.int64), cams.cpu().numpy().astype(np.float32)
+    cams = F.interpolate(make_cam(total)[:, sel], size, mode="bilinear", align_corners=False)[0]
+    return cams.cpu().numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def superpixel_cams(model_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], q_fn: Callable | None,
+                    image: np.ndarray, keys: Sequence[int], scales: Sequence[float], flip: bool,
+                    device: torch.device, rw_steps: int = 0, softmax: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> tuple[np.ndarray, np.ndarray]:
+    """Superpixel-level multi-scale CAMs of one image.
+
+    image uint8 (H, W, 3); ``model_fn(x, q)`` -> (1, C+1, h, w) superpixel-level logits (channel 0 background);
+    ``q_fn(x)`` -> Q. ``keys``: the present foreground labels (1..C). Returns ``(keys, cams)`` with cams float32
+    (K, H, W) in [0, 1): ``make_cam`` of the summed maps of those channels (the background channel is replaced by
+    the threshold downstream). ``q_fn=None`` (SP-CAM's stage-1 EPS classifier): no superpixels, the maps are resized
+    bilinearly to the image size and summed there (``model_fn(x, None)``).
+    """
+    total: list[torch.Tensor] = []
+
+    def accumulate(p: torch.Tensor, q: torch.Tensor | None, flipped: bool, out_size) -> None:
+        if q is not None:
+            if rw_steps:
+                p = ops.random_walk(p, ops.asam(q), rw_steps)
+            p = ops.up(p, q)
+        p = F.interpolate(p, out_size, mode="bilinear", align_corners=False)
+        p = p.flip(-1) if flipped else p
+        total[:] = [p if not total else total[0] + p]
+
+    _passes(model_fn, q_fn, image, scales, flip, device, softmax, mean, std, accumulate)
+    cams = _finish(total[0], keys, image.shape[:2])
+    return np.asarray(list(keys), dtype=np.int64), cams
