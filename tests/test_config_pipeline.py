@@ -58,7 +58,13 @@ def test_merge_order_stage_dataset_experiment_experiment_dataset(config):
 def test_every_toy_experiment_resolves_and_extends_keep_the_parents_toy_settings(config):
     for exp in config["experiments"]:
         for stage in STAGES:
-            stage_config(config, "toy", exp, stage)
+            if stage != "scn":  # the scn stage belongs to superpixel networks, not experiments
+                stage_config(config, "toy", exp, stage)
+    for net in config["superpixel_networks"]:
+        stage_config(config, "toy", net, "scn")
+    assert stage_config(config, "toy", "spcam", "scn")["weights"] is None            # the toy override wins
+    assert stage_config(config, "voc", "spcam", "scn")["weights"] == {"path": "weights/SpixelNet_bsd_ckpt.tar"}
+    assert stage_config(config, "toy", "msa", "scn")["recipe"] == "lab"
     assert (stage_config(config, "toy", "ppc_fsae", "classifier")["max_steps"]
             == stage_config(config, "toy", "ppc", "classifier")["max_steps"] == 600)
     assert stage_config(config, "voc", "ppc_fsae", "classifier")["max_steps"] == 40000

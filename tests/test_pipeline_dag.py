@@ -238,11 +238,13 @@ def test_every_toy_stage_is_cpu_sized():
     from wsss_core.config import STAGES, stage_config
 
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    for exp in config["experiments"]:
-        for stage in STAGES:
-            cfg = stage_config(config, "toy", exp, stage)
-            assert cfg.get("max_steps", 0) <= 1200, (exp, stage, cfg.get("max_steps"))
-            assert cfg.get("crop_size", 0) <= 96, (exp, stage, cfg.get("crop_size"))
+    owners = [(exp, stage) for exp in config["experiments"] for stage in STAGES if stage != "scn"]
+    owners += [(net, "scn") for net in config["superpixel_networks"]]
+    for owner, stage in owners:
+        cfg = stage_config(config, "toy", owner, stage)
+        assert cfg.get("max_steps", 0) <= 1200, (owner, stage, cfg.get("max_steps"))
+        assert cfg.get("crop_size", 0) <= 96, (owner, stage, cfg.get("crop_size"))
+        assert not (cfg.get("backbone") or cfg).get("weights"), (owner, stage, "pretrained weights on toy data")
 
 
 def test_unknown_method_or_fsae_base_or_parent_is_an_error_naming_it(tmp_path):

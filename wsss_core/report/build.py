@@ -269,7 +269,7 @@ def plot_rw_grids(rows: Sequence[Mapping[str, Any]]) -> Figure:
     """Heatmaps of the (walk steps n, threshold t) mIoU grid of each superpixel experiment with one, on the split where
     the pair is chosen, the chosen pair marked; a note when no experiment of the suite has a grid."""
     grids = [r for r in rows if r.get("rw_grid")]
-    fig = new_figure(5.2 * max(1, len(grids)), 3.4)
+    fig = new_figure(5.2 * max(1, len(grids)), 4.0)
     if not grids:
         ax = fig.add_subplot(1, 1, 1)
         ax.axis("off")
