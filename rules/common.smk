@@ -290,8 +290,19 @@ def scn_inputs(w):
 
 
 def classifier_scn_inputs(w):
-    """The trained superpixel network of a classifier that takes its Q maps from one (superpixels.backend scn)."""
+    """The superpixel network of a classifier that takes its Q maps from one (superpixels.backend scn): the one
+    train_scn makes (scn: trained), or a file (scn: file, checked now)."""
     network = P.scn_network(w.dataset, w.experiment)
+    sp = scfg(w.dataset, w.experiment, "classifier").get("superpixels") or {}
+    if network is None and sp.get("backend") == "scn":
+        path = ((sp.get("weights") or {}).get("path") or "")
+        if not path or not Path(path).expanduser().is_file():
+            raise WorkflowError(f"experiment {w.experiment!r} (dataset {w.dataset!r}) takes its Q maps from the "
+                                f"superpixel network file classifier.superpixels.weights.path = {path or '(unset)'}, "
+                                "which does not exist. Put the file there (SP-CAM: models_ckpt/Q_model_final.pth of "
+                                "github.com/CHENDL-SHEN/ESC), or set superpixels.scn: trained to use the network "
+                                "train_scn makes.")
+        return []
     if network is None:
         return []
     if network not in (config.get("superpixel_networks") or {}):

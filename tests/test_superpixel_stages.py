@@ -171,3 +171,21 @@ def test_threshold_labels_without_crf():
     assert threshold_labels(cams, [3, 7], 0.5).tolist() == [[7, 0, 3]]        # a tie goes to the background
     assert threshold_labels(cams, [3, 7], np.array([[0.7, 0.0, 0.0]])).tolist() == [[0, 3, 3]]
     assert threshold_labels(np.zeros((0, 1, 2), np.float32), [], 0.5).tolist() == [[0, 0]]
+
+
+def test_a_missing_saliency_map_is_named(toy, tmp_path):
+    import shutil
+
+    from wsss_core.data.datasets import SuperpixelDataset
+    from wsss_core.errors import DatasetError
+
+    info = toy["info"]
+    man = json.loads(open(toy["saliency"]).read())
+    sal = tmp_path / "sal"
+    shutil.copytree(man["dir"], sal)
+    first = info.ids("train_aug")[0]
+    (sal / f"{first}.png").unlink()
+    ds = SuperpixelDataset(info.image_dir, info.ids("train_aug"), 32, [32, 48], "saliency_cam", 0,
+                           info.n_classes - 1, str(sal), ".png", [toy["cams"]])
+    with pytest.raises(DatasetError, match=rf"{first}\.png"):
+        ds[0]

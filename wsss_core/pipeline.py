@@ -179,9 +179,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ superpixel networks
     def scn_network(self, dataset: str, experiment: str) -> str | None:
-        """The superpixel network ``experiment``'s classifier uses (``superpixels: {backend: scn, network}``)."""
+        """The trained superpixel network ``experiment``'s classifier uses (``superpixels: {backend: scn, scn: trained,
+        network}``); None for stand-ins and for a network file (``scn: file``, its ``weights``)."""
         sp = stage_config(self.config, dataset, experiment, "classifier").get("superpixels") or {}
-        return sp.get("network") if sp.get("backend") == "scn" else None
+        trained = sp.get("backend") == "scn" and sp.get("scn", "trained") == "trained"
+        return sp.get("network") if trained else None
 
     def cams_from(self, network: str) -> str:
         """The experiment whose train-split CAMs label a ``saliency_cam`` network's superpixels."""

@@ -36,11 +36,13 @@ def train_classifier(job: JobSettings, inp: Files, out: Files) -> None:
     info = DatasetInfo(job.prepared)
     ids = info.ids(split)
     m = get_method(method)
+    sp = cfg.get("superpixels") or {}
     if inp.get("scn"):  # the trained superpixel network this classifier takes its Q maps from
         cfg = deep_merge(cfg, {"superpixels": {"weights": {"path": inp.scn[0]}}})
-    elif (cfg.get("superpixels") or {}).get("backend") == "scn":
-        raise ConfigError("classifier.superpixels.backend is scn but the job got no trained superpixel network "
-                          "(set classifier.superpixels.network to a name under superpixel_networks)")
+    elif sp.get("backend") == "scn" and not (sp.get("scn") == "file" and sp.get("weights")):
+        raise ConfigError("classifier.superpixels.backend is scn but the job got no superpixel network: set "
+                          "superpixels.network to a name under superpixel_networks (scn: trained), or scn: file "
+                          "with superpixels.weights: {path: ...}")
     model = m.build_model(cfg, info.n_classes - 1, cache_dir=job.weights_dir).to(run.device)
     optimizer = make_optimizer(m, model, cfg)
     data = training_data(m, cfg, info, ids, seed, (inp.get("saliency") or [None])[0])

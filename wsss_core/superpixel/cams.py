@@ -24,6 +24,7 @@ from .providers import IMAGENET_MEAN, IMAGENET_STD, SuperpixelProvider
 #: ``classifier.superpixels`` keys and defaults
 SUPERPIXEL_DEFAULTS: dict[str, Any] = {
     "backend": "soft_slic",   # scn | soft_slic | skimage_slic
+    "scn": "trained",         # backend scn: trained (the network `network`, made by train_scn) | file (`weights`)
     "network": None,          # backend scn: the name of a trained network (superpixel_networks.<name>)
     "weights": None,          # the SCN's weights spec (backend scn), e.g. {path: ...}
     "iters": 5,               # soft-SLIC E/M steps
