@@ -26,6 +26,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("crf", []),
     ("workflow", []),
     ("train_step", []),
+    ("superpixels", []),
 ]
 
 README = REPO / "bench" / "README.md"
