@@ -224,3 +224,50 @@ def test_toy_fsae_report_end_to_end_with_all_rows(tmp_path):
     assert list((tmp_path / "results/toy/ppc_fsae/pseudo_masks").glob("*.h5"))
     # the saliency artifact is made once and shared by both branches
     assert len(list((tmp_path / "results/toy/saliency/maps").glob("*.png"))) == 24
+
+
+def test_toy_superpixel_suites_end_to_end(tmp_path):
+    """toy_spcam_report and toy_msa_report on a tiny toy dataset: the superpixel networks trained (SP-CAM's labelled
+    by its stage-1 CAMs), SP-CAM's (walk, threshold) grid, MSA's network shared by both rows, the back end and the
+    GT-reconstruction scores in the report; a second run does nothing."""
+    small = {"max_steps": 20, "batch_size": 4, "crop_size": 64, "resize_long": [56, 72]}
+    cfg = write_yaml(tmp_path / "tiny.yaml", {
+        "datasets": {"toy": {
+            "generator": {"n_train_aug": 24, "n_train": 12, "n_val": 12, "image_size": 64},
+            "stages": {"classifier": {**small, "checkpoint_every": 10},
+                       "scn": {**small, "checkpoint_every": 10, "eval_images": 8},
+                       "cams": {"scales": [1.0], "n_shards": 1}, "crf": {"n_shards": 1},
+                       "segmentation": {"max_steps": 10, "crop_size": 64, "batch_size": 4, "n_shards": 1}}}},
+        "experiments": {e: {"datasets": {"toy": {"stages": {"classifier": small, "cams": {"scales": [1.0]}}}}}
+                        for e in ("spcam_eps", "msa_image")},
+        "superpixel_networks": {"spcam": {"datasets": {"toy": {"stages": {"scn": {"max_steps": 20,
+                                                                                 "batch_size": 4}}}}}},
+    })
+    run_snakemake(tmp_path, "--cores", "2", "toy_spcam_report", "toy_msa_report", configfile=cfg)
+    sp = json.loads((tmp_path / "results/toy/reports/spcam/report.json").read_text())
+    msa = json.loads((tmp_path / "results/toy/reports/msa/report.json").read_text())
+    assert [r["experiment"] for r in sp["rows"]] == ["spcam_eps", "spcam"]
+    assert [r["experiment"] for r in msa["rows"]] == ["msa_image", "msa_sal"]
+    for r in sp["rows"] + msa["rows"]:
+        for col in ("cam", "pseudo_mask", "segmentation"):
+            assert 0.0 <= r[col]["miou"] <= 1.0
+    assert [x["refinement"] for x in sp["refinement"] + msa["refinement"]] == ["none"] * 4
+    rows = {x["experiment"]: x for x in sp["superpixels"] + msa["superpixels"]}
+    assert set(rows) == {"spcam", "msa_image", "msa_sal"}
+    assert rows["spcam"]["network"] == "spcam" and rows["msa_sal"]["network"] == "msa"
+    for x in rows.values():
+        assert x["backend"] == "scn"
+        assert set(x["gt_reconstruction"]["miou"]) == {"scn", "soft_slic", "skimage_slic", "bilinear"}
+    grid = rows["spcam"]["rw_grid"]
+    assert grid["rw_grid"] == [0, 20, 30, 40] and grid["configured_n"] == 20 and grid["chosen"]["split"] == "train"
+    assert set(grid["curves"]) == {"train", "val"} and grid["n0_vs_best"]["n0"] is not None
+    md = (tmp_path / "results/toy/reports/spcam/report.md").read_text()
+    assert "## Superpixels" in md and "walk steps n" in md and "superpixels.png" in md
+    assert (tmp_path / "results/toy/reports/spcam/superpixels.png").stat().st_size > 1000
+    # the SCN of SP-CAM trained on stage-1 CAMs: its improved-loss terms are logged; MSA's network is made once
+    scn_rows = [json.loads(x) for x in (tmp_path / "results/toy/superpixels/spcam/state/metrics.jsonl")
+                .read_text().splitlines()]
+    assert len(scn_rows) == 20 and all({"press_loss", "diff_loss"} <= set(r) for r in scn_rows)
+    assert sorted(p.name for p in (tmp_path / "results/toy/superpixels").iterdir()) == ["msa", "spcam"]
+    dry = run_snakemake(tmp_path, "-n", "toy_spcam_report", "toy_msa_report", configfile=cfg)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
