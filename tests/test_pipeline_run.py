@@ -251,7 +251,7 @@ def test_toy_superpixel_suites_end_to_end(tmp_path):
     for r in sp["rows"] + msa["rows"]:
         for col in ("cam", "pseudo_mask", "segmentation"):
             assert 0.0 <= r[col]["miou"] <= 1.0
-    assert [x["refinement"] for x in sp["refinement"] + msa["refinement"]] == ["none"] * 4
+    assert [x["refinement"] for x in sp["refinement"] + msa["refinement"]] == ["none (thresholded CAMs)"] * 4
     rows = {x["experiment"]: x for x in sp["superpixels"] + msa["superpixels"]}
     assert set(rows) == {"spcam", "msa_image", "msa_sal"}
     assert rows["spcam"]["network"] == "spcam" and rows["msa_sal"]["network"] == "msa"

@@ -44,7 +44,8 @@ N_EXAMPLES, N_TRAIN_EXAMPLES = 6, 2
 
 STAGES = ("cam", "pseudo_mask", "segmentation")
 #: An experiment's ``refine`` setting -> how its pseudo-masks were made (the refinement table's column).
-REFINEMENTS = {"crf": "dense CRF", "affinity": "AffinityNet random walk", "irn": "IRN random walk"}
+REFINEMENTS = {"crf": "dense CRF", "affinity": "AffinityNet random walk", "irn": "IRN random walk",
+               "none": "none (thresholded CAMs)"}
 NETWORKS = (("classifier", "classifier"), ("segmentation", "segmentation"))  # (training key, files key)
 
 
