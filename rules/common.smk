@@ -338,6 +338,7 @@ def experiment_files(dataset, experiment):
     network = P.scn_network(d, e)
     if network is not None:
         files["scn_eval"] = P.path("scn_eval", dataset=d, scn=network)
+        files["q_maps"] = shard_paths("q_maps", d, network)
     if scfg(d, e, "rw_grid").get("rw_grid"):
         files["rw_grid"] = P.path("rw_grid", dataset=d, experiment=e)
     if has_test_split(d):

@@ -1,4 +1,5 @@
-# Superpixel networks (SCN) of the superpixel methods (SP-CAM, MSA): training and the GT-reconstruction score.
+# Superpixel networks (SCN) of the superpixel methods (SP-CAM, MSA): training, the GT-reconstruction score and the
+# Q maps of the eval split (sharded HDF5).
 
 
 rule train_scn:
@@ -39,3 +40,22 @@ rule eval_superpixels:
     script:
         "../workflow_scripts/eval_superpixels.py"
 
+
+
+rule superpixels:
+    input:
+        model=rules.train_scn.output.model,
+        manifest=rules.prepare_dataset.output.manifest,
+    output:
+        q=out("q_maps"),
+    params:
+        job=job_params("q_maps"),
+    threads: 2
+    resources:
+        gpu=1,
+    conda:
+        ENV
+    log:
+        f"{L}/{{dataset}}/superpixels/{{scn}}/superpixels/{{split}}_{{shard}}-of-{{nshards}}.log",
+    script:
+        "../workflow_scripts/superpixels.py"

@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import kill_group, run_snakemake, start_snakemake, write_yaml
@@ -269,5 +270,10 @@ def test_toy_superpixel_suites_end_to_end(tmp_path):
                 .read_text().splitlines()]
     assert len(scn_rows) == 20 and all({"press_loss", "diff_loss"} <= set(r) for r in scn_rows)
     assert sorted(p.name for p in (tmp_path / "results/toy/superpixels").iterdir()) == ["msa", "spcam"]
+    from wsss_core.store.shards import ShardedStore
+    with ShardedStore(sorted((tmp_path / "results/toy/superpixels/msa/q/val").glob("*.h5")), kind="q") as store:
+        assert len(store) == 12 and store.attrs["backend"] == "scn" and store.attrs["network"] == "msa"
+        q = store[store.ids()[0]]
+        assert q.shape == (9, 64, 64) and np.allclose(q.sum(0), 1, atol=5e-3)   # float16 storage
     dry = run_snakemake(tmp_path, "-n", "toy_spcam_report", "toy_msa_report", configfile=cfg)
     assert "Nothing to be done" in dry.stdout + dry.stderr

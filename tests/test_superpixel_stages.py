@@ -189,3 +189,33 @@ def test_a_missing_saliency_map_is_named(toy, tmp_path):
                            info.n_classes - 1, str(sal), ".png", [toy["cams"]])
     with pytest.raises(DatasetError, match=rf"{first}\.png"):
         ds[0]
+
+
+def test_superpixel_maps_shard_and_report_labels(toy, tmp_path):
+    """The Q maps of the eval split in a float16 HDF5 shard (back end recorded), and the report's hard labels of a
+    stored Q equal the torch ones on the padded grid."""
+    from wsss_core.stages.report import superpixel_labels
+    from wsss_core.store.shards import ShardedStore
+    from wsss_core.superpixel import ops
+    from wsss_core.superpixel.scn import SpixelNet
+
+    torch.manual_seed(0)
+    model = tmp_path / "scn.pth"
+    torch.save(SpixelNet().state_dict(), model)
+    job = {"dataset": "toy", "experiment": "net", "prepared": toy["prepared"], "cfg": SCN_CFG, "config_hash": "h",
+           "splits": {"eval": "val"}, "device": "cpu", "threads": 1, "log": str(tmp_path / "q.log"),
+           "wildcards": {"split": "val", "shard": "0", "nshards": "1"}}
+    out = tmp_path / "q" / "val" / "0-of-1.h5"
+    p = _run_stage("superpixel_maps", job, {"model": str(model)}, {"q": str(out)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    with ShardedStore([out], kind="q", expect={"split": "val", "config_hash": "h"}) as store:
+        assert store.ids() == sorted(toy["info"].ids("val")) and store.attrs["backend"] == "scn"
+        q = store[store.ids()[0]]
+    assert q.shape == (9, 48, 48) and np.allclose(q.sum(0), 1, atol=5e-3)
+    qt = torch.from_numpy(q)[None]
+    torch.testing.assert_close(torch.from_numpy(superpixel_labels(q)), ops.hard_labels(qt)[0])
+    odd = np.random.default_rng(0).random((9, 40, 56)).astype(np.float32)          # not a multiple of 16
+    padded = np.zeros((9, 48, 64), np.float32)
+    padded[:, :40, :56] = odd
+    want = ops.hard_labels(torch.from_numpy(padded)[None])[0, :40, :56].numpy()
+    np.testing.assert_array_equal(superpixel_labels(odd), want)

@@ -50,9 +50,11 @@ ARTIFACTS: dict[str, Artifact] = {
     "lists": Artifact("{dataset}/dataset/lists"),
     "saliency": Artifact("{dataset}/saliency/manifest.json"),
     # superpixel networks, shared by the experiments that name them (classifier.superpixels.network)
-    "scn": Artifact("{dataset}/superpixels/{scn}/model.pt", "scn", drop=("eval_steps", "eval_images", "eval_low"),
-                    key="scn"),
+    "scn": Artifact("{dataset}/superpixels/{scn}/model.pt", "scn",
+                    drop=("eval_steps", "eval_images", "eval_low", "n_shards"), key="scn"),
     "scn_eval": Artifact("{dataset}/superpixels/{scn}/eval.json", "scn", ("scn",), key="scn"),
+    "q_maps": Artifact(f"{{dataset}}/superpixels/{{scn}}/q/{{split}}/{_SHARD}", "scn", ("scn",), kind="q",
+                       split_role="eval", key="scn"),
     # version 2: PPC prototypes and FSAE's strong views as the references compute them
     "classifier": Artifact(f"{_E}/classifier/model.pt", "classifier", version=2),
     # version 2: multi-scale views resized with PIL bicubic, as the references
@@ -131,14 +133,15 @@ class Pipeline:
         return int(self.settings(dataset, experiment, self.resolve(experiment, artifact))["n_shards"])
 
     def shards(self, artifact: str, dataset: str, experiment: str, split: str | None = None) -> list[str]:
-        """Every shard path of a sharded artifact (``split``: for artifacts of any split, e.g. ``cams``)."""
+        """Every shard path of a sharded artifact (``split``: for artifacts of any split, e.g. ``cams``);
+        ``experiment``: the superpixel network for artifacts of one (``key`` scn)."""
         artifact = self.resolve(experiment, artifact)
         a = ARTIFACTS[artifact]
         if a.split_role:
             split = self.split_name(dataset, a.split_role)
         n = self.n_shards(dataset, experiment, artifact)
-        return [self.path(artifact, dataset=dataset, experiment=experiment, split=split, shard=k, nshards=n)
-                for k in range(n)]
+        return [self.path(artifact, dataset=dataset, experiment=experiment, scn=experiment, split=split, shard=k,
+                          nshards=n) for k in range(n)]
 
     def split_name(self, dataset: str, role: str) -> str:
         """The split a role (train, threshold, mask_eval, eval, test) stands for in ``dataset``."""

@@ -265,22 +265,28 @@ def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([np.full(window - 1, np.nan), valid])
 
 
-def plot_rw_grids(rows: Sequence[Mapping[str, Any]]) -> Figure:
-    """Heatmaps of the (walk steps n, threshold t) mIoU grid of each superpixel experiment with one, on the split where
-    the pair is chosen, the chosen pair marked; a note when no experiment of the suite has a grid."""
+def plot_superpixels(rows: Sequence[Mapping[str, Any]], overlays: Mapping[str, Sequence[tuple]]) -> Figure:
+    """Top: heatmaps of the (walk steps n, threshold t) mIoU grid of each superpixel experiment with one, on the split
+    where the pair is chosen, the chosen pair marked. Bottom: superpixel boundaries (hard labels of the stored Q) on
+    a few eval images per network. A note when the suite has neither."""
+    from skimage.segmentation import mark_boundaries
+
     grids = [r for r in rows if r.get("rw_grid")]
-    fig = new_figure(5.2 * max(1, len(grids)), 4.0)
-    if not grids:
+    n_img = max((len(v) for v in overlays.values()), default=0)
+    n_rows = (1 if grids else 0) + len(overlays)
+    cols = max(len(grids), n_img, 1)
+    fig = new_figure(4.6 * cols, 3.8 * max(1, n_rows))
+    if not n_rows:
         ax = fig.add_subplot(1, 1, 1)
         ax.axis("off")
-        ax.text(0.5, 0.5, "no superpixel random-walk grid in this suite", ha="center", va="center", color="grey")
+        ax.text(0.5, 0.5, "no superpixel method in this suite", ha="center", va="center", color="grey")
         return fig
     for k, r in enumerate(grids):
         g = r["rw_grid"]
         split = g["chosen"]["split"]
         ns, ts = g["rw_grid"], np.asarray(g["thresholds"], dtype=float)
         z = np.asarray([_nan(g["curves"][split][str(n)]) for n in ns])
-        ax = fig.add_subplot(1, len(grids), k + 1)
+        ax = fig.add_subplot(n_rows, cols, k + 1)
         im = ax.imshow(z, aspect="auto", origin="lower", cmap="viridis",
                        extent=(ts[0], ts[-1], -0.5, len(ns) - 0.5))
         ax.set_yticks(range(len(ns)), [str(n) for n in ns])
@@ -289,6 +295,13 @@ def plot_rw_grids(rows: Sequence[Mapping[str, Any]]) -> Figure:
         ax.set_xlabel("background threshold t")
         ax.set_ylabel("walk steps n")
         fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.subplots_adjust(hspace=0.45)
+    for row, (network, items) in enumerate(overlays.items(), start=1 if grids else 0):
+        for j, (image_id, image, labels) in enumerate(items):
+            ax = fig.add_subplot(n_rows, cols, row * cols + j + 1)
+            ax.imshow(mark_boundaries(image, labels, color=(1, 1, 0)))
+            ax.set_title(f"network {network}: {image_id}", fontsize=9)
+            ax.axis("off")
     return fig
 
 

@@ -21,6 +21,7 @@ STAGE_FUNCTIONS = {
     "train_scn": "superpixels:train_scn",
     "eval_superpixels": "superpixels:eval_superpixels",
     "rw_grid": "superpixels:rw_grid",
+    "superpixels": "superpixels:superpixel_maps",
     "train_classifier": "classifier:train_classifier",
     "infer_cams": "classifier:infer_cams",
     "eval_cams": "evaluate:eval_cams",

@@ -272,6 +272,7 @@ class ReportInputs:
     environment: dict[str, Any]                #: versions, git state, host, date
     notes: list[str] = field(default_factory=list)
     superpixels: dict[str, dict] = field(default_factory=dict)  #: experiment -> its Q back end, SCN score
+    superpixel_overlays: dict[str, list] = field(default_factory=dict)  #: network -> [(id, image, labels)]
 
 
 def _experiment_files(experiments: Sequence[str], files: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
@@ -336,6 +337,8 @@ def collect(job: JobSettings, repo: str | os.PathLike | None = None, logger=None
                        "gt_reconstruction": read_json(files[e]["scn_eval"][0]) if files[e].get("scn_eval") else None,
                        "rw_grid": read_json(files[e]["rw_grid"][0]) if files[e].get("rw_grid") else None}
                    for e, sp in (x.get("superpixels") or {}).items() if sp}
+    overlays = read_superpixel_overlays(info, {(superpixels[e]["settings"] or {}).get("network"): files[e]["q_maps"]
+                                               for e in superpixels if files[e].get("q_maps")}, eval_split)
     return ReportInputs(
         suite=x.get("suite"), dataset=job.dataset, prepared=str(job.prepared), eval_split=eval_split,
         mask_split=mask_split, experiments=experiments, labels=dict(x.get("labels") or {}),
@@ -343,12 +346,36 @@ def collect(job: JobSettings, repo: str | os.PathLike | None = None, logger=None
         classes=list(classes), manifest=dict(info.manifest), files=files, cam_eval=cam_ev, mask_eval=mask_ev,
         seg_eval=seg_ev, ir_label_eval=ir, mask_attrs=mask_attrs, training=training, baseline=baseline,
         baseline_n_images=len(info.ids(eval_split)), qualitative=qualitative, saliency=saliency,
-        submissions=submissions, superpixels=superpixels,
+        submissions=submissions, superpixels=superpixels, superpixel_overlays=overlays,
         environment=rb.environment(repo if repo is not None else Path.cwd()),
         notes=list(x.get("notes") or []))
 
 
 # ============================================================================================ build
+
+def superpixel_labels(q: np.ndarray, cell: int = 16) -> np.ndarray:
+    """Hard superpixel ids of a stored Q (9, H, W) (H, W need not be multiples of ``cell``): the cell
+    ``c(p) + d_argmax`` as ``sy * w + sx`` (:func:`wsss_core.superpixel.ops.hard_labels` in numpy)."""
+    k = q.argmax(0)
+    h, w = q.shape[1:]
+    gh, gw = -(-h // cell), -(-w // cell)
+    sy = np.clip(np.arange(h)[:, None] // cell + k // 3 - 1, 0, gh - 1)
+    sx = np.clip(np.arange(w)[None, :] // cell + k % 3 - 1, 0, gw - 1)
+    return sy * gw + sx
+
+
+def read_superpixel_overlays(info: DatasetInfo, q_shards: Mapping[str, list[str]], split: str,
+                             k: int = 3) -> dict[str, list]:
+    """Per superpixel network: ``k`` images of ``split`` (evenly spaced) with the hard labels of their stored Q."""
+    out = {}
+    for network, paths in q_shards.items():
+        if network in out or not paths:
+            continue
+        with ShardedStore(paths, kind="q", expect={"split": split}) as store:
+            ids = _pick(store.ids(), k)
+            out[network] = [(i, read_image(info.image_path(i)), superpixel_labels(store[i])) for i in ids]
+    return out
+
 
 def _saliency_notes(manifests: Sequence[Mapping[str, Any]]) -> list[str]:
     notes = []
@@ -565,7 +592,8 @@ def build(d: ReportInputs, out: Mapping[str, str]) -> BuiltReport:
         ("qualitative", out["qualitative"], lambda: rb.plot_qualitative(qual_rows, classes, qual_meta["labels"])),
         ("training", out["training"], lambda: rb.plot_training({"classifier": curves_cls,
                                                                 "segmentation": curves_seg})),
-        ("superpixels", out["superpixels"], lambda: rb.plot_rw_grids(superpixel_rows(d.superpixels))),
+        ("superpixels", out["superpixels"], lambda: rb.plot_superpixels(superpixel_rows(d.superpixels),
+                                                                          d.superpixel_overlays)),
     ):
         figures[key] = (str(path), rb.figure_png_bytes(make()))
 

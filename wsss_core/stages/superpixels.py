@@ -169,3 +169,27 @@ def rw_grid(job: JobSettings, inp: Files, out: Files) -> None:
     run.logger.info("(n, t) chosen on %s: n=%d t=%s mIoU %.4f (eval %s: %.4f); %s oracle n=%d t=%s mIoU %.4f",
                     sel, chosen["n"], chosen["t"], chosen["miou"], evs, chosen["eval_miou"], evs,
                     result["eval_oracle"]["n"], result["eval_oracle"]["t"], result["eval_oracle"]["miou"])
+
+
+def superpixel_maps(job: JobSettings, inp: Files, out: Files) -> None:
+    """The Q maps of the trained network ``inp.model`` for one shard (wildcards ``split``, ``shard``, ``nshards``) of
+    the ``eval`` split, each image padded to a multiple of 16 and Q cropped back to its size: (9, H, W) float16 in the
+    HDF5 shard ``out.q`` (attrs: back end, network, recipe). Read by the report's boundary overlay; any stage that
+    needs the Q of these images can read them instead of running the network."""
+    from ..store.shards import ShardWriter, shard_ids
+
+    run = job.start(n_gpus=1)
+    info = DatasetInfo(job.prepared)
+    split, shard, n_shards = job.wildcards["split"], job.shard, job.n_shards
+    ids = shard_ids(info.ids(split), shard, n_shards)
+    net, _ = scn.load_scn({"path": inp.model}, job.weights_dir)
+    prov = SuperpixelProvider("scn", net.to(run.device))
+    attrs = {"split": split, "shard": shard, "n_shards": n_shards, "config_hash": job.config_hash,
+             "backend": "scn", "network": job.experiment, "recipe": job.cfg["recipe"], "model": str(inp.model)}
+    with ShardWriter(out.q, "q", attrs) as writer:
+        for image_id in progress(ids, desc=f"superpixels {split} {shard + 1}/{n_shards}"):
+            image = read_image(info.image_path(image_id))
+            h, w = image.shape[:2]
+            x, _ = _padded(image, np.zeros((h, w), np.uint8))
+            writer.add_q(image_id, prov.q(x.to(run.device))[0, :, :h, :w].cpu().numpy())
+    run.logger.info("wrote the Q maps of %d images to %s", len(ids), out.q)

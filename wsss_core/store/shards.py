@@ -12,7 +12,8 @@ Layout of one shard file::
         aux    float16 (K, H, W), gzip, optional: a second map stack of the same keys (SFC: the PCM
                classifier CAM ``IS_CAM1`` beside the prototype CAM ``IS_CAM``)  (CAM shards)
         mask   uint8 (H, W), gzip, values 0..C-1 and 255               (mask shards)
-    attrs: kind ("cams" | "masks"), shard, n_shards, split, n_images, and any caller metadata
+        q      float16 (9, H, W), gzip: a superpixel association map Q (wsss_core/superpixel/ops.py)  (Q shards)
+    attrs: kind ("cams" | "masks" | "q"), shard, n_shards, split, n_images, and any caller metadata
            (config hash, scales, model, ...). ``complete`` = True is set last.
 
 A shard file is only ever trusted after :func:`shard_problems` finds nothing wrong with it: it opens as HDF5 (a
@@ -65,7 +66,7 @@ class ShardWriter:
 
     def __init__(self, path: str | os.PathLike, kind: str, meta: dict[str, Any] | None = None,
                  compression: int = 4):
-        if kind not in ("cams", "masks"):
+        if kind not in ("cams", "masks", "q"):
             raise ValueError(kind)
         self.path = Path(path)
         self.kind = kind
@@ -112,6 +113,17 @@ class ShardWriter:
         g = self._fh.create_group(image_id)
         g.create_dataset("mask", data=np.asarray(mask, dtype=np.uint8), compression="gzip",
                          compression_opts=self.compression)
+        self.n += 1
+        fault_point("shard_item", self.n, self.path)  # test hook (WSSS_FAULT), a no-op otherwise
+
+    def add_q(self, image_id: str, q: np.ndarray) -> None:
+        """q: (9, H, W) superpixel association map, stored as float16 (one chunk per channel)."""
+        q = np.asarray(q)
+        if q.ndim != 3 or q.shape[0] != 9:
+            raise ValueError(f"{image_id}: Q shape {q.shape}, expected (9, H, W)")
+        g = self._fh.create_group(image_id)
+        g.create_dataset("q", data=q.astype(np.float16), compression="gzip", compression_opts=self.compression,
+                         shuffle=True, chunks=(1,) + q.shape[1:])
         self.n += 1
         fault_point("shard_item", self.n, self.path)  # test hook (WSSS_FAULT), a no-op otherwise
 
@@ -226,7 +238,8 @@ def set_aside_invalid_shard(path: str | os.PathLike, expect: Mapping[str, Any] |
 class ShardedStore:
     """Read-only view over several shard files of one kind, indexed by image id.
 
-    ``store[id]`` returns ``(keys, cams float32)`` for CAM shards and the ``uint8`` mask for mask shards.
+    ``store[id]`` returns ``(keys, cams float32)`` for CAM shards, the ``uint8`` mask for mask shards and the float32
+    (9, H, W) Q for Q shards.
 
     Every file is checked first (:func:`shard_problems`; ``kind`` and ``expect``: the attrs the caller needs), and
     the shards of one folder must agree on kind, split, n_shards and config hash: a shard copied in from another
@@ -302,6 +315,8 @@ class ShardedStore:
         g = self._group(image_id)
         if self.kind == "cams":
             return np.asarray(g["keys"][()], dtype=np.int64), np.asarray(g["cams"][()], dtype=np.float32)
+        if self.kind == "q":
+            return np.asarray(g["q"][()], dtype=np.float32)
         return np.asarray(g["mask"][()], dtype=np.uint8)
 
     def _group(self, image_id: str) -> h5py.Group:
