@@ -54,10 +54,24 @@ DEIT_HOWTO = ("DeiT-S ImageNet-1k weights (MCTformer's start point): download "
               "of github.com/facebookresearch/deit) to that path.")
 
 
+#: where to get the other published files the configuration names (file name part -> how)
+KNOWN_WEIGHTS = {
+    "resnest50": "It is the official ResNeSt-50 ImageNet file (resnest50-528c19ca.pth) of "
+                 "github.com/zhanghang1989/ResNeSt (release 'weights_step1' / torch hub); SP-CAM's backbone.",
+    "SpixelNet_bsd": "It is SpixelFCN's BSDS500 checkpoint (SpixelNet_bsd_ckpt.tar) of github.com/fuy34/superpixel_fcn "
+                     "(pretrain_ckpt/), SP-CAM's superpixel-network init; or set superpixel_networks.spcam's "
+                     "scn.weights: null to train from scratch.",
+    "Q_model": "It is SP-CAM's shipped superpixel network (models_ckpt/Q_model_final.pth of github.com/CHENDL-SHEN/ESC); "
+               "or set the experiment's classifier.superpixels.scn: trained to use the network train_scn makes.",
+}
+
+
 def missing_weights_message(path: str | os.PathLike) -> str:
     """The error text for a missing local weights file: the path, and how to get it."""
+    name = Path(path).name
+    known = [how for part, how in KNOWN_WEIGHTS.items() if part in name]
     hint = RESNET38_HOWTO if "ilsvrc-cls_rna-a1" in str(path) or str(path).endswith(".params") else DEIT_HOWTO if (
-        "deit" in Path(path).name) else (
+        "deit" in name) else known[0] if known else (
         "Put the file there, set its path in config.yaml, or (online) use {torchvision: <name>} weights, "
         "which the fetch_weights rule downloads.")
     return f"pretrained weights not found: {Path(path).resolve()}. {hint}"
