@@ -56,11 +56,11 @@ DEIT_HOWTO = ("DeiT-S ImageNet-1k weights (MCTformer's start point): download "
 
 #: where to get the other published files the configuration names (file name part -> how)
 KNOWN_WEIGHTS = {
-    "resnest50": "It is the official ResNeSt-50 ImageNet file (resnest50-528c19ca.pth) of "
-                 "github.com/zhanghang1989/ResNeSt (release 'weights_step1' / torch hub); SP-CAM's backbone.",
-    "SpixelNet_bsd": "It is SpixelFCN's BSDS500 checkpoint (SpixelNet_bsd_ckpt.tar) of github.com/fuy34/superpixel_fcn "
-                     "(pretrain_ckpt/), SP-CAM's superpixel-network init; or set superpixel_networks.spcam's "
-                     "scn.weights: null to train from scratch.",
+    "resnest50": "It is the official ResNeSt-50 ImageNet file (resnest50-528c19ca.pth, the torch.hub weights of "
+                 "github.com/zhanghang1989/ResNeSt); SP-CAM's backbone.",
+    "SpixelNet_bsd": "It is SpixelFCN's BSDS500 checkpoint (SpixelNet_bsd_ckpt.tar, published with "
+                     "github.com/fuy34/superpixel_fcn), SP-CAM's superpixel-network init; or set "
+                     "superpixel_networks.spcam's scn.weights: null to train from scratch.",
     "Q_model": "It is SP-CAM's shipped superpixel network (models_ckpt/Q_model_final.pth of github.com/CHENDL-SHEN/ESC); "
                "or set the experiment's classifier.superpixels.scn: trained to use the network train_scn makes.",
 }
