@@ -38,8 +38,9 @@ TINY = {
     "mctformer": {"backbone": {"arch": "vit", "embed_dim": 16, "depth": 3, "heads": 2, "patch_size": 8,
                                "img_size": 32, "drop_path": 0.0, "weights": None}},
     "eps_cam": _TINY_RESNEST,
-    "spcam": _TINY_RESNEST,
-    "msa": {**TINY_RESNET, "msa": {"patches": 1}},   # a 2x2 superpixel grid: one patch
+    # an untrained superpixel network in place of the one train_scn makes (the stage sets superpixels.weights)
+    "spcam": {**_TINY_RESNEST, "superpixels": {"weights": None}},
+    "msa": {**TINY_RESNET, "msa": {"patches": 1}, "superpixels": {"weights": None}},   # 2x2 grid: one patch
 }
 
 

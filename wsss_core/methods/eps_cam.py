@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.optim import reference_sgd, weight_bias_groups
-from ..models.backbones import backbone_from_config
+from ..models.backbones import backbone_from_config, fix_bn_statistics
 from ..superpixel.cams import superpixel_cams
 from .base import method_settings
 from .ppc_ops import eps_saliency_loss
@@ -47,9 +47,7 @@ class FixedBNBackboneNet(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         if getattr(self, "frozen_bn", False):
-            for m in self.backbone.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
+            fix_bn_statistics(self.backbone)
         return self
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..engine.optim import poly_sgd_param_groups, reference_sgd
 from ..errors import ConfigError
-from ..models.backbones import resnet_from_config
+from ..models.backbones import fix_bn_statistics, resnet_from_config
 from . import sipe_ops as ops
 from .base import method_settings
 from .inference import scaled_views
@@ -90,9 +90,7 @@ class SIPENet(nn.Module):
         trainable); no dropout anywhere."""
         super().train(mode)
         if getattr(self, "frozen_bn", True):
-            for m in self.backbone.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
+            fix_bn_statistics(self.backbone)
         return self
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

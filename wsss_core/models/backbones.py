@@ -115,18 +115,18 @@ def build_resnet(arch: str = "resnet50", layers: Sequence[int] | None = None, wi
 
 
 
-class ResNeStBackbone(nn.Module):
+class ResNeStBackbone(ResNetBackbone):
     """ResNeSt (Zhang et al. 2020, github.com/zhanghang1989/ResNeSt) trunk from timm's ``resnest*d`` family, which
     has the official layout (deep stem, radix 2, avd, avg-down shortcuts) and parameter names: the official ImageNet
     files load into it as they are. Output stride 16: layer4 keeps stride 1 and dilates its later blocks by 2
     (the official ``dilated=False, dilation=2``, as CHENDL-SHEN/ESC ``core/networks.py::Backbone`` builds it).
 
-    Same interface as :class:`ResNetBackbone`: ``forward_features`` -> ``{"layer1": ..., "layer4": ...}``,
+    A :class:`ResNetBackbone` (same stages and interface): ``forward_features`` -> ``{"layer1": ..., "layer4": ...}``,
     ``stage_channels``, ``out_channels``; (B, 3, H, W) -> (B, 2048, ceil(H/16), ceil(W/16)).
     """
 
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), width_per_group: int = 64, stem_width: int = 32):
-        super().__init__()
+        nn.Module.__init__(self)  # the stages of ResNetBackbone, built by timm
         from timm.models.resnest import ResNestBottleneck
         from timm.models.resnet import ResNet
 
@@ -145,17 +145,6 @@ class ResNeStBackbone(nn.Module):
         self.output_stride = 16
         self.stage_channels = [stem_width * 2] + [getattr(net, f"layer{i}")[-1].bn3.num_features for i in range(1, 5)]
         self.out_channels = self.stage_channels[-1]
-
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        feats = {}
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            x = getattr(self, name)(x)
-            feats[name] = x
-        return feats
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)["layer4"]
 
 
 def backbone_from_config(bb: Mapping[str, Any], cache_dir: str = "weights", **force: Any) -> nn.Module:
@@ -184,6 +173,15 @@ def resnet_from_config(bb: Mapping[str, Any], cache_dir: str = "weights", *, def
           "output_stride": bb.get("output_stride", default_output_stride), "weights": bb.get("weights")}
     kw.update(force)
     return build_resnet(cache_dir=cache_dir, **kw)
+
+
+def fix_bn_statistics(module: nn.Module) -> None:
+    """Put every BatchNorm2d of ``module`` in eval mode: it normalises with its running statistics and does not update
+    them, while its affine parameters stay trainable (the ``FixedBatchNorm`` of IRN, SIPE, ESC). Call it from a
+    model's ``train()``."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
