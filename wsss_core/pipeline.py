@@ -52,9 +52,9 @@ ARTIFACTS: dict[str, Artifact] = {
     # superpixel networks, shared by the experiments that name them (classifier.superpixels.network)
     "scn": Artifact("{dataset}/superpixels/{scn}/model.pt", "scn",
                     drop=("eval_steps", "eval_images", "eval_low", "n_shards"), key="scn"),
-    "scn_eval": Artifact("{dataset}/superpixels/{scn}/eval.json", "scn", ("scn",), key="scn"),
-    "q_maps": Artifact(f"{{dataset}}/superpixels/{{scn}}/q/{{split}}/{_SHARD}", "scn", ("scn",), kind="q",
-                       split_role="eval", key="scn"),
+    "scn_eval": Artifact("{dataset}/superpixels/{scn}/eval.json", "scn", ("scn",), drop=("n_shards",), key="scn"),
+    "q_maps": Artifact(f"{{dataset}}/superpixels/{{scn}}/q/{{split}}/{_SHARD}", "scn", ("scn",),
+                       drop=("eval_steps", "eval_images", "eval_low"), kind="q", split_role="eval", key="scn"),
     # version 2: PPC prototypes and FSAE's strong views as the references compute them
     "classifier": Artifact(f"{_E}/classifier/model.pt", "classifier", version=2),
     # version 2: multi-scale views resized with PIL bicubic, as the references
