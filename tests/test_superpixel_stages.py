@@ -148,6 +148,14 @@ def test_superpixel_networks_in_the_config_hashes():
     cfg2["datasets"]["toy"]["stages"]["scn"]["eval_images"] = 7
     assert Pipeline(cfg2).hash("toy", "msa", "scn") == base.hash("toy", "msa", "scn")
     assert Pipeline(cfg2).hash("toy", "msa", "scn_eval") != base.hash("toy", "msa", "scn_eval")
+    assert Pipeline(cfg2).hash("toy", "msa", "q_maps") == base.hash("toy", "msa", "q_maps")
+    before = Pipeline(cfg2).hash("toy", "msa", "scn_eval")
+    cfg2["datasets"]["toy"]["stages"]["scn"]["n_shards"] = 3               # how the Q maps are sharded
+    p2 = Pipeline(cfg2)
+    assert p2.hash("toy", "msa", "scn_eval") == before
+    assert p2.hash("toy", "msa", "scn") == base.hash("toy", "msa", "scn")
+    assert len(p2.shards("q_maps", "toy", "msa")) == 3
+    assert p2.shards("q_maps", "toy", "msa")[0] == "results/toy/superpixels/msa/q/val/0-of-3.h5"
     # SP-CAM's network is labelled by spcam_eps's CAMs: their settings reach it and SP-CAM's classifier
     cfg3 = _config()
     cfg3["experiments"]["spcam_eps"]["stages"]["cams"]["flip"] = False
