@@ -79,6 +79,7 @@ def _run_stage(fn: str, job: dict, inp: dict, out: dict, env: dict | None = None
                           env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["lab", "saliency_cam"])
 def test_train_scn_killed_resumes_to_the_uninterrupted_weights(toy, tmp_path, recipe):
     cfg = {**SCN_CFG, "recipe": recipe}
