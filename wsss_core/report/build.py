@@ -490,8 +490,8 @@ def render_markdown(r: Mapping[str, Any]) -> str:
         add("Where each superpixel method's Q maps come from: a trained superpixel network (`scn`, named under "
             "`superpixel_networks`) or a classical stand-in (`soft_slic`, `skimage_slic`), which changes the "
             "absolute numbers. GT reconstruction (CHENDL-SHEN/ESC `train_Q.py`): the one-hot ground truth blurred "
-            "to 12 x 12 and back, refined by the superpixel random walk of each back end, scored as mIoU; "
-            "`bilinear` is the blurred mask without superpixels.")
+            "to a small grid (12 x 12 on VOC; the `blur` column) and back, refined by the superpixel random walk of "
+            "each back end, scored as mIoU; `bilinear` is the blurred mask without superpixels.")
         add("")
         backends = ["scn", "soft_slic", "skimage_slic", "bilinear"]
         add(md_table(["experiment", "Q back end", "network", "GT reconstruction split (images, steps, blur)",
