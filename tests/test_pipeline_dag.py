@@ -20,6 +20,13 @@ def _voc_tree(root: Path) -> Path:
     return root
 
 
+def _voc_datasets(tmp_path: Path) -> dict:
+    """The config's ``datasets``: ``voc`` on a VOC-shaped tree of the real id lists, with an (empty) saliency folder."""
+    sal = tmp_path / "SALImages"
+    sal.mkdir()
+    return {"voc": {"root": str(_voc_tree(tmp_path / "VOC2012")), "saliency": {"dir": str(sal)}}}
+
+
 DEIT = "deit_small_patch16_224-cd65a155.pth"  # MCTformer's DeiT-S file name
 
 
@@ -115,10 +122,8 @@ def _unique_jobs(stdout: str):
 
 
 def test_voc_fsae_dag_shares_only_dataset_and_saliency_jobs(tmp_path):
-    root = _voc_tree(tmp_path / "VOC2012")
-    sal = tmp_path / "SALImages"
-    sal.mkdir()
-    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}}})
+    datasets = _voc_datasets(tmp_path)
+    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": datasets})
     proc = run_snakemake(tmp_path, "-n", "voc_fsae_report", configfile=cfg, check=False)
     assert proc.returncode != 0 and "ilsvrc-cls_rna-a1_cls1000_ep-0001.params" in proc.stdout + proc.stderr
     assert "github.com/jiwoon-ahn/psa" in proc.stdout + proc.stderr  # says how to get it
@@ -158,17 +163,15 @@ def test_voc_fsae_dag_shares_only_dataset_and_saliency_jobs(tmp_path):
 def test_voc_mctformer_branch_is_shared_by_its_report_and_the_fsae_report(tmp_path):
     """voc_mctformer_report (V1, V2) with voc_fsae_report: the V2 branch is built once for both, the DeiT-S file is
     fetched once by URL; a local weights.path that is missing is named with the download address."""
-    root = _voc_tree(tmp_path / "VOC2012")
-    sal = tmp_path / "SALImages"
-    sal.mkdir()
+    datasets = _voc_datasets(tmp_path)
     local = {"stages": {"classifier": {"backbone": {"weights": {"path": f"weights/{DEIT}"}}}}}
-    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}},
+    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": datasets,
                                             "experiments": {"mctformer_v1": local}})
     _resnet38_weights(tmp_path, deit=False)
     proc = run_snakemake(tmp_path, "-n", "voc_mctformer_report", configfile=cfg, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and DEIT in out and "dl.fbaipublicfiles.com/deit" in out
-    cfg = write_yaml(tmp_path / "voc2.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}}})
+    cfg = write_yaml(tmp_path / "voc2.yaml", {"datasets": datasets})
     proc = run_snakemake(tmp_path, "-n", "voc_mctformer_report", "voc_fsae_report", configfile=cfg)
     assert proc.elapsed < 60, f"DAG took {proc.elapsed:.1f} s"  # gross-regression guard; timings: bench/
     jobs, count = _unique_jobs(proc.stdout)
@@ -186,10 +189,8 @@ def test_voc_mctformer_branch_is_shared_by_its_report_and_the_fsae_report(tmp_pa
 def test_voc_sipe_sfc_and_fsae_reports_share_the_sipe_branch(tmp_path):
     """One run of the three VOC reports: the SIPE branch (classifier, CAMs, IRN, DeepLab) is built once and
     serves both the `sipe` and the `fsae` suites; SFC and SIPE + FSAE are branches of their own."""
-    root = _voc_tree(tmp_path / "VOC2012")
-    sal = tmp_path / "SALImages"
-    sal.mkdir()
-    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}}})
+    datasets = _voc_datasets(tmp_path)
+    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": datasets})
     _resnet38_weights(tmp_path)
     proc = run_snakemake(tmp_path, "-n", "voc_sipe_report", "voc_sfc_report", "voc_fsae_report", configfile=cfg)
     jobs, count = _unique_jobs(proc.stdout)
@@ -214,11 +215,9 @@ def test_voc_fsae_without_saliency_folder_names_it(tmp_path):
 
 
 def test_affinity_refinement_replaces_the_crf_jobs(tmp_path):
-    root = _voc_tree(tmp_path / "VOC2012")
-    sal = tmp_path / "SALImages"
-    sal.mkdir()
+    datasets = _voc_datasets(tmp_path)
     cfg = write_yaml(tmp_path / "voc.yaml", {
-        "datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}},
+        "datasets": datasets,
         "experiments": {"ppc": {"refine": "affinity"}, "ppc_fsae": {"refine": "crf"}},  # ppc_fsae extends ppc
     })
     _resnet38_weights(tmp_path)
@@ -264,10 +263,8 @@ def test_voc_superpixel_suites_dry_run(tmp_path):
     """voc_spcam_report and voc_msa_report on the real id lists: missing network / backbone files are named with where
     to get them; then the DAG: SP-CAM's stage 1, the (walk, threshold) grid, the shipped Q network (train_all.sh's
     quirk: no train_scn for SP-CAM unless scn: trained), MSA's network trained once for both MSA rows."""
-    root = _voc_tree(tmp_path / "VOC2012")
-    sal = tmp_path / "SALImages"
-    sal.mkdir()
-    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}}})
+    datasets = _voc_datasets(tmp_path)
+    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": datasets})
     proc = run_snakemake(tmp_path, "-n", "voc_spcam_report", configfile=cfg, check=False)
     assert proc.returncode != 0 and "resnest50-528c19ca.pth" in proc.stdout + proc.stderr
     (tmp_path / "weights").mkdir()
@@ -289,7 +286,7 @@ def test_voc_superpixel_suites_dry_run(tmp_path):
     assert scn_out == [str(Path("results/voc/superpixels/msa/model.pt"))]
     # the switch: SP-CAM with the network its stage 2 trains, labelled by stage 1's train_aug CAMs
     cfg2 = write_yaml(tmp_path / "voc2.yaml", {
-        "datasets": {"voc": {"root": str(root), "saliency": {"dir": str(sal)}}},
+        "datasets": datasets,
         "experiments": {"spcam": {"stages": {"classifier": {"superpixels": {"scn": "trained"}}}}}})
     (tmp_path / "weights" / "SpixelNet_bsd_ckpt.tar").write_bytes(b"")
     proc = run_snakemake(tmp_path, "-n", "voc_spcam_report", configfile=cfg2)
