@@ -61,7 +61,8 @@ class EPSCAMNet(FixedBNBackboneNet):
 @register_method("eps_cam")
 def build_model(cfg: Mapping[str, Any], n_classes: int, cache_dir: str = "weights") -> EPSCAMNet:
     eps_settings(cfg)
-    return EPSCAMNet(backbone_from_config(cfg["backbone"], cache_dir), n_classes, cfg["backbone"].get("frozen_bn", True))
+    return EPSCAMNet(backbone_from_config(cfg["backbone"], cache_dir), n_classes,
+                     cfg["backbone"].get("frozen_bn", True))
 
 
 def param_groups(model: EPSCAMNet, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:

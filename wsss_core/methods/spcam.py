@@ -61,8 +61,9 @@ class SPCAMNet(eps_cam.FixedBNBackboneNet):
                           nn.BatchNorm2d(c), nn.ReLU(inplace=True)),
             _conv(c, c, 3, 2), _conv(c, 2 * c, 3, 2), _conv(2 * c, 4 * c, 3, 2), _conv(4 * c, 4 * c, 3, 2))
         # ESC get_tran_conv: the DRM weights of the background (first 9) and foreground (last 9) channels
-        self.tran = nn.Sequential(_conv(backbone.out_channels + 4 * c, 1024, 3, bn=False), _conv(1024, 256, 3, bn=False),
-                                  _conv(256, 128, 3, bn=False), _conv(128, 18, 1, bn=False))
+        self.tran = nn.Sequential(_conv(backbone.out_channels + 4 * c, 1024, 3, bn=False),
+                                  _conv(1024, 256, 3, bn=False), _conv(256, 128, 3, bn=False),
+                                  _conv(128, 18, 1, bn=False))
 
     def drm_weights(self, x5: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_bg, w_fg), each (B, 9, h, w) softmax-normalised over the 9 targets of a source superpixel."""

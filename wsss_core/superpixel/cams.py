@@ -134,8 +134,9 @@ def _finish(total: torch.Tensor, keys: Sequence[int], size: tuple[int, int]) -> 
 @torch.no_grad()
 def superpixel_cams(model_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], q_fn: Callable | None,
                     image: np.ndarray, keys: Sequence[int], scales: Sequence[float], flip: bool,
-                    device: torch.device, rw_steps: int = 0, softmax: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
-                    std: Sequence[float] = IMAGENET_STD) -> tuple[np.ndarray, np.ndarray]:
+                    device: torch.device, rw_steps: int = 0, softmax: bool = True,
+                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Superpixel-level multi-scale CAMs of one image.
 
     image uint8 (H, W, 3); ``model_fn(x, q)`` -> (1, C+1, h, w) superpixel-level logits (channel 0 background);

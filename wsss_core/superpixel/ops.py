@@ -183,7 +183,8 @@ def refine_with_q(x: torch.Tensor, q: torch.Tensor, n: int, a: torch.Tensor | No
 
 
 def hard_labels(q: torch.Tensor, cell: int = CELL) -> torch.Tensor:
-    """Hard superpixel id per pixel (visualisation): the cell ``c(p) + d_argmax``, clamped to the grid, as ``sy * w + sx``.
+    """Hard superpixel id per pixel (visualisation): the cell ``c(p) + d_argmax``, clamped to the grid, as
+    ``sy * w + sx``.
 
     q: (B, 9, H, W) -> (B, H, W) int64.
     """

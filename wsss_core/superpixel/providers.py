@@ -36,7 +36,8 @@ def to_rgb_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -
 
 def slic_features(rgb: np.ndarray, cell: int = ops.CELL, color_scale: float = 0.26,
                   pos_scale: float = 2.5) -> torch.Tensor:
-    """SSN pixel features ``[color_scale * LAB, (pos_scale / S) * (y, x)]``: (B, H, W, 3) uint8 -> (B, 5, H, W) float32."""
+    """SSN pixel features ``[color_scale * LAB, (pos_scale / S) * (y, x)]``: (B, H, W, 3) uint8 -> (B, 5, H, W)
+    float32."""
     from skimage.color import rgb2lab
 
     b, hh, ww, _ = rgb.shape
