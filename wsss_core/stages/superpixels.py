@@ -105,10 +105,11 @@ def eval_superpixels(job: JobSettings, inp: Files, out: Files) -> None:
         g = torch.from_numpy(gt.astype(np.int64))[None].to(run.device)
         x = x.to(run.device)
         for name, prov in providers.items():
-            pred = scn.gt_reconstruction(prov.q(x), g, info.n_classes, steps, low)
+            q = prov.q(x)
+            pred = scn.gt_reconstruction(q, g, info.n_classes, steps, low)
             conf[name].update(gt, pred[0].cpu().numpy())
-            if name == "scn":
-                base = scn.gt_reconstruction(prov.q(x), g, info.n_classes, 0, low)
+            if name == "scn":  # no walk: the blurred mask itself (Q only fixes the size)
+                base = scn.gt_reconstruction(q, g, info.n_classes, 0, low)
                 conf["bilinear"].update(gt, base[0].cpu().numpy())
     result = {"split": split, "images": len(ids), "steps": steps, "low": low, "network": job.experiment,
               "recipe": cfg["recipe"], "config_hash": job.config_hash,

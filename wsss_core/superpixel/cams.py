@@ -78,7 +78,7 @@ def ceil16(n: float) -> int:
 
 
 @torch.no_grad()
-def superpixel_cams_grid(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], q_fn: Callable,
+def superpixel_cams_grid(model_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], q_fn: Callable | None,
                          image: np.ndarray, keys: Sequence[int], scales: Sequence[float], flip: bool,
                          device: torch.device, rw_grid: Sequence[int], softmax: bool = True,
                          mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
@@ -88,12 +88,13 @@ def superpixel_cams_grid(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.
     ns = sorted({int(n) for n in rw_grid})
     totals: dict[int, torch.Tensor] = {}
 
-    def accumulate(p: torch.Tensor, q: torch.Tensor, flipped: bool, out_size) -> None:
-        a, done = ops.asam(q), 0
+    def accumulate(p: torch.Tensor, q: torch.Tensor | None, flipped: bool, out_size) -> None:
+        a, done = (ops.asam(q) if q is not None and ns[-1] else None), 0
         for n in ns:
-            p = ops.random_walk(p, a, n - done)
+            if n > done:
+                p = ops.random_walk(p, a, n - done)
             done = n
-            x = F.interpolate(ops.up(p, q), out_size, mode="bilinear", align_corners=False)
+            x = F.interpolate(ops.up(p, q) if q is not None else p, out_size, mode="bilinear", align_corners=False)
             x = x.flip(-1) if flipped else x
             totals[n] = x if n not in totals else totals[n] + x
 
@@ -145,17 +146,6 @@ def superpixel_cams(model_fn: Callable[[torch.Tensor, torch.Tensor | None], torc
     the threshold downstream). ``q_fn=None`` (SP-CAM's stage-1 EPS classifier): no superpixels, the maps are resized
     bilinearly to the image size and summed there (``model_fn(x, None)``).
     """
-    total: list[torch.Tensor] = []
-
-    def accumulate(p: torch.Tensor, q: torch.Tensor | None, flipped: bool, out_size) -> None:
-        if q is not None:
-            if rw_steps:
-                p = ops.random_walk(p, ops.asam(q), rw_steps)
-            p = ops.up(p, q)
-        p = F.interpolate(p, out_size, mode="bilinear", align_corners=False)
-        p = p.flip(-1) if flipped else p
-        total[:] = [p if not total else total[0] + p]
-
-    _passes(model_fn, q_fn, image, scales, flip, device, softmax, mean, std, accumulate)
-    cams = _finish(total[0], keys, image.shape[:2])
+    cams = superpixel_cams_grid(model_fn, q_fn, image, keys, scales, flip, device, [rw_steps], softmax, mean,
+                                std)[int(rw_steps)]
     return np.asarray(list(keys), dtype=np.int64), cams
