@@ -30,6 +30,7 @@ include: "rules/refine.smk"
 include: "rules/affinity.smk"
 include: "rules/irn.smk"
 include: "rules/segmentation.smk"
+include: "rules/single_stage.smk"
 include: "rules/submission.smk"
 include: "rules/report.smk"
 

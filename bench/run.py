@@ -27,6 +27,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("workflow", []),
     ("train_step", []),
     ("superpixels", []),
+    ("varm", []),
 ]
 
 README = REPO / "bench" / "README.md"

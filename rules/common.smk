@@ -8,7 +8,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
-from wsss_core.config import experiment_config, url_file_name
+from wsss_core.config import experiment_config, stage_config, url_file_name
 from wsss_core.data.prepare import SALIENCY_HOWTO, VOC_HOWTO, voc_layout_problems, voc_lists
 from wsss_core.errors import CONFIG_FIX, ConfigError, config_problems, missing_weights_message
 from wsss_core.pipeline import ARTIFACTS, Pipeline
@@ -277,6 +277,18 @@ def all_cam_shards(w):
     return [p for s in cam_splits(w.dataset, w.experiment) for p in shard_paths("cams", w.dataset, w.experiment, s)]
 
 
+def single_stage(dataset, experiment):
+    """Whether the experiment computes, evaluates and reports its method's own segmentation output."""
+    enabled = stage_config(config, dataset, experiment, "single_stage").get("enabled")
+    return bool(enabled) or P.mask_artifact(experiment) == "ss_masks"
+
+
+def ss_eval_shards(w):
+    """The single-stage maps of the threshold and eval splits (the curve is swept on the first)."""
+    splits = dict.fromkeys(P.split_name(w.dataset, r) for r in ("threshold", "eval"))
+    return [p for s in splits for p in shard_paths("ss_maps", w.dataset, w.experiment, s)]
+
+
 def scn_inputs(w):
     """train_scn's inputs besides the dataset: for recipe saliency_cam, the saliency manifest and the train-split CAM
     shards of the network's cams_from experiment."""
@@ -339,6 +351,9 @@ def experiment_files(dataset, experiment):
     if network is not None:
         files["scn_eval"] = P.path("scn_eval", dataset=d, scn=network)
         files["q_maps"] = shard_paths("q_maps", d, network)
+    if single_stage(d, e):
+        files["ss_eval"] = P.path("ss_eval", dataset=d, experiment=e)
+        files["ss_crf_eval"] = P.path("ss_crf_eval", dataset=d, experiment=e)
     if scfg(d, e, "rw_grid").get("rw_grid"):
         files["rw_grid"] = P.path("rw_grid", dataset=d, experiment=e)
     if has_test_split(d):

@@ -41,6 +41,9 @@ TINY = {
     # an untrained superpixel network in place of the one train_scn makes (the stage sets superpixels.weights)
     "spcam": {**_TINY_RESNEST, "superpixels": {"weights": None}},
     "msa": {**TINY_RESNET, "msa": {"patches": 1}, "superpixels": {"weights": None}},   # 2x2 grid: one patch
+    # the segmentation loss from step 0 (the contract runs one step)
+    "rtc": {"backbone": {"arch": "resnet38", "width": 0.0625, "weights": None},
+            "rtc": {"view2_size": 16, "seg_start": 0.0, "refine_iters": 2}},
 }
 
 
@@ -136,6 +139,11 @@ def check_method_contract(name: str, toy: dict, cfg: dict | None = None) -> None
     if aux is not None:
         aux = np.asarray(aux)
         assert aux.shape[1:] == image.shape[:2] and np.isfinite(aux).all()
+    if hasattr(m, "infer_seg"):  # a single-stage method: its own segmentation output (fg score maps)
+        seg_keys, maps = m.infer_seg(model2, image, [1.0], True, cpu)
+        assert [int(k) for k in seg_keys] == list(range(1, info.n_classes)), f"{name}: infer_seg keys {seg_keys}"
+        assert maps.shape == (info.n_classes - 1, *image.shape[:2]) and np.isfinite(maps).all()
+        assert (maps >= 0).all() and (maps <= 1).all(), f"{name}: single-stage maps outside [0, 1]"
 
 
 @pytest.mark.parametrize("name", registered_methods())

@@ -77,6 +77,16 @@ ARTIFACTS: dict[str, Artifact] = {
     "irn": Artifact(f"{_E}/irn/model.pt", "irn", ("ir_labels",), drop=("rw",)),
     "irn_masks": Artifact(f"{_E}/pseudo_masks_irn/{_SHARD}", "irn", ("irn", "cam_eval"), kind="masks",
                           split_role="train"),
+    # single-stage methods (RTC): the method's own segmentation output (stage single_stage), its threshold curve,
+    # its CRF labels on the eval split, and on the train split as the pseudo-masks of `refine: single_stage`
+    "ss_maps": Artifact(f"{_E}/single_stage/maps/{{split}}/{_SHARD}", "single_stage", ("classifier",),
+                        drop=("crf", "enabled"), kind="cams"),
+    "ss_eval": Artifact(f"{_E}/eval/single_stage.json", "eval", ("ss_maps",)),
+    "ss_crf": Artifact(f"{_E}/single_stage/crf/{{split}}/{_SHARD}", "single_stage", ("ss_eval",),
+                       drop=("enabled", "scales", "flip", "gate"), kind="masks"),
+    "ss_crf_eval": Artifact(f"{_E}/eval/single_stage_crf.json", None, ("ss_crf",)),
+    "ss_masks": Artifact(f"{_E}/pseudo_masks_single_stage/{_SHARD}", "single_stage", ("ss_eval",),
+                         drop=("enabled", "scales", "flip", "gate"), kind="masks", split_role="train"),
     "ir_label_eval": Artifact(f"{_E}/eval/ir_labels.json", None, ("ir_labels",)),
     "mask_eval": Artifact(f"{_E}/eval/pseudo_masks.json", None, ("pseudo_masks",)),
     "segmentation": Artifact(f"{_E}/segmentation/model.pt", "segmentation", ("pseudo_masks",)),
@@ -88,7 +98,8 @@ ARTIFACTS: dict[str, Artifact] = {
 }
 
 #: ``experiments.<name>.refine`` -> the artifact that holds its pseudo-masks (and the stage that sizes its shards)
-REFINERS: dict[str, str] = {"crf": "crf_masks", "affinity": "rw_masks", "irn": "irn_masks", "none": "cam_masks"}
+REFINERS: dict[str, str] = {"crf": "crf_masks", "affinity": "rw_masks", "irn": "irn_masks", "none": "cam_masks",
+                            "single_stage": "ss_masks"}
 
 
 def export_library_path(root: str) -> None:

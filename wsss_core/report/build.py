@@ -483,6 +483,31 @@ def render_markdown(r: Mapping[str, Any]) -> str:
         add("")
         _same_split_footnote(add, [x.get("cam_seeds_threshold_chosen_on_this_split", False) for x in r["refinement"]])
 
+    # ----- single-stage output
+    if r.get("single_stage"):
+        add("## Single-stage output")
+        add("")
+        add("Methods with a segmentation branch of their own (RTC) are scored twice: **single-stage**, the "
+            "method's own output on the eval split (score maps thresholded at the background threshold chosen by "
+            "the curve, then with the CRF of `stages.single_stage.crf`), and **two-stage**, the segmentation "
+            "network of the summary table trained on the method's pseudo-masks.")
+        add("")
+        ss = r["single_stage"]
+        add(md_table(["experiment", "split", "bg threshold t", "t chosen on (criterion)", "single-stage mIoU",
+                      "single-stage + CRF mIoU", "two-stage (segmentation network) mIoU", "images"],
+                     [[x["experiment"], x["split"], fmt_t(x["threshold"]),
+                       f"{x['threshold_source']['split']} ({x['threshold_source']['criterion']})",
+                       fmt_marked(x["miou"], x["threshold_chosen_on_this_split"]), fmt(x["crf_miou"]),
+                       fmt(x["two_stage_miou"]), fmt(x["n_images"])] for x in ss],
+                     ["l", "l", "r", "l", "r", "r", "r", "r"]))
+        add("")
+        _same_split_footnote(add, [x["threshold_chosen_on_this_split"] for x in ss])
+        classes = r["per_class"]["classes"]
+        add(md_table(["experiment", "output", *classes],
+                     [[x["experiment"], name, *[fmt(v) for v in x[key]]]
+                      for x in ss for name, key in (("single-stage", "iou"), ("+ CRF", "crf_iou"))]))
+        add("")
+
     # ----- superpixels
     if r.get("superpixels"):
         add("## Superpixels")

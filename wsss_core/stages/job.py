@@ -25,6 +25,8 @@ STAGE_FUNCTIONS = {
     "train_classifier": "classifier:train_classifier",
     "infer_cams": "classifier:infer_cams",
     "eval_cams": "evaluate:eval_cams",
+    "infer_single_stage": "single_stage:infer_single_stage",
+    "single_stage_crf": "single_stage:single_stage_crf",
     "eval_masks": "evaluate:eval_masks",
     "refine_crf": "refine:refine_crf",
     "threshold_masks": "refine:threshold_masks",

@@ -93,11 +93,20 @@ def refine_crf(job: JobSettings, inp: Files, out: Files, crf: bool = True) -> No
     """Pseudo-masks of one shard of the ``train`` split (uint8 HDF5 shard ``out.masks``, values 0..C-1) from the CAM
     shards ``inp.cams`` and the background threshold of ``inp.cam_eval``: a dense CRF, or (``crf=False``,
     :func:`threshold_masks`) the thresholded CAMs themselves."""
+    label_maps(job, job.cfg, inp.cams, inp.cam_eval, out.masks, job.split("train"), crf)
+
+
+def label_maps(job: JobSettings, cfg: Mapping[str, Any], cam_shards: Sequence[str], cam_eval: str | None,
+               out_path: str, split: str, crf: bool = True) -> None:
+    """One shard (``job.shard`` of ``job.n_shards``) of ``split``'s label maps from the score maps of
+    ``cam_shards`` and the background of ``cfg`` (``bg_threshold`` / ``bg_alpha``; "auto": chosen in
+    ``cam_eval``): a dense CRF (``cfg``: ``preset``, ``params``, ``n_workers``) or, without ``crf``, the thresholded
+    maps, into ``out_path``."""
     logger = setup_job_logging(job.log)
-    cfg, split, shard, n_shards = job.cfg, job.split("train"), job.shard, job.n_shards
+    shard, n_shards = job.shard, job.n_shards
     info = DatasetInfo(job.prepared)
     params = crf_params(cfg.get("preset", "seam_label"), **dict(cfg.get("params") or {})) if crf else None
-    bg, source = resolve_bg_threshold(cfg, inp.cam_eval)
+    bg, source = resolve_bg_threshold(cfg, cam_eval)
     ids = shard_ids(info.ids(split), shard, n_shards)
     logger.info("%s on %d images, bg %s (%s)", f"CRF {params}" if crf else "threshold (no CRF)", len(ids), bg,
                 source)
@@ -110,13 +119,13 @@ def refine_crf(job: JobSettings, inp: Files, out: Files, crf: bool = True) -> No
     n_workers = max(1, min(int(cfg.get("n_workers", 1)), job.threads))
     with contextlib.ExitStack() as stack:
         results = stack.enter_context(map_images(_refine_one, ids, n_workers, _init_worker,
-                                                 (inp.cams, job.prepared, params, bg),
+                                                 (cam_shards, job.prepared, params, bg),
                                                  lambda: _WORKER["store"].close()))
-        writer = stack.enter_context(ShardWriter(out.masks, "masks", attrs))
+        writer = stack.enter_context(ShardWriter(out_path, "masks", attrs))
         for image_id, mask in progress(results, total=len(ids), desc=f"{'crf' if crf else 'masks'} "
                                                                         f"{shard + 1}/{n_shards}"):
             writer.add_mask(image_id, mask)
-    logger.info("wrote %d pseudo-masks to %s", len(ids), out.masks)
+    logger.info("wrote %d label maps of %s to %s", len(ids), split, out_path)
 
 
 def threshold_masks(job: JobSettings, inp: Files, out: Files) -> None:

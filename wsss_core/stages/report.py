@@ -45,7 +45,8 @@ N_EXAMPLES, N_TRAIN_EXAMPLES = 6, 2
 STAGES = ("cam", "pseudo_mask", "segmentation")
 #: An experiment's ``refine`` setting -> how its pseudo-masks were made (the refinement table's column).
 REFINEMENTS = {"crf": "dense CRF", "affinity": "AffinityNet random walk", "irn": "IRN random walk",
-               "none": "none (thresholded CAMs)"}
+               "none": "none (thresholded CAMs)",
+               "single_stage": "dense CRF of the method's own segmentation output"}
 NETWORKS = (("classifier", "classifier"), ("segmentation", "segmentation"))  # (training key, files key)
 
 
@@ -273,6 +274,7 @@ class ReportInputs:
     notes: list[str] = field(default_factory=list)
     superpixels: dict[str, dict] = field(default_factory=dict)  #: experiment -> its Q back end, SCN score
     superpixel_overlays: dict[str, list] = field(default_factory=dict)  #: network -> [(id, image, labels)]
+    single_stage: dict[str, dict] = field(default_factory=dict)  #: experiment -> {"eval", "crf_eval"} JSONs
 
 
 def _experiment_files(experiments: Sequence[str], files: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
@@ -339,6 +341,8 @@ def collect(job: JobSettings, repo: str | os.PathLike | None = None, logger=None
                    for e, sp in (x.get("superpixels") or {}).items() if sp}
     overlays = read_superpixel_overlays(info, {(superpixels[e]["settings"] or {}).get("network"): files[e]["q_maps"]
                                                for e in superpixels if files[e].get("q_maps")}, eval_split)
+    single = {e: {"eval": read_json(files[e]["ss_eval"][0]), "crf_eval": read_json(files[e]["ss_crf_eval"][0])}
+              for e in experiments if files[e].get("ss_eval") and files[e].get("ss_crf_eval")}
     return ReportInputs(
         suite=x.get("suite"), dataset=job.dataset, prepared=str(job.prepared), eval_split=eval_split,
         mask_split=mask_split, experiments=experiments, labels=dict(x.get("labels") or {}),
@@ -346,7 +350,7 @@ def collect(job: JobSettings, repo: str | os.PathLike | None = None, logger=None
         classes=list(classes), manifest=dict(info.manifest), files=files, cam_eval=cam_ev, mask_eval=mask_ev,
         seg_eval=seg_ev, ir_label_eval=ir, mask_attrs=mask_attrs, training=training, baseline=baseline,
         baseline_n_images=len(info.ids(eval_split)), qualitative=qualitative, saliency=saliency,
-        submissions=submissions, superpixels=superpixels, superpixel_overlays=overlays,
+        submissions=submissions, superpixels=superpixels, superpixel_overlays=overlays, single_stage=single,
         environment=rb.environment(repo if repo is not None else Path.cwd()),
         notes=list(x.get("notes") or []))
 
@@ -429,6 +433,26 @@ def _refinement_rows(d: ReportInputs) -> list[dict]:
             row["ir_labels"] = {"labelled_fraction": ir.get("labelled_fraction"),
                                 "miou_labelled": ir.get("miou_labelled")}
         out.append(row)
+    return out
+
+
+def single_stage_rows(d: ReportInputs) -> list[dict]:
+    """Per single-stage experiment: its own segmentation output on the eval split, at the background threshold
+    chosen by the curve (and where), and after the CRF; the segmentation-network (two-stage) number beside it."""
+    out = []
+    for e in d.experiments:
+        if e not in d.single_stage:
+            continue
+        ev, crf = d.single_stage[e]["eval"], d.single_stage[e]["crf_eval"]
+        th, scores = ev["threshold"], ev["scores"][d.eval_split]
+        out.append({"experiment": e, "split": d.eval_split, "threshold": th["value"],
+                    "threshold_source": {"split": th["source"]["split"], "criterion": th["source"]["criterion"],
+                                         "miou_at_value": th["source"].get("miou_at_value")},
+                    "threshold_chosen_on_this_split": threshold_chosen_on(ev, d.eval_split),
+                    "miou": scores["miou"], "miou_strict": scores["miou_strict"], "iou": scores["iou"],
+                    "crf_miou": crf["scores"]["miou"], "crf_miou_strict": crf["scores"]["miou_strict"],
+                    "crf_iou": crf["scores"]["iou"], "n_images": crf.get("n_images"),
+                    "two_stage_miou": d.seg_eval[e]["scores"]["miou"]})
     return out
 
 
@@ -530,7 +554,9 @@ def build(d: ReportInputs, out: Mapping[str, str]) -> BuiltReport:
                             "pixel_acc": me["scores"].get("pixel_acc")},
             "segmentation": {"split": se.get("split"), "miou": se["scores"]["miou"],
                              "miou_strict": se["scores"]["miou_strict"], "n_images": se.get("n_images"),
-                             "pixel_acc": se["scores"].get("pixel_acc")},
+                             "pixel_acc": se["scores"].get("pixel_acc"),
+                             "path": "two-stage: the segmentation network trained on the pseudo-masks ("
+                                     f"{refinement_kind(d.settings.get(e) or {})})"},
         })
         bg_used = sorted({float(a["bg_threshold"]) for a in d.mask_attrs[e] if "bg_threshold" in a})
         thresholds.append({
@@ -615,6 +641,7 @@ def build(d: ReportInputs, out: Mapping[str, str]) -> BuiltReport:
         "thresholds": thresholds,
         "refinement": refinement,
         "superpixels": superpixel_rows(d.superpixels),
+        "single_stage": single_stage_rows(d),
         "per_class": per_class,
         "baseline": baseline,
         "training": training,
