@@ -293,3 +293,26 @@ def test_voc_superpixel_suites_dry_run(tmp_path):
     jobs, _ = _unique_jobs(proc.stdout)
     assert [o for r, outs in jobs if r == "train_scn" for o in outs] == [
         str(Path("results/voc/superpixels/spcam/model.pt"))]
+
+
+def test_voc_rtc_dry_run_single_stage_and_two_stage_paths(tmp_path):
+    """voc_rtc_report on the real id lists: the single-stage maps on train (the threshold split), val (the eval split)
+    and train_aug (the two-stage pseudo-masks), one curve, CRF labels of val and train_aug, DeepLab on the latter;
+    the ppcrtc suite shares RTC's branch."""
+    datasets = _voc_datasets(tmp_path)
+    cfg = write_yaml(tmp_path / "voc.yaml", {"datasets": datasets})
+    _resnet38_weights(tmp_path, deit=False)
+    proc = run_snakemake(tmp_path, "-n", "voc_rtc_report", "voc_ppcrtc_report", configfile=cfg)
+    assert proc.elapsed < 60, f"DAG took {proc.elapsed:.1f} s"  # gross-regression guard; timings: bench/
+    jobs, count = _unique_jobs(proc.stdout)
+    assert count("train_classifier", "rtc") == 1 and count("infer_cams", "rtc") == 16
+    assert count("infer_single_stage", "rtc") == 24                       # train, val, train_aug x 8 shards
+    assert count("eval_single_stage", "rtc") == 1 and count("eval_single_stage_crf", "rtc") == 1
+    assert count("single_stage_crf", "rtc") == 8 and count("single_stage_masks", "rtc") == 8
+    assert count("refine_crf", "rtc") == 0 and count("train_segmentation", "rtc") == 1
+    assert count("infer_single_stage", "ppc") == 0 and count("refine_crf", "ppc") == 8
+    maps = sorted({o.split("/maps/")[1].split("/")[0] for r, outs in jobs if r == "infer_single_stage" for o in outs})
+    assert maps == ["train", "train_aug", "val"]
+    masks = [o for r, outs in jobs if r == "single_stage_masks" for o in outs]
+    assert all("/voc/rtc/pseudo_masks_single_stage/" in m for m in masks)
+    assert [r for r, _ in jobs].count("report") == 2

@@ -26,6 +26,11 @@ Optional:
 - ``build_optimizer(model, cfg) -> Optimizer`` — default: SGD over ``param_groups`` (momentum / weight decay
   from ``cfg``); ``lr_lambda(cfg, steps_per_epoch) -> (step -> lr multiplier)`` — default: poly over
   ``max_steps`` (MCTformer: AdamW with a per-epoch warm-up + cosine schedule);
+- ``infer_seg(model, image, scales, flip, device, keys=None) -> (keys_out, maps)`` — a single-stage method's own
+  segmentation output of one uint8 image: fg score maps (K, H, W) in [0, 1] whose background is a threshold (RTC);
+  ``keys`` None: every class (gated by the method's own class scores), else those classes; the pipeline evaluates
+  it with and without CRF when the experiment sets ``stages.single_stage.enabled``
+  (:mod:`wsss_core.stages.single_stage`);
 - ``setup(model, labels, cfg)`` — called once before training with the training list's (N, C) multi-hot
   labels (e.g. SFC's class-occurrence weights).
 
