@@ -28,6 +28,8 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("train_step", []),
     ("superpixels", []),
     ("varm", []),
+    ("coco_masks", []),
+    ("coco_eval", []),
 ]
 
 README = REPO / "bench" / "README.md"

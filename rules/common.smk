@@ -103,9 +103,30 @@ def prepared(dataset):
     return os.path.dirname(P.path("manifest", dataset=dataset))
 
 
-def dataset_root(dataset):
+def generated(dataset):
+    """Whether the dataset is made by make_toy_dataset (the toy data, in VOC or COCO format)."""
     ds = dataset_cfg(dataset)
-    return P.path("toy_source", dataset=dataset) if ds["kind"] == "toy" else ds["root"]
+    return ds["kind"] == "toy" or "generator" in ds
+
+
+def dataset_root(dataset):
+    return P.path("toy_source", dataset=dataset) if generated(dataset) else dataset_cfg(dataset)["root"]
+
+
+COCO_SPLITS = {"train": "annotations/instances_train2014.json", "val": "annotations/instances_val2014.json"}
+
+
+def coco_annotations(dataset):
+    """split -> instances file of a COCO dataset (datasets.<D>.annotations, relative to its root)."""
+    files = dataset_cfg(dataset).get("annotations") or COCO_SPLITS
+    return {s: str(Path(dataset_root(dataset)) / f) for s, f in files.items()}
+
+
+def coco_mask_markers(dataset):
+    """The coco_masks markers of every split and shard of a COCO dataset."""
+    n = int((dataset_cfg(dataset).get("masks") or {}).get("n_shards", 8))
+    return [P.path("coco_masks", dataset=dataset, split=s, shard=k, nshards=n)
+            for s in coco_annotations(dataset) for k in range(n)]
 
 
 def scfg(dataset, experiment, artifact):
@@ -145,6 +166,8 @@ def train_gpus(artifact):
 def dataset_inputs(wildcards):
     """Inputs of prepare_dataset; for a user dataset, check its layout now (at DAG build) and name what is missing."""
     ds = dataset_cfg(wildcards.dataset)
+    if ds["kind"] == "coco":
+        return {"coco_masks": coco_mask_markers(wildcards.dataset)}
     if ds["kind"] == "toy":
         return {"root": dataset_root(wildcards.dataset)}
     problems = voc_layout_problems(ds, wildcards.dataset)
@@ -158,6 +181,21 @@ def dataset_inputs(wildcards):
     root = Path(ds["root"]).expanduser()
     lists = {f"list_{s}": str(p) for s, p in voc_lists(ds, wildcards.dataset)[0].items()}
     return {"images": str(root / "JPEGImages"), **lists}
+
+
+def coco_instances(wildcards):
+    """The instances file of a COCO split; a user tree is checked now (DAG build), naming what is missing."""
+    d = wildcards.dataset
+    if not generated(d):
+        from wsss_core.data.coco import COCO_HOWTO, coco_tree_problems
+
+        problems = coco_tree_problems(dataset_root(d))
+        if problems:
+            listed = "\n  - ".join(p for p in problems if p != COCO_HOWTO)
+            raise WorkflowError(f"dataset {d!r} (datasets.{d}.root = {dataset_root(d)}) is not usable:\n  - "
+                                f"{listed}\n{COCO_HOWTO}")
+        return coco_annotations(d)[wildcards.split]
+    return [dataset_root(d)]
 
 
 def dataset_for_prepare(dataset):
@@ -255,7 +293,7 @@ def checked_shards(paths, kind, split, hash_now):
 
 def shard_paths(artifact, dataset, experiment, split=None):
     """Every (checked) shard of a sharded artifact; ``split`` for artifacts of any split (cams, seg_pred)."""
-    name = P.resolve(experiment, artifact)
+    name = P.resolve(experiment, artifact, dataset)
     a = ARTIFACTS[name]
     split = P.split_name(dataset, a.split_role) if a.split_role else split
     return checked_shards(P.shards(name, dataset, experiment, split), a.kind, split,
@@ -280,7 +318,7 @@ def all_cam_shards(w):
 def single_stage(dataset, experiment):
     """Whether the experiment computes, evaluates and reports its method's own segmentation output."""
     enabled = stage_config(config, dataset, experiment, "single_stage").get("enabled")
-    return bool(enabled) or P.mask_artifact(experiment) == "ss_masks"
+    return bool(enabled) or P.mask_artifact(experiment, dataset) == "ss_masks"
 
 
 def ss_eval_shards(w):
@@ -345,7 +383,7 @@ def experiment_files(dataset, experiment):
              for name in ("cam_eval", "mask_eval", "seg_eval", "classifier", "segmentation")}
     files.update(cams=shard_paths("cams", d, e, ev), masks=shard_paths("pseudo_masks", d, e),
                  preds=shard_paths("seg_pred", d, e, ev), saliency=saliency_inputs(d, e))
-    if P.mask_artifact(e) == "irn_masks":
+    if P.mask_artifact(e, d) in ("irn_masks", "ir_labels"):
         files["ir_label_eval"] = P.path("ir_label_eval", dataset=d, experiment=e)
     network = P.scn_network(d, e)
     if network is not None:

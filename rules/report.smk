@@ -38,7 +38,8 @@ rule report:
             experiments=lambda w: config["suites"][w.suite]["experiments"],
             labels=experiment_labels,
             files=report_groups,
-            settings=lambda w: {e: experiment_config(config, e) for e in config["suites"][w.suite]["experiments"]},
+            settings=lambda w: {e: {**experiment_config(config, e), "refine": P.refine(e, w.dataset)}
+                                for e in config["suites"][w.suite]["experiments"]},
             superpixels=superpixel_settings,
             seed=config["seed"],
             eval_stage=config["stages"]["eval"],

@@ -27,8 +27,8 @@ class Artifact:
     for the one the experiment's ``refine`` choice makes); ``kind`` / ``split_role``: sharded HDF5 outputs, their
     shard kind and, for a fixed split, its role (``train``: the training split); ``version``: part of the config
     hash, raised when a code change alters what the artifact is for unchanged settings, so that existing outputs
-    count as out of date; ``key``: what the artifact belongs to besides the dataset, an ``experiment`` or a superpixel
-    network (``scn``: the wildcard ``{scn}``, a name under ``superpixel_networks``)."""
+    count as out of date; ``key``: what the artifact belongs to besides the dataset, an ``experiment``, a superpixel
+    network (``scn``: the wildcard ``{scn}``, a name under ``superpixel_networks``) or nothing (``dataset``)."""
 
     path: str
     stage: str | None = None
@@ -49,6 +49,8 @@ ARTIFACTS: dict[str, Artifact] = {
     "labels": Artifact("{dataset}/dataset/labels.json"),
     "lists": Artifact("{dataset}/dataset/lists"),
     "saliency": Artifact("{dataset}/saliency/manifest.json"),
+    # COCO: one shard of a split's class masks from the instance annotations (PNGs in coco_masks/masks/, a marker)
+    "coco_masks": Artifact("{dataset}/coco_masks/{split}/{shard}-of-{nshards}.json", key="dataset"),
     # superpixel networks, shared by the experiments that name them (classifier.superpixels.network)
     "scn": Artifact("{dataset}/superpixels/{scn}/model.pt", "scn",
                     drop=("eval_steps", "eval_images", "eval_low", "n_shards"), key="scn"),
@@ -99,7 +101,7 @@ ARTIFACTS: dict[str, Artifact] = {
 
 #: ``experiments.<name>.refine`` -> the artifact that holds its pseudo-masks (and the stage that sizes its shards)
 REFINERS: dict[str, str] = {"crf": "crf_masks", "affinity": "rw_masks", "irn": "irn_masks", "none": "cam_masks",
-                            "single_stage": "ss_masks"}
+                            "single_stage": "ss_masks", "ir_labels": "ir_labels"}
 
 
 def export_library_path(root: str) -> None:
@@ -133,20 +135,27 @@ class Pipeline:
     def path(self, artifact: str, **wildcards: Any) -> str:
         return self.template(artifact).format(**wildcards)
 
-    def mask_artifact(self, experiment: str) -> str:
-        """The artifact that holds ``experiment``'s pseudo-masks (its ``refine`` choice)."""
-        return REFINERS[experiment_config(self.config, experiment).get("refine", "crf")]
+    def refine(self, experiment: str, dataset: str | None = None) -> str:
+        """``experiment``'s ``refine`` choice on ``dataset``: ``experiments.E.datasets.D.refine`` (e.g. SIPE on COCO:
+        the CRF labels of cam_to_ir_label instead of IRN, as the references), else ``experiments.E.refine`` (crf)."""
+        exp = experiment_config(self.config, experiment)
+        per = ((exp.get("datasets") or {}).get(dataset) or {}).get("refine") if dataset else None
+        return per or exp.get("refine", "crf")
 
-    def resolve(self, experiment: str | None, artifact: str) -> str:
-        return self.mask_artifact(experiment) if artifact == "pseudo_masks" else artifact
+    def mask_artifact(self, experiment: str, dataset: str | None = None) -> str:
+        """The artifact that holds ``experiment``'s pseudo-masks on ``dataset`` (its ``refine`` choice)."""
+        return REFINERS[self.refine(experiment, dataset)]
+
+    def resolve(self, experiment: str | None, artifact: str, dataset: str | None = None) -> str:
+        return self.mask_artifact(experiment, dataset) if artifact == "pseudo_masks" else artifact
 
     def n_shards(self, dataset: str, experiment: str, artifact: str) -> int:
-        return int(self.settings(dataset, experiment, self.resolve(experiment, artifact))["n_shards"])
+        return int(self.settings(dataset, experiment, self.resolve(experiment, artifact, dataset))["n_shards"])
 
     def shards(self, artifact: str, dataset: str, experiment: str, split: str | None = None) -> list[str]:
         """Every shard path of a sharded artifact (``split``: for artifacts of any split, e.g. ``cams``);
         ``experiment``: the superpixel network for artifacts of one (``key`` scn)."""
-        artifact = self.resolve(experiment, artifact)
+        artifact = self.resolve(experiment, artifact, dataset)
         a = ARTIFACTS[artifact]
         if a.split_role:
             split = self.split_name(dataset, a.split_role)
@@ -161,7 +170,7 @@ class Pipeline:
     # ------------------------------------------------------------------ settings and hashes
     def settings(self, dataset: str, experiment: str | None, artifact: str) -> dict[str, Any]:
         """The stage settings that make ``artifact`` (its ``drop`` keys removed); {} for an artifact of no stage."""
-        a = ARTIFACTS[self.resolve(experiment, artifact)]
+        a = ARTIFACTS[self.resolve(experiment, artifact, dataset)]
         if a.stage is None:
             return {}
         cfg = stage_config(self.config, dataset, experiment, a.stage)
@@ -170,7 +179,7 @@ class Pipeline:
     def hash(self, dataset: str, experiment: str, artifact: str) -> str:
         """Hash of everything that determines ``artifact``: its settings, the hashes of what it is made from, and at
         the root (the classifier) the dataset's settings, the method and the seed."""
-        return self._hash(dataset, experiment, self.resolve(experiment, artifact))
+        return self._hash(dataset, experiment, self.resolve(experiment, artifact, dataset))
 
     def _hash_uncached(self, dataset: str, experiment: str, artifact: str) -> str:
         a = ARTIFACTS[artifact]

@@ -207,8 +207,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.PathLike, n_workers: int = 1) -> dict:
-    """Write lists, labels and manifest for dataset config ``ds`` (kind toy or voc); returns the manifest.
+def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.PathLike, n_workers: int = 1,
+                    coco_markers: Sequence[str] | None = None) -> dict:
+    """Write lists, labels and manifest for dataset config ``ds`` (kind toy, voc or coco); returns the manifest.
+
+    COCO (``kind: coco``): the lists, labels and class names come from the ``coco_masks`` shard markers
+    ``coco_markers`` (:func:`wsss_core.stages.dataset.coco_masks`), the masks from the folder they were written
+    to; the images of both split folders are linked into ``images/`` of ``out_dir`` (one folder of ``<id>.jpg``, as
+    every stage reads them), and the manifest gives both folders relative to ``out_dir``.
 
     Checks everything before writing anything, and raises DatasetError naming the paths (first few), the counts and
     the fix for: a missing folder or id list; listed ids without an image; images that do not decode (each listed
@@ -228,6 +234,9 @@ def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.
         classes = list(VOC_CLASSES)
         mask_dir = root / ds.get("mask_dir", "SegmentationClassAug")
         lists = voc_lists(ds, dataset_name)[0]
+    elif kind == "coco":
+        classes, mask_dir, coco_ids, coco_labels = _coco_from_markers(coco_markers or [])
+        image_dir = _link_coco_images(ds, root, coco_ids, out)
     elif kind == "toy":
         classes = [c.strip() for c in (root / "classes.txt").read_text().splitlines() if c.strip()]
         mask_dir = root / "SegmentationClass"
@@ -237,9 +246,13 @@ def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.
                 raise DatasetError(f"toy dataset is incomplete: {p} is missing; rerun the make_toy_dataset rule")
     else:
         raise DatasetError(f"unknown dataset kind {kind!r}")
-    image_dir = root / "JPEGImages"
+    if kind != "coco":
+        image_dir = root / "JPEGImages"
+        split_ids = {s: sorted(read_id_list(p)) for s, p in lists.items()}
+    else:
+        split_ids = coco_ids
+        lists = {s: Path(f"<coco_masks {s}>") for s in split_ids}
     n_classes = len(classes)
-    split_ids = {s: sorted(read_id_list(p)) for s, p in lists.items()}
     all_ids = sorted(set().union(*split_ids.values()))
 
     def listed_in(ids) -> str:
@@ -283,7 +296,10 @@ def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.
     labels: dict[str, list[int]] = {}
     source = {}
     cls_check = None
-    if ds.get("cls_labels"):
+    if kind == "coco":  # image-level labels from the instance annotations (crowd regions included)
+        labels.update(coco_labels)
+        source.update({i: "annotations" for i in coco_labels})
+    elif ds.get("cls_labels"):
         cls_path = Path(ds["cls_labels"]).expanduser().resolve()
         table = read_cls_labels(cls_path, classes, dataset_name)
         cls_check = check_cls_labels(table, mask_labels, classes, cls_path, mask_dir, dataset_name)
@@ -315,7 +331,7 @@ def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.
         write_text(list_paths[s], "".join(f"{i}\n" for i in ids))
     write_json(out / "labels.json", {"classes": classes, "labels": {i: labels[i] for i in sorted(labels)}})
     per_class = np.zeros(n_classes, dtype=np.int64)
-    for i in split_ids.get("train_aug", all_ids):
+    for i in split_ids.get("train_aug", split_ids.get("train", all_ids)):
         for c in labels.get(i, []):
             per_class[c] += 1
     manifest = {
@@ -323,13 +339,15 @@ def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.
         "kind": kind,
         # as configured (relative: to the run folder) and relative to it: a moved run (with its dataset) still reads
         "root": str(ds["root"]),
-        "image_dir": _relative(image_dir, root),
-        "mask_dir": _relative(mask_dir, root),
+        "image_dir": os.path.relpath(image_dir, out) if kind == "coco" else _relative(image_dir, root),
+        "mask_dir": os.path.relpath(mask_dir, out.resolve()) if kind == "coco" else _relative(mask_dir, root),
+        "dirs_relative_to": "prepared" if kind == "coco" else "root",
         "classes": classes,
         "n_classes": n_classes,
         "splits": {s: len(v) for s, v in split_ids.items()},
         "images_per_class_train_aug": {c: int(n) for c, n in zip(classes, per_class)},
-        "label_source": {k: sum(1 for v in source.values() if v == k) for k in ("cls_labels", "mask", "xml")},
+        "label_source": {k: sum(1 for v in source.values() if v == k)
+                         for k in ("cls_labels", "mask", "xml", "annotations")},
         "sha256": {**{f"lists/{s}.txt": _sha256(p) for s, p in list_paths.items()},
                    "labels.json": _sha256(out / "labels.json")},
         "synthetic": kind == "toy",
@@ -338,6 +356,57 @@ def prepare_dataset(ds: Mapping[str, Any], dataset_name: str, out_dir: str | os.
         manifest["cls_labels_check"] = cls_check
     write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def _coco_from_markers(markers: Sequence[str]) -> tuple[list[str], Path, dict[str, list[str]], dict]:
+    """(classes, mask folder, split -> sorted ids, id -> labels) from the ``coco_masks`` shard markers; markers that
+    disagree (classes, mask folder) or miss shards are a DatasetError naming them."""
+    if not markers:
+        raise DatasetError("a COCO dataset is prepared from its coco_masks markers, and none were given")
+    classes, mask_dir, ids, labels, shards = None, None, {}, {}, {}
+    for path in markers:
+        m = read_json(path)
+        folder = (Path(path).parent.parent / "masks").resolve()
+        if classes is None:
+            classes, mask_dir = list(m["classes"]), folder
+        elif list(m["classes"]) != classes or folder != mask_dir:
+            raise DatasetError(f"coco_masks marker {path} disagrees with {markers[0]} on the classes or the mask "
+                               "folder; delete the coco_masks folder of this dataset and rerun")
+        ids.setdefault(m["split"], []).extend(m["ids"])
+        labels.update(m["labels"])
+        shards.setdefault(m["split"], set()).add((int(m["shard"]), int(m["n_shards"])))
+    for split, got in shards.items():
+        n = {k for _, k in got}
+        if len(n) != 1 or {s for s, _ in got} != set(range(n.pop())):
+            raise DatasetError(f"coco_masks markers of split {split!r} are incomplete or mixed: {sorted(got)}")
+    return classes, mask_dir, {s: sorted(v) for s, v in ids.items()}, labels
+
+
+def _link_coco_images(ds: Mapping[str, Any], root: Path, split_ids: Mapping[str, list[str]], out: Path) -> Path:
+    """``out/images/<id>.jpg`` -> the image in its split folder (``ds['image_dirs'][split]`` under ``root``); a
+    missing image is a DatasetError naming the first few and where COCO comes from."""
+    from .coco import COCO_HOWTO
+
+    folder = out / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = []
+    dirs = dict(ds.get("image_dirs") or {"train": "train2014", "val": "val2014"})
+    for split, ids in split_ids.items():
+        src_dir = _resolve(root, dirs.get(split, f"{split}2014"))
+        for i in ids:
+            src, link = src_dir / f"{i}.jpg", folder / f"{i}.jpg"
+            if not src.is_file():
+                missing.append(str(src))
+                continue
+            if link.is_symlink() or link.exists():
+                if os.path.realpath(link) == str(src.resolve()):
+                    continue
+                link.unlink()
+            os.symlink(src.resolve(), link)
+    if missing:
+        raise DatasetError(f"{len(missing)} COCO images with annotations are missing: {first_few(missing)}. "
+                           + COCO_HOWTO)
+    return folder
 
 
 class DatasetInfo:
@@ -351,6 +420,8 @@ class DatasetInfo:
         self._labels: dict[str, list[int]] = lab["labels"]
         # relative: to the run folder (the job's working directory); manifests of older runs hold absolute folders
         root = Path(self.manifest.get("root", ".")).expanduser()
+        if self.manifest.get("dirs_relative_to") == "prepared":  # COCO: linked images, generated masks
+            root = self.dir
         self.image_dir = root / self.manifest["image_dir"]
         self.mask_dir = root / self.manifest["mask_dir"]
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 STAGE_FUNCTIONS = {
     "make_toy": "dataset:make_toy",
     "prepare": "dataset:prepare",
+    "coco_masks": "dataset:coco_masks",
     "saliency": "dataset:make_saliency",
     "fetch_weights": "weights:fetch",
     "train_scn": "superpixels:train_scn",

@@ -46,7 +46,8 @@ STAGES = ("cam", "pseudo_mask", "segmentation")
 #: An experiment's ``refine`` setting -> how its pseudo-masks were made (the refinement table's column).
 REFINEMENTS = {"crf": "dense CRF", "affinity": "AffinityNet random walk", "irn": "IRN random walk",
                "none": "none (thresholded CAMs)",
-               "single_stage": "dense CRF of the method's own segmentation output"}
+               "single_stage": "dense CRF of the method's own segmentation output",
+               "ir_labels": "CRF labels of cam_to_ir_label (no IRN walk)"}
 NETWORKS = (("classifier", "classifier"), ("segmentation", "segmentation"))  # (training key, files key)
 
 
