@@ -209,7 +209,7 @@ def saliency_inputs(dataset, experiment, required=False):
     if not (required or scfg(dataset, experiment, "classifier").get("saliency")):
         return []
     ds = dataset_cfg(dataset)
-    if ds["kind"] != "toy":
+    if not generated(dataset):
         folder = (ds.get("saliency") or {}).get("dir")
         if not folder or not Path(folder).is_dir():
             raise WorkflowError(

@@ -79,7 +79,7 @@ def saliency_manifest(dataset_cfg: dict, prepared: str | os.PathLike, splits: Se
                       seed: int = 0) -> dict[str, Any]:
     """The saliency stage: stand-in maps for the toy dataset, a verified folder otherwise; writes ``out``."""
     out = Path(out)
-    if dataset_cfg["kind"] == "toy":
+    if dataset_cfg["kind"] == "toy" or dataset_cfg.get("generator"):  # the toy data, VOC or COCO format
         man = make_standin_saliency(prepared, splits, out.parent, seed)
     else:
         sal = dataset_cfg.get("saliency") or {}
