@@ -3,8 +3,8 @@ rerun of a finished toy run.
 
 - VOC: a VOC-format tree with the real id lists (train_aug 10,582, train 1,464, val 1,449, test 1,456 from
   ../shared; the tarball's names or generated ids when absent), target ``voc_cam_report``.
-- COCO: a VOC-format dataset ``coco`` whose lists are the real COCO 2014 ids (train 82,081, val 40,137), target
-  ``coco_cam_report``.
+- COCO: a COCO-shaped tree (``wsss_core.data.coco.write_placeholder_tree``: empty images and instances files) of
+  the real COCO 2014 ids (train 82,081, val 40,137), target ``coco_cam_report``.
 - toy no-op: a tiny toy configuration (16 train_aug images of 64 px, 10 steps, one shard per stage) run once to the
   end (untimed; its time is reported), then the same command again, which must do nothing ("Nothing to be done").
 
@@ -27,6 +27,8 @@ from pathlib import Path
 import yaml
 
 from common import COCO_LISTS, MASK_TARBALL, REPO, result, voc_ids, write_result
+
+from wsss_core.data.coco import write_placeholder_tree
 
 TINY = REPO / "tests" / "configs" / "tiny_toy_cam.yaml"  # the SLURM test's tiny toy_cam_report
 
@@ -119,15 +121,9 @@ def main(argv=None) -> int:
                          times, {"jobs": jobs, "ids": {k: len(v) for k, v in lists.items()}}, vsrc))
 
         clists, csrc = coco_lists()
-        croot = voc_tree(tmp / "COCO", clists)
-        coco = {"kind": "voc", "root": str(croot), "mask_dir": "SegmentationClassAug",
-                "annotations_dir": "Annotations",
-                "lists": {"train_aug": "ImageSets/Segmentation/train_aug.txt",
-                          "train": "ImageSets/Segmentation/train.txt", "val": "ImageSets/Segmentation/val.txt"},
-                "cls_labels": None,
-                "splits": {"train": "train_aug", "threshold": "train", "mask_eval": "train", "eval": "val",
-                           "test": None},
-                "stages": {}}
+        croot = tmp / "COCO"
+        write_placeholder_tree(croot, {"train": clists["train"], "val": clists["val"]})
+        coco = {"root": str(croot), "saliency": {"dir": str(croot)}}
         t, times, jobs = dry_run(tmp, "coco", {"datasets": {"coco": coco}}, "coco_cam_report", args.reps)
         print(f"COCO dry run: {t:.1f} s ({jobs} jobs, {len(clists['train_aug'])} train ids)")
         recs.append(_rec("5b", f"Workflow: snakemake -n, COCO ({len(clists['train_aug']):,} train ids)", 30, t,

@@ -161,26 +161,14 @@ def test_every_experiment_has_its_coco_schedule():
 
 
 def _coco_tree(root: Path) -> dict[str, int]:
-    """A COCO-shaped tree of the real id lists: instances files whose images are the listed ids (one annotation
-    each, placeholder sizes) and an empty placeholder file per image."""
-    from wsss_core.data.coco import COCO_CLASSES
+    """A COCO-shaped tree of the real id lists (placeholder images and instances files)."""
+    from wsss_core.data.coco import write_placeholder_tree
 
     lists = shared_path("data", "coco14_lists")
-    counts = {}
-    for split, name in (("train", "train_coco.txt"), ("val", "val_coco.txt")):
-        ids = (lists / name).read_text().split()
-        counts[split] = len(ids)
-        images = [{"id": k, "file_name": f"{i}.jpg", "height": 480, "width": 640} for k, i in enumerate(ids)]
-        anns = [{"id": k, "image_id": k, "category_id": 1, "iscrowd": 0, "area": 1.0, "bbox": [0, 0, 1, 1],
-                 "segmentation": [[0, 0, 1, 0, 1, 1]]} for k in range(len(ids))]
-        cats = [{"id": i, "name": n} for i, n in zip(COCO_IDS, COCO_CLASSES[1:])]
-        (root / "annotations").mkdir(parents=True, exist_ok=True)
-        (root / f"{split}2014").mkdir()
-        for i in ids:
-            (root / f"{split}2014" / f"{i}.jpg").touch()
-        (root / "annotations" / f"instances_{split}2014.json").write_text(
-            json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return counts
+    stems = {split: (lists / name).read_text().split() for split, name in (("train", "train_coco.txt"),
+                                                                            ("val", "val_coco.txt"))}
+    write_placeholder_tree(root, stems)
+    return {k: len(v) for k, v in stems.items()}
 
 
 def _job_counts(stdout: str) -> dict[str, int]:

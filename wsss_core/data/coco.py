@@ -742,3 +742,26 @@ def write_toy_coco(toy_root: str | os.PathLike, out_root: str | os.PathLike,
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+def write_placeholder_tree(root: str | os.PathLike, split_stems: Mapping[str, Sequence[str]],
+                           size: tuple[int, int] = (480, 640)) -> None:
+    """A COCO-shaped tree for DAG checks and benchmarks: ``<root>/<split>2014/<stem>.jpg`` as empty files and
+    ``<root>/annotations/instances_<split>2014.json`` with one image per stem (``size`` = (h, w)), one person
+    triangle each, and the 80 categories with COCO 2014's ids. Nothing in it can be trained on."""
+    import json
+
+    root = Path(root)
+    ids = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]  # COCO 2014's 80 ids
+    cats = [{"id": i, "name": n} for i, n in zip(ids, COCO_CLASSES[1:])]
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, stems in split_stems.items():
+        folder = root / f"{split}2014"
+        folder.mkdir(parents=True, exist_ok=True)
+        for s in stems:
+            (folder / f"{s}.jpg").touch()
+        images = [{"id": k, "file_name": f"{s}.jpg", "height": size[0], "width": size[1]} for k, s in enumerate(stems)]
+        anns = [{"id": k, "image_id": k, "category_id": 1, "iscrowd": 0, "area": 1.0, "bbox": [0, 0, 1, 1],
+                 "segmentation": [[0, 0, 1, 0, 1, 1]]} for k in range(len(stems))]
+        (root / "annotations" / f"instances_{split}2014.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": cats}))
