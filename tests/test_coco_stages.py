@@ -176,6 +176,7 @@ def _job_counts(stdout: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
+@pytest.mark.slow  # writes 122,218 placeholder files and builds two DAGs (about 15 s)
 def test_coco_dry_run_on_real_id_lists(tmp_path):
     """coco_fsae_report on a COCO-shaped tree of the real lists: 16 mask shards per split, one prepare job, every
     row's jobs, SIPE's pseudo-masks from cam_to_ir_label (no IRN); a missing tree names what is missing."""
