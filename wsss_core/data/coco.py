@@ -64,6 +64,9 @@ COCO_CLASSES: tuple[str, ...] = (
     "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy_bear", "hair_drier", "toothbrush",
 )
 
+#: COCO 2014's 80 category ids (1..90 without the 10 unused ones), in order: category COCO_2014_IDS[k] is class k + 1
+COCO_2014_IDS: tuple[int, ...] = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+
 COCO_HOWTO = ("MS COCO 2014: download train2014.zip, val2014.zip and annotations_trainval2014.zip from cocodataset.org "
               "(http://images.cocodataset.org/zips/train2014.zip, http://images.cocodataset.org/zips/val2014.zip, "
               "http://images.cocodataset.org/annotations/annotations_trainval2014.zip) and unzip all three into one "
@@ -585,7 +588,7 @@ def _toy_split(toy_root: Path, split: str) -> list[str]:
 
 
 def write_toy_coco(toy_root: str | os.PathLike, out_root: str | os.PathLike,
-                   category_ids: Sequence[int] | None = None, seed: int = 0) -> dict:
+                   category_ids: Sequence[int] | None = None, seed: int = 0, coco_categories: bool = False) -> dict:
     """Turn the toy VOC-format dataset (:func:`wsss_core.data.toy.make_toy_dataset`) into a COCO 2014-style tree.
 
     Writes (built in a folder next to ``out_root``, then each entry renamed into place, ``toy_coco.json`` (the
@@ -597,7 +600,9 @@ def write_toy_coco(toy_root: str | os.PathLike, out_root: str | os.PathLike,
         out_root/annotations/instances_{train,val}2014.json
 
     - categories: the toy classes with non-contiguous ``category_ids`` (default 1, 3, 4, 7, 9, ...; increasing, so
-      ``category_map(..., expected=None)`` gives back the toy's class values);
+      ``category_map(..., expected=None)`` gives back the toy's class values); with ``coco_categories`` instead
+      COCO 2014's 80 categories (:data:`COCO_2014_IDS`, :data:`COCO_CLASSES`), toy class k being the k-th of them
+      (person, bicycle, ...): the 81-class label space of real COCO, most classes never present;
     - instances: the 4-connected components of each class in the toy mask (``skimage.measure.label``); the toy's
       255 band (instance boundaries) belongs to no instance, so it reads back as background;
     - encodings (drawn from ``seed``): polygons along the pixel edges (about 60 %; components with a hole or under
@@ -623,6 +628,8 @@ def write_toy_coco(toy_root: str | os.PathLike, out_root: str | os.PathLike,
                            "wsss_core.data.toy.make_toy_dataset)")
     classes = [c.strip() for c in classes_txt.read_text().splitlines() if c.strip()]
     n_cls = len(classes) - 1
+    if coco_categories:
+        category_ids = COCO_2014_IDS[:n_cls]
     cat_ids = list(_TOY_CATEGORY_IDS[:n_cls] if category_ids is None else category_ids)
     if len(cat_ids) != n_cls or any(int(c) < 1 for c in cat_ids) or any(b <= a for a, b in zip(cat_ids, cat_ids[1:])):
         raise ValueError(f"category_ids must be {n_cls} increasing positive ints (one per toy class), got {cat_ids}")
@@ -716,7 +723,8 @@ def write_toy_coco(toy_root: str | os.PathLike, out_root: str | os.PathLike,
                                            f"{toy_root.name}, split {toy_split})", "version": "1.0"},
                    "licenses": [], "images": images, "annotations": anns,
                    "categories": [{"id": int(cid), "name": name, "supercategory": "toy"}
-                                  for cid, name in zip(cat_ids, classes[1:])]}
+                                  for cid, name in (zip(COCO_2014_IDS, COCO_CLASSES[1:]) if coco_categories
+                                                    else zip(cat_ids, classes[1:]))]}
             write_text(tmp / "annotations" / _SPLITS[coco_split], json.dumps(doc, separators=(",", ":")) + "\n")
             summary["splits"][coco_split] = {
                 "images": len(images), "annotated": sum(1 for _, c in per_image if c), "empty": empty,
@@ -752,8 +760,7 @@ def write_placeholder_tree(root: str | os.PathLike, split_stems: Mapping[str, Se
     import json
 
     root = Path(root)
-    ids = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]  # COCO 2014's 80 ids
-    cats = [{"id": i, "name": n} for i, n in zip(ids, COCO_CLASSES[1:])]
+    cats = [{"id": i, "name": n} for i, n in zip(COCO_2014_IDS, COCO_CLASSES[1:])]
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, stems in split_stems.items():
         folder = root / f"{split}2014"

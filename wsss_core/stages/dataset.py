@@ -18,7 +18,8 @@ def make_toy(job: JobSettings, inp: Files, out: Files) -> dict:
 
         voc = Path(out.root) / "voc"
         make_toy_dataset(voc, **dict(job.extra["generator"]))
-        summary = write_toy_coco(voc, out.root, seed=int(dict(job.extra["generator"]).get("seed", 0)))
+        summary = write_toy_coco(voc, out.root, seed=int(dict(job.extra["generator"]).get("seed", 0)),
+                                 coco_categories=True)   # COCO's 81-class label space
     else:
         summary = make_toy_dataset(out.root, **dict(job.extra["generator"]))
     logger.info("toy dataset written to %s: %s", out.root, summary)
