@@ -277,3 +277,42 @@ def test_toy_superpixel_suites_end_to_end(tmp_path):
         assert q.shape == (9, 64, 64) and np.allclose(q.sum(0), 1, atol=5e-3)   # float16 storage
     dry = run_snakemake(tmp_path, "-n", "toy_spcam_report", "toy_msa_report", configfile=cfg)
     assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+@pytest.mark.slow
+def test_toy_rtc_and_toycoco_reports_end_to_end(tmp_path):
+    """toy_rtc_report (single-stage maps, their curve, CRF labels of val and train, DeepLab on the latter) and
+    toycoco_cam_report (the COCO-format toy: masks from the instances files, 81 classes) on tiny datasets; a second
+    run does nothing."""
+    small = {"max_steps": 10, "batch_size": 4, "crop_size": 64, "resize_long": [56, 72], "checkpoint_every": 5}
+    seg = {"max_steps": 10, "crop_size": 64, "batch_size": 4, "n_shards": 1}
+    gen = {"n_train_aug": 16, "n_train": 8, "n_val": 8, "image_size": 64}
+    stages = {"classifier": small, "cams": {"scales": [1.0], "n_shards": 1}, "crf": {"n_shards": 1},
+              "segmentation": seg}
+    cfg = write_yaml(tmp_path / "tiny.yaml", {
+        "datasets": {"toy": {"generator": gen, "stages": stages}, "toycoco": {"generator": gen, "stages": stages}},
+        "experiments": {"rtc": {"datasets": {"toy": {"stages": {
+            "classifier": {**small, "rtc": {"view2_size": 32, "seg_start": 0.5}}, "cams": {"scales": [1.0]},
+            "single_stage": {"scales": [1.0], "n_shards": 1}, "segmentation": seg}}}}},
+    })
+    run_snakemake(tmp_path, "--cores", "2", "toy_rtc_report", "toycoco_cam_report", configfile=cfg)
+    rtc = json.loads((tmp_path / "results/toy/reports/rtc/report.json").read_text())
+    (ss,) = rtc["single_stage"]
+    assert ss["experiment"] == "rtc" and ss["split"] == "val" and ss["threshold_source"]["split"] == "train"
+    assert 0 <= ss["miou"] <= 1 and 0 <= ss["crf_miou"] <= 1 and len(ss["iou"]) == len(ss["crf_iou"]) == 6
+    assert ss["two_stage_miou"] == rtc["rows"][0]["segmentation"]["miou"]
+    assert rtc["rows"][0]["segmentation"]["path"].startswith("two-stage")
+    assert rtc["refinement"][0]["refinement"] == "dense CRF of the method's own segmentation output"
+    md = (tmp_path / "results/toy/reports/rtc/report.md").read_text()
+    assert "## Single-stage output" in md and "single-stage + CRF mIoU" in md
+    from wsss_core.store.shards import ShardedStore
+    with ShardedStore(sorted((tmp_path / "results/toy/rtc/single_stage/maps/val").glob("*.h5")), kind="cams") as st:
+        keys, maps = st[st.ids()[0]]
+        assert keys.tolist() == [1, 2, 3, 4, 5] and maps.shape[0] == 5   # every class, gated by the scores
+        assert st.attrs["gate"] == "scores"
+    coco = json.loads((tmp_path / "results/toycoco/reports/cam/report.json").read_text())
+    assert coco["dataset_info"]["n_classes"] == 81 and len(coco["per_class"]["classes"]) == 81
+    assert coco["dataset_info"]["classes"][1:3] == ["person", "bicycle"]
+    assert coco["dataset_info"]["splits"] == {"train": 16, "val": 8}   # 2 images per split without objects dropped
+    dry = run_snakemake(tmp_path, "-n", "toy_rtc_report", "toycoco_cam_report", configfile=cfg)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
