@@ -52,7 +52,7 @@ def coco_masks(job: JobSettings, inp: Files, out: Files) -> dict:
     (:func:`wsss_core.data.coco.class_mask`, ``extra.masks``: ``crowd``, ``overlap``) as index PNGs into the folder
     ``masks/`` beside the split's folder (atomic writes), then ``out.marker``: the ids, their image-level labels,
     the class names and the conventions used (prepare_dataset reads the markers of every shard)."""
-    from ..data.coco import CocoIndex, category_map, class_mask, classes_from_categories
+    from ..data.coco import COCO_CLASSES, CocoIndex, category_map, class_mask, classes_from_categories
     from ..data.io import write_label_png
     from ..engine.logs import progress
     from ..store.atomic import write_json
@@ -60,10 +60,11 @@ def coco_masks(job: JobSettings, inp: Files, out: Files) -> dict:
 
     logger = setup_job_logging(job.log)
     split, conv = job.wildcards["split"], dict(job.extra.get("masks") or {})
+    crowd, overlap = conv.get("crowd", "ignore"), conv.get("overlap", "later")
     index = CocoIndex.load(job.extra["instances"])
-    toy = bool(job.extra.get("toy"))
-    cat_map = category_map(index.categories, expected=None if toy else _coco_classes())
-    classes = classes_from_categories(index.categories) if toy else list(_coco_classes())
+    # a user's file must hold COCO's 80 categories in id order; the toy data's names are not checked
+    cat_map = category_map(index.categories, expected=None if job.extra.get("toy") else COCO_CLASSES)
+    classes = classes_from_categories(index.categories)
     stems = index.stems()
     ids = shard_ids(stems, job.shard, job.n_shards)
     mask_dir = Path(out.marker).parent.parent / "masks"
@@ -71,21 +72,15 @@ def coco_masks(job: JobSettings, inp: Files, out: Files) -> dict:
     labels = {}
     for stem in progress(ids, desc=f"coco masks {split} {job.shard + 1}/{job.n_shards}"):
         h, w = index.size(stem)
-        mask = class_mask(h, w, index.annotations(stem), cat_map, crowd=conv.get("crowd", "ignore"),
-                          overlap=conv.get("overlap", "later"))
+        mask = class_mask(h, w, index.annotations(stem), cat_map, crowd=crowd, overlap=overlap)
         write_label_png(mask_dir / f"{stem}.png", mask)
         labels[stem] = index.labels(stem, cat_map)
     marker = {"split": split, "shard": job.shard, "n_shards": job.n_shards, "config_hash": job.config_hash,
               "annotations": str(job.extra["instances"]), "classes": classes, "ids": ids, "labels": labels,
               "n_images_in_file": index.n_images, "n_with_objects": len(stems),
-              "crowd": conv.get("crowd", "ignore"), "overlap": conv.get("overlap", "later")}
+              "crowd": crowd, "overlap": overlap}
     write_json(out.marker, marker)
     logger.info("%s shard %d/%d: %d masks into %s (%d of the file's %d images have objects)", split, job.shard + 1,
                 job.n_shards, len(ids), mask_dir, len(stems), index.n_images)
     return marker
 
-
-def _coco_classes():
-    from ..data.coco import COCO_CLASSES
-
-    return COCO_CLASSES
