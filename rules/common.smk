@@ -113,12 +113,12 @@ def dataset_root(dataset):
     return P.path("toy_source", dataset=dataset) if generated(dataset) else dataset_cfg(dataset)["root"]
 
 
-COCO_SPLITS = {"train": "annotations/instances_train2014.json", "val": "annotations/instances_val2014.json"}
-
-
 def coco_annotations(dataset):
-    """split -> instances file of a COCO dataset (datasets.<D>.annotations, relative to its root)."""
-    files = dataset_cfg(dataset).get("annotations") or COCO_SPLITS
+    """split -> instances file of a COCO dataset (datasets.<D>.annotations, relative to its root; default COCO 2014's
+    layout)."""
+    from wsss_core.data.coco import COCO_LAYOUT
+
+    files = dataset_cfg(dataset).get("annotations") or {s: ann for s, (_, ann) in COCO_LAYOUT.items()}
     return {s: str(Path(dataset_root(dataset)) / f) for s, f in files.items()}
 
 

@@ -74,7 +74,11 @@ COCO_HOWTO = ("MS COCO 2014: download train2014.zip, val2014.zip and annotations
               "<root>/annotations/instances_train2014.json, <root>/annotations/instances_val2014.json exist.")
 
 #: COCO split folder -> instances file name (under ``<root>/annotations``)
-_SPLITS = {"train2014": "instances_train2014.json", "val2014": "instances_val2014.json"}
+#: COCO 2014's layout under its root: split -> (image folder, instances file); ``datasets.<D>.image_dirs`` /
+#: ``annotations`` override it per split
+COCO_LAYOUT: dict[str, tuple[str, str]] = {"train": ("train2014", "annotations/instances_train2014.json"),
+                                           "val": ("val2014", "annotations/instances_val2014.json")}
+_SPLITS = {folder: Path(ann).name for folder, ann in COCO_LAYOUT.values()}
 
 _CROWD_MODES = ("ignore", "class")
 _OVERLAP_MODES = ("later", "smaller")

@@ -385,12 +385,12 @@ def _coco_from_markers(markers: Sequence[str]) -> tuple[list[str], Path, dict[st
 def _link_coco_images(ds: Mapping[str, Any], root: Path, split_ids: Mapping[str, list[str]], out: Path) -> Path:
     """``out/images/<id>.jpg`` -> the image in its split folder (``ds['image_dirs'][split]`` under ``root``); a
     missing image is a DatasetError naming the first few and where COCO comes from."""
-    from .coco import COCO_HOWTO
+    from .coco import COCO_HOWTO, COCO_LAYOUT
 
     folder = out / "images"
     folder.mkdir(parents=True, exist_ok=True)
     missing = []
-    dirs = dict(ds.get("image_dirs") or {"train": "train2014", "val": "val2014"})
+    dirs = dict(ds.get("image_dirs") or {s: folder for s, (folder, _) in COCO_LAYOUT.items()})
     for split, ids in split_ids.items():
         src_dir = _resolve(root, dirs.get(split, f"{split}2014"))
         for i in ids:
