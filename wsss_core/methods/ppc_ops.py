@@ -315,9 +315,17 @@ def pseudo_labels(norm_cam: torch.Tensor, label: torch.Tensor, bg_index: int = 0
     return (norm_cam * yt).argmax(1)
 
 
+def topk_stable(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim with ties broken by position (first entries first): (R, M) -> values, indices
+    (R, k). ``torch.topk`` leaves the order of equal values to the kernel (CUDA's is unspecified); a stable
+    descending sort fixes it."""
+    val, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    return val[..., :k], idx[..., :k]
+
+
 @torch.no_grad()
 def prototypes(norm_cam: torch.Tensor, feat: torch.Tensor, k: int, safe_denominator: bool = False,
-               eps: float = EPS) -> torch.Tensor:
+               eps: float = EPS, stable: bool = False, return_topk: bool = False):
     """Contrast-loss prototypes: one per channel (absent classes included), from the top-k over the **whole batch**.
 
     Reference (``usr922/wseg@esp`` ``module/train.py::get_contrast_loss``, master ``contrast_train.py`` inline, FSAE's
@@ -341,22 +349,25 @@ def prototypes(norm_cam: torch.Tensor, feat: torch.Tensor, k: int, safe_denomina
 
     norm_cam (N, C, h, w), feat (N, D, h, w) -> (C, D). ``k`` is clipped to [1, N·h·w] (upstream's 16×16 view gives
     k = 16 or 32; a tiny test view could give k = 0, an empty sum). Ties (the constant bg channel, an all-zero map)
-    are broken by ``torch.topk``, as upstream.
+    are broken by ``torch.topk``, as upstream, or (``stable``) by position, :func:`topk_stable`.
+    ``feat`` may be another view's features on the same grid (RTC's cross-view prototypes). ``return_topk``: return
+    ``(P, values (C, k), indices (C, k))``.
     """
     n, c, h, w = norm_cam.shape
     d = feat.shape[1]
     cam_flat = norm_cam.detach().permute(1, 0, 2, 3).reshape(c, -1)        # (C, M), rows ordered (n, h, w)
     f_flat = feat.detach().permute(0, 2, 3, 1).reshape(-1, d).to(cam_flat.dtype)  # (M, D)
     k = max(min(int(k), cam_flat.shape[1]), 1)
-    val, idx = torch.topk(cam_flat, k, dim=1)                              # (C, k)
+    val, idx = topk_stable(cam_flat, k) if stable else torch.topk(cam_flat, k, dim=1)   # (C, k)
     if safe_denominator:
         wgt = F.relu(val)
         den = wgt.sum(1, keepdim=True)                                     # (C, 1)
         wgt = torch.where(den > eps, wgt, torch.ones_like(wgt))            # no positive weight: plain mean
         den = torch.where(den > eps, den, torch.full_like(den, float(k)))
-        return F.normalize((wgt[..., None] * f_flat[idx]).sum(1) / den, dim=1)
-    num = (val[..., None] * f_flat[idx]).sum(1)                            # (C, D)
-    return F.normalize(num / val.sum(1, keepdim=True), dim=1)
+        p = F.normalize((wgt[..., None] * f_flat[idx]).sum(1) / den, dim=1)
+    else:
+        p = F.normalize((val[..., None] * f_flat[idx]).sum(1) / val.sum(1, keepdim=True), dim=1)   # (C, D)
+    return (p, val, idx) if return_topk else p
 
 
 def flat_features(feat: torch.Tensor) -> torch.Tensor:

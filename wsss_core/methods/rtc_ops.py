@@ -12,8 +12,8 @@ Contents:
 
 - Segmentation pseudo-labels: :func:`two_threshold_labels` (``network/losses.py::refine_cams_with_bkg_v1``).
 - Segmentation loss: :func:`balanced_ce` (``contrast_train.py::balanced_mask_loss_ce``).
-- Transform (``contrast_train.py``, inline): :func:`cross_view_prototypes` (top-k of one view's map gathering the
-  other view's features, ties broken by :func:`topk_stable`), :func:`context_feedback` (global-context feedback),
+- Transform (``contrast_train.py``, inline): :func:`cross_view_prototypes` (PPC's prototypes over the other
+  view's features, ties broken by position: ``ppc_ops.topk_stable``), :func:`context_feedback` (global-context feedback),
   :func:`topmean`, :func:`info_nce`, and :func:`transform_losses` (structure loss + the three InfoNCE terms).
 """
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ppc_ops
+from .ppc_ops import topk_stable  # noqa: F401 (RTC's top-k tie rule, re-exported)
 
 IGNORE = 255
 BKG_HIGH = 0.55    # refine_cams_with_bkg_v1: bkg_h, the background level whose winners are kept as foreground
@@ -158,29 +159,15 @@ def balanced_ce(logits: torch.Tensor, target: torch.Tensor, label: torch.Tensor,
 # transform: cross-view prototypes, global-context feedback, structure loss, InfoNCE (contrast_train.py, inline)
 
 
-def topk_stable(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k along the last dim with ties broken by position (first entries first): (R, M) -> values, indices
-    (R, k). The bg row of the contrast maps is constant, so which k of its M entries ``torch.topk`` returns is
-    left to the kernel (CUDA order is unspecified); a stable descending sort fixes it."""
-    val, idx = torch.sort(x, dim=-1, descending=True, stable=True)
-    return val[..., :k], idx[..., :k]
-
-
-@torch.no_grad()
 def cross_view_prototypes(norm_a: torch.Tensor, feat_b: torch.Tensor, k: int, stable: bool = True
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RTC's cross-view prototypes: the top-k pixels of view a's map (over the whole batch) gather view **b**'s
-    features: ``P[c] = normalize(Σ_t v_t F_b[i_t] / Σ_t v_t)`` (the plain weight sum, as upstream; all channels).
+    features, ``P[c] = normalize(Σ_t v_t F_b[i_t] / Σ_t v_t)`` (the plain weight sum, all channels):
+    :func:`wsss_core.methods.ppc_ops.prototypes` on the other view's features, ties by position when ``stable``.
 
     norm_a (N, C, h, w), feat_b (N, D, h, w) on the same grid -> (P (C, D), values (C, k), indices (C, k)), the
     indices over the (n, y, x)-ordered N·h·w pixels."""
-    n, c, h, w = norm_a.shape
-    flat = norm_a.permute(1, 0, 2, 3).reshape(c, -1)
-    k = max(min(int(k), flat.shape[1]), 1)
-    val, idx = topk_stable(flat, k) if stable else torch.topk(flat, k, dim=1)
-    f = feat_b.permute(0, 2, 3, 1).reshape(-1, feat_b.shape[1]).to(flat.dtype)
-    p = (val[..., None] * f[idx]).sum(1) / val.sum(1, keepdim=True)
-    return F.normalize(p, dim=1), val, idx
+    return ppc_ops.prototypes(norm_a, feat_b, k, stable=stable, return_topk=True)
 
 
 @torch.no_grad()
