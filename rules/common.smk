@@ -8,7 +8,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
-from wsss_core.config import experiment_config, stage_config, url_file_name
+from wsss_core.config import (SEED_MARK, compared_to, experiment_config, split_seed_variant, stage_config,
+                              suite_variants, url_file_name)
 from wsss_core.data.prepare import SALIENCY_HOWTO, VOC_HOWTO, voc_layout_problems, voc_lists
 from wsss_core.errors import CONFIG_FIX, ConfigError, config_problems, missing_weights_message
 from wsss_core.pipeline import ARTIFACTS, Pipeline
@@ -54,6 +55,10 @@ def _validate_config():
                 if exp not in config["experiments"]:
                     raise ConfigError(f"suites.{suite} names experiment {exp!r}, which is not under experiments "
                                       f"(known: {sorted(config['experiments'])})")
+        for exp, e_cfg in config["experiments"].items():
+            if e_cfg.get("compare_to") and e_cfg["compare_to"] not in config["experiments"]:
+                raise ConfigError(f"experiments.{exp}.compare_to names {e_cfg['compare_to']!r}, which is not under "
+                                  f"experiments (known: {sorted(config['experiments'])})")
         for exp in config["experiments"]:
             method = experiment_config(config, exp).get("method")
             if method is None:
@@ -81,7 +86,7 @@ ENV = "../envs/wsss.yaml"
 
 wildcard_constraints:
     dataset="|".join(config["datasets"]),
-    experiment="|".join(config["experiments"]),
+    experiment=f"(?:{'|'.join(config['experiments'])})(?:{SEED_MARK}[0-9]+)?",  # seed variants: <e>-seed<N>
     scn="|".join(config.get("superpixel_networks") or {}) or "(?!)",
     suite="|".join(config["suites"]),
     split="[a-z][a-z0-9_]*",
@@ -399,9 +404,15 @@ def experiment_files(dataset, experiment):
     return files
 
 
+def suite_runs(suite):
+    """The runs of a suite's report, in order: every seed variant of every experiment (wsss_core.config.
+    suite_variants)."""
+    return [v for variants in suite_variants(config, suite).values() for v in variants]
+
+
 def report_groups(w):
-    """The report's inputs grouped by experiment: {experiment: {name: path or paths}}."""
-    return {e: experiment_files(w.dataset, e) for e in config["suites"][w.suite]["experiments"]}
+    """The report's inputs grouped by run (an experiment's seed variant): {run: {name: path or paths}}."""
+    return {e: experiment_files(w.dataset, e) for e in suite_runs(w.suite)}
 
 
 def report_inputs(w):
@@ -414,18 +425,31 @@ def report_inputs(w):
 
 
 def superpixel_settings(w):
-    """The ``superpixels`` block of each experiment's classifier (None for methods without superpixels)."""
-    return {e: P.settings(w.dataset, e, "classifier").get("superpixels")
-            for e in config["suites"][w.suite]["experiments"]}
+    """The ``superpixels`` block of each run's classifier (None for methods without superpixels)."""
+    return {e: P.settings(w.dataset, e, "classifier").get("superpixels") for e in suite_runs(w.suite)}
 
 
 def experiment_label(experiment):
+    """A run's row label: the experiment's label (default: its method), with `(seed N)` for a seed variant."""
     exp = experiment_config(config, experiment)
-    return exp.get("label") or exp["method"]
+    seed = split_seed_variant(experiment)[1]
+    return (exp.get("label") or exp["method"]) + ("" if seed is None else f" (seed {seed})")
 
 
 def experiment_labels(w):
-    return {e: experiment_label(e) for e in config["suites"][w.suite]["experiments"]}
+    return {e: experiment_label(e) for e in suite_runs(w.suite)}
+
+
+def seed_groups(w):
+    """The report's seed groups: experiment -> {"runs": its seed variants, "seeds", "label", "compare_to" (the
+    experiment it is paired with when that one is in the suite too)}."""
+    variants = suite_variants(config, w.suite)
+    out = {}
+    for e, runs in variants.items():
+        base = compared_to(config, e)
+        out[e] = {"runs": runs, "seeds": [P.seed(r) for r in runs], "label": experiment_label(e),
+                  "compare_to": base if base in variants else None}
+    return out
 
 
 def report_md(dataset, suite):

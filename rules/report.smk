@@ -35,11 +35,14 @@ rule report:
     params:
         job=job_params(
             suite=lambda w: w.suite,
-            experiments=lambda w: config["suites"][w.suite]["experiments"],
+            experiments=lambda w: suite_runs(w.suite),
             labels=experiment_labels,
+            groups=seed_groups,
             files=report_groups,
             settings=lambda w: {e: {**experiment_config(config, e), "refine": P.refine(e, w.dataset)}
-                                for e in config["suites"][w.suite]["experiments"]},
+                                for e in suite_runs(w.suite)},
+            provenance=lambda w: {e: P.provenance(w.dataset, e, seed_groups(w)[e]["seeds"])
+                                  for e in config["suites"][w.suite]["experiments"]},
             superpixels=superpixel_settings,
             seed=config["seed"],
             eval_stage=config["stages"]["eval"],

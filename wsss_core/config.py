@@ -38,15 +38,67 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> d
 
 
 #: keys of an experiment that ``extends`` does not inherit (a row's name is its own)
-NOT_INHERITED = frozenset({"extends", "label"})
+NOT_INHERITED = frozenset({"extends", "label", "compare_to"})
+
+
+#: a seed variant of an experiment is named ``<experiment>-seed<N>`` (experiment names have no dash)
+SEED_MARK = "-seed"
+
+
+def seed_variant(experiment: str, seed: int, default_seed: int) -> str:
+    """The experiment name of ``experiment`` trained with ``seed``: the plain name for the workflow seed (its
+    outputs are the one-seed run's), else ``<experiment>-seed<N>``, a branch of the DAG of its own."""
+    return experiment if int(seed) == int(default_seed) else f"{experiment}{SEED_MARK}{int(seed)}"
+
+
+def split_seed_variant(name: str) -> tuple[str, int | None]:
+    """``"ppc-seed2"`` -> ``("ppc", 2)``; a plain name -> ``(name, None)``."""
+    base, mark, n = name.rpartition(SEED_MARK)
+    if mark and base and n.isdigit():
+        return base, int(n)
+    return name, None
+
+
+def experiment_seed(config: Mapping[str, Any], experiment: str) -> int:
+    """The seed of an experiment's branch: its ``-seed<N>`` suffix, else the workflow ``seed``. It seeds the
+    initialisation of every network of the branch (``torch.manual_seed`` at job start), the data order of each
+    epoch and each sample's augmentation (wsss_core/engine/trainer.py: pure functions of seed, epoch, index)."""
+    seed = split_seed_variant(experiment)[1]
+    return int(config.get("seed", 0)) if seed is None else seed
+
+
+def run_seeds(config: Mapping[str, Any], experiment: str, suite: str | None = None) -> list[int]:
+    """The seeds ``experiment`` runs with in ``suite``: ``suites.<suite>.seeds``, else ``experiments.<e>.seeds``
+    (inherited through ``extends``), else the workflow ``seed`` alone."""
+    seeds = (config["suites"][suite].get("seeds") if suite else None) or experiment_config(config, experiment).get(
+        "seeds")
+    return [int(s) for s in seeds] if seeds else [int(config.get("seed", 0))]
+
+
+def suite_variants(config: Mapping[str, Any], suite: str) -> dict[str, list[str]]:
+    """experiment -> its seed variants in ``suite`` (names, in seed order), for every experiment of the suite."""
+    default = int(config.get("seed", 0))
+    return {e: [seed_variant(e, s, default) for s in run_seeds(config, e, suite)]
+            for e in config["suites"][suite]["experiments"]}
+
+
+def compared_to(config: Mapping[str, Any], experiment: str) -> str | None:
+    """The experiment ``experiment`` is compared with, seed by seed, in reports: its own ``compare_to``, else the
+    experiment it ``extends`` (PPC + FSAE extends PPC); None for neither."""
+    own = config["experiments"][split_seed_variant(experiment)[0] if experiment not in config["experiments"]
+                                else experiment]
+    return own.get("compare_to") or own.get("extends")
 
 
 def experiment_config(config: Mapping[str, Any], experiment: str) -> dict[str, Any]:
     """``experiments.<experiment>`` with its ``extends`` chain resolved: the parent's settings (recursively, minus
-    ``label``) deep-merged under the experiment's own. An unknown parent or a cycle is a :class:`ConfigError`."""
+    ``label``) deep-merged under the experiment's own. An unknown parent or a cycle is a :class:`ConfigError`.
+    A seed variant (``<experiment>-seed<N>``) has the settings of its experiment."""
     from .errors import ConfigError
 
     experiments = config["experiments"]
+    if experiment not in experiments:
+        experiment = split_seed_variant(experiment)[0]
     chain, name = [], experiment
     while name is not None:
         if name not in experiments:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping
 
-from .config import config_hash, experiment_config, stage_config
+from .config import config_hash, experiment_config, experiment_seed, stage_config
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class Pipeline:
 
     def hash(self, dataset: str, experiment: str, artifact: str) -> str:
         """Hash of everything that determines ``artifact``: its settings, the hashes of what it is made from, and at
-        the root (the classifier) the dataset's settings, the method and the seed."""
+        the root (the classifier) the dataset's settings, the method and the seed (of the experiment's seed variant)."""
         return self._hash(dataset, experiment, self.resolve(experiment, artifact, dataset))
 
     def _hash_uncached(self, dataset: str, experiment: str, artifact: str) -> str:
@@ -192,6 +192,7 @@ class Pipeline:
             node.update(dataset=self.dataset_settings(dataset), seed=self.config["seed"])
             if a.key == "experiment":
                 node["method"] = experiment_config(self.config, experiment)["method"]
+                node["seed"] = experiment_seed(self.config, experiment)  # a seed variant's branch
         # made from another key's artifacts: a classifier from a superpixel network, a network from CAMs
         network = self.scn_network(dataset, experiment) if artifact == "classifier" else None
         if network is not None:
@@ -199,6 +200,36 @@ class Pipeline:
         if artifact == "scn" and settings.get("recipe") == "saliency_cam":
             node["cams"] = self.hash(dataset, self.cams_from(experiment), "cams")
         return config_hash(node)
+
+    def seed(self, experiment: str) -> int:
+        """The seed of ``experiment``'s branch (a ``-seed<N>`` variant's N, else the workflow seed)."""
+        return experiment_seed(self.config, experiment)
+
+    # ------------------------------------------------------------------ provenance
+    def provenance(self, dataset: str, experiment: str, seeds: list[int] | None = None) -> dict[str, Any]:
+        """What a report row must say to be comparable with a published one: backbone, pretrained weights,
+        refinement, inference scales / flip, CRF, segmentation network, seeds (strings, from the settings)."""
+        cls = self.settings(dataset, experiment, "classifier")
+        cams = self.settings(dataset, experiment, "cams")
+        seg = self.settings(dataset, experiment, "segmentation")
+        refine = self.refine(experiment, dataset)
+        crf_of = {"crf": ("crf", "preset"), "single_stage": ("single_stage", "crf"), "ir_labels": ("irn", "crf"),
+                  "irn": ("irn", "crf"), "affinity": ("affinity", "crf")}
+        mask_crf = "no"
+        if refine in crf_of:
+            stage, key = crf_of[refine]
+            preset = stage_config(self.config, dataset, experiment, stage).get(key)
+            mask_crf = f"yes ({preset.get('preset') if isinstance(preset, dict) else preset})"
+        return {
+            "backbone": describe_backbone(cls.get("backbone")),
+            "pretrained": describe_weights((cls.get("backbone") or {}).get("weights")),
+            "refinement": refine,
+            "inference": f"CAM scales {describe_scales(cams.get('scales'), cams.get('flip'))}; segmentation "
+                         f"{describe_scales(seg.get('infer_scales'), seg.get('infer_flip'))}",
+            "crf": f"pseudo-masks {mask_crf}; segmentation test {'yes' if seg.get('infer_crf') else 'no'}",
+            "segmentation": f"DeepLab-V2 ({describe_backbone(seg.get('backbone'))})",
+            "seeds": ", ".join(str(s) for s in (seeds if seeds is not None else [self.seed(experiment)])),
+        }
 
     # ------------------------------------------------------------------ superpixel networks
     def scn_network(self, dataset: str, experiment: str) -> str | None:
@@ -222,3 +253,37 @@ class Pipeline:
         """What a prepared dataset depends on: the dataset's own settings, without stage overrides."""
         ds = self.config["datasets"][dataset]
         return {k: v for k, v in ds.items() if k not in ("stages", "saliency")}
+
+
+#: per architecture family, the backbone keys that change its size (and their standard values)
+_SIZE_KEYS = {"resnet38": {"width": 1.0}, "resne": {"layers": None, "width_per_group": 64},
+              "vit": {"embed_dim": None, "depth": None, "patch_size": None}}
+
+
+def describe_backbone(backbone: Mapping[str, Any] | None) -> str:
+    """``{arch: resnet38, width: 0.125}`` -> ``"resnet38 (width 0.125)"``: the architecture and what departs from
+    its standard size (keys of other families, inherited from a dataset's defaults, are ignored)."""
+    b = dict(backbone or {})
+    if not b:
+        return "method default"
+    arch = str(b.get("arch", "?"))
+    keys = next((v for k, v in _SIZE_KEYS.items() if arch.startswith(k)), {})
+    extra = [f"{k} {b[k]}" for k, std in keys.items() if b.get(k) is not None and b[k] != std]
+    return arch + (f" ({', '.join(extra)})" if extra else "")
+
+
+def describe_weights(weights: Mapping[str, Any] | None) -> str:
+    """A weights spec in words: torchvision name, URL file, local file, or random initialisation."""
+    if not weights:
+        return "none (random init)"
+    if weights.get("torchvision"):
+        return f"torchvision {weights['torchvision']}"
+    if weights.get("url"):
+        return f"url {str(weights['url']).rsplit('/', 1)[-1]}"
+    return f"file {str(weights.get('path', '?')).rsplit('/', 1)[-1]}"
+
+
+def describe_scales(scales: Any, flip: Any) -> str:
+    """``[1.0, 0.5], True`` -> ``"1.0, 0.5 + flip"``; single scale without flip -> ``"1.0"``."""
+    text = ", ".join(str(s) for s in (scales or [1.0]))
+    return text + (" + flip" if flip else "")

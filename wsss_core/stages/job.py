@@ -117,11 +117,16 @@ def stage_function(name: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(f"{__package__}.{module}"), fn)
 
 
-def runtime_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+def runtime_settings(config: Mapping[str, Any], experiment: str | None = None) -> dict[str, Any]:
     """How a job runs, from the workflow config (not from its params, so that changing it reruns nothing that is
-    done; the seed reaches every output through the config hashes)."""
+    done; the seed reaches every output through the config hashes). The seed is the experiment's
+    (:func:`wsss_core.config.experiment_seed`: a ``-seed<N>`` variant's N, else the workflow seed)."""
+    from ..config import experiment_seed
+
     defaults = JobSettings()
-    return {"seed": int(config.get("seed", defaults.seed)), "device": config.get("device", defaults.device),
+    seed = int(config.get("seed", defaults.seed)) if experiment is None or "experiments" not in config \
+        else experiment_seed(config, experiment)
+    return {"seed": seed, "device": config.get("device", defaults.device),
             "lock_dir": config.get("gpu_lock_dir", defaults.lock_dir),
             "weights_dir": config.get("weights_dir", defaults.weights_dir),
             "method_plugins": list(config.get("method_plugins") or [])}
@@ -131,7 +136,8 @@ def settings_from_snakemake(smk: Any) -> JobSettings:
     """The adapter: ``params.job`` (the :class:`JobSettings` fields that decide the outputs) + the workflow
     config's :func:`runtime_settings` + log, threads and wildcards."""
     p: Mapping[str, Any] = dict(smk.params.get("job") or {})
-    return JobSettings(**p, **runtime_settings(smk.config), log=smk.log[0] if len(smk.log) else None,
+    return JobSettings(**p, **runtime_settings(smk.config, p.get("experiment")),
+                       log=smk.log[0] if len(smk.log) else None,
                        threads=int(smk.threads), wildcards={k: str(v) for k, v in smk.wildcards.items()})
 
 
