@@ -549,3 +549,58 @@ def test_workflow_script_passes_the_rule_names(monkeypatch, tmp_path):
     assert job.extra["files"] == files and job.extra["experiments"] == ["cam"]
     assert seen["out"].md == "r.md" and seen["out"].json == "r.json" and seen["out"].training == "t.png"
     assert seen["inp"].cams == ["x.h5"] and seen["inp"].segmentation == ["b.pt"]
+
+
+# ============================================================================================ seeds
+
+def test_seed_runs_give_mean_std_per_seed_values_and_a_paired_comparison(world, tmp_path):
+    """Three seeds of two experiments (beta compared with alpha): the "Over seeds" table equals numpy's mean and
+    sample std of the eval JSONs, the paired test equals scipy.stats.ttest_rel, provenance columns are filled."""
+    from scipy import stats
+
+    root, prep, masks = world["root"], world["prep"], world["masks"]
+    seeds = [0, 5, 6]
+    runs = {x: [x if s == 0 else f"{x}-seed{s}" for s in seeds] for x in EXPS}
+    exps = dict(world["exps"])
+    for x in EXPS:
+        for s, run in zip(seeds[1:], runs[x][1:]):
+            exps[run] = make_experiment(root, prep, masks, run, 10 * s + len(x), with_seg=True, with_metrics=False)
+    flat_runs = [r for x in EXPS for r in runs[x]]
+    files = report_files({"exps": exps}, flat_runs)
+    job, inp, out = report_args(world, tmp_path, files=files, experiments=EXPS)
+    prov = {x: {"backbone": f"net-{x}", "pretrained": "none (random init)", "refinement": SETTINGS[x].get("refine", "crf"),
+                "inference": "CAM scales 1.0", "crf": "pseudo-masks no", "segmentation": "DeepLab-V2 (resnet50)",
+                "seeds": "0, 5, 6"} for x in EXPS}
+    job.extra.update(experiments=flat_runs, labels={r: "cam" for r in flat_runs},
+                     settings={r: SETTINGS[r.split("-")[0]] for r in flat_runs}, provenance=prov,
+                     groups={x: {"runs": runs[x], "seeds": seeds, "label": x.upper(),
+                                 "compare_to": "alpha" if x == "beta" else None} for x in EXPS})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rb, "_git", lambda args, repo: None)
+        report = stage.report(job, inp, out)
+    md = (tmp_path / "report.md").read_text()
+    ev = {r: json.loads(Path(exps[r]["cam_eval"]).read_text())["scores"]["val"]["miou"] for r in flat_runs}
+    seg = {r: json.loads(Path(exps[r]["seg_eval"]).read_text())["scores"]["miou"] for r in flat_runs}
+    table = {r["experiment"]: r for r in md_table(md, "## Over seeds")}
+    for x in EXPS:
+        vals = np.array([ev[r] for r in runs[x]])
+        cell = table[f"{x.upper()} (`{x}`)"]["CAM seeds mIoU"]
+        assert cell.startswith(f"{vals.mean():.4f} ± {vals.std(ddof=1):.4f} (")
+        assert cell.endswith(" / ".join(f"{v:.4f}" for v in vals) + ")")
+        assert table[f"{x.upper()} (`{x}`)"]["backbone"] == f"net-{x}"
+        m = report["seeds"]["experiments"][x]["metrics"]["segmentation.miou"]
+        assert m["mean"] == pytest.approx(np.mean([seg[r] for r in runs[x]]))
+    paired = {p["metric"]: p for p in report["seeds"]["paired"]}
+    assert set(paired) == {"cam.miou", "pseudo_mask.miou", "segmentation.miou"}
+    a, b = np.array([ev[r] for r in runs["alpha"]]), np.array([ev[r] for r in runs["beta"]])
+    p = paired["cam.miou"]
+    assert p["differences"] == pytest.approx((b - a).tolist())
+    oracle = stats.ttest_rel(b, a)
+    assert p["t"] == pytest.approx(oracle.statistic) and p["p"] == pytest.approx(oracle.pvalue)
+    assert p["exceeds_spread"] == bool(oracle.pvalue < 0.05)
+    rows = md_table(md, "### Paired comparison")
+    assert rows[0]["comparison"] == "`beta` vs `alpha`" and rows[0]["exceeds the spread"] in ("**yes**", "no")
+    summary = {r["experiment"]: r for r in md_table(md, "## Summary")}
+    assert list(summary) == flat_runs                          # every seed's own row, with its provenance
+    assert summary["beta-seed5"]["seeds"] == "0, 5, 6" and summary["alpha"]["backbone"] == "net-alpha"
+    assert "Mean ± std over each experiment's seeds" in md      # per-class table over seeds

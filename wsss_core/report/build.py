@@ -402,6 +402,78 @@ def _pseudo_mask_t_note(th: Mapping[str, Any]) -> str:
     return note + " - **different from the chosen t**: the pseudo-masks were not made with the threshold above."
 
 
+#: provenance fields of a row (wsss_core/pipeline.py::Pipeline.provenance) -> column header
+PROVENANCE = {"backbone": "backbone", "pretrained": "pretrained weights", "refinement": "refinement",
+              "inference": "inference scales / flip", "crf": "CRF", "segmentation": "segmentation network",
+              "seeds": "seeds"}
+
+
+def provenance_cells(prov: Mapping[str, Any] | None) -> list[str]:
+    """The provenance columns of a row (``n/a`` where not given)."""
+    return [str((prov or {}).get(k) or "n/a") for k in PROVENANCE]
+
+
+def fmt_pm(mean: Any, std: Any, nd: int = 4) -> str:
+    """``0.3512 ± 0.0101``; ``n/a`` without a mean."""
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{nd}f} ± {std:.{nd}f}" if std is not None else fmt(mean, nd)
+
+
+def _per_seed(values: Sequence[Any], nd: int = 4) -> str:
+    return " / ".join(fmt(v, nd) for v in values)
+
+
+#: the seed table's numbers: key in the seed statistics -> column name
+SEED_COLUMNS = {"threshold": "bg threshold t", "cam.miou": "CAM seeds mIoU", "pseudo_mask.miou": "pseudo-mask mIoU",
+                "segmentation.miou": "segmentation mIoU", "cam.miou_strict": "CAM miou_strict",
+                "pseudo_mask.miou_strict": "pseudo-mask miou_strict",
+                "segmentation.miou_strict": "segmentation miou_strict", "refinement.delta": "refinement change",
+                "single_stage.miou": "single-stage mIoU", "single_stage.crf_miou": "single-stage + CRF mIoU"}
+
+
+def _render_seeds(add, sd: Mapping[str, Any], r: Mapping[str, Any]) -> None:
+    """The "Over seeds" section: mean ± std with the per-seed values, and the paired comparisons."""
+    groups = sd["experiments"]
+    add("## Over seeds")
+    add("")
+    add("Each experiment ran once per seed (its own branch of the workflow: classifier, CAMs, refinement and "
+        "segmentation network; the seed sets initialisation, data order and augmentation). Mean ± sample standard "
+        "deviation (ddof 1) over the seeds, then the per-seed values in seed order.")
+    add("")
+    prov = r.get("provenance") or {}
+    cols = [c for c in SEED_COLUMNS if any(c in g["metrics"] for g in groups.values())]
+    body = []
+    for g, x in groups.items():
+        cells = [f"{x['label']} (`{g}`)", ", ".join(str(s) for s in x["seeds"])]
+        for c in cols:
+            m = x["metrics"].get(c)
+            cells.append("n/a" if m is None else f"{fmt_pm(m['mean'], m['std'])} ({_per_seed(m['values'])})")
+        body.append(cells + provenance_cells(prov.get(g))[:-1])
+    add(md_table(["experiment", "seeds", *[SEED_COLUMNS[c] for c in cols], *list(PROVENANCE.values())[:-1]], body))
+    add("")
+    if sd.get("paired"):
+        add("### Paired comparison")
+        add("")
+        add("Each experiment against the one it extends (or its `compare_to`), seed by seed: differences d = "
+            "experiment - base on the seeds both ran. The difference **exceeds the seed-to-seed spread** when the 95 % "
+            "Student-t interval of the mean difference excludes 0 (paired t-test p < 0.05); `spread` is the std of "
+            "each side over the same seeds.")
+        add("")
+        rows = []
+        for x in sd["paired"]:
+            verdict = {True: "**yes**", False: "no", None: "n/a (fewer than 2 common seeds)"}[x["exceeds_spread"]]
+            ci = "n/a" if x["ci"] is None else f"[{x['ci'][0]:+.4f}, {x['ci'][1]:+.4f}]"
+            rows.append([f"`{x['experiment']}` vs `{x['compare_to']}`", x["metric"], ", ".join(map(str, x["seeds"])),
+                         " / ".join(f"{v:+.4f}" for v in x["differences"]),
+                         "n/a" if x["mean"] is None else f"{x['mean']:+.4f} ± {fmt(x['std'])}", ci, fmt(x["p"]),
+                         f"{fmt(x['spread_b'])} / {fmt(x['spread_a'])}", verdict])
+        add(md_table(["comparison", "number", "seeds", "per-seed difference", "mean difference ± std", "95 % interval",
+                      "p", "spread (experiment / base)", "exceeds the spread"], rows,
+                     ["l", "l", "l", "l", "r", "r", "r", "r", "l"]))
+        add("")
+
+
 def render_markdown(r: Mapping[str, Any]) -> str:
     """The report Markdown from the report dict (the one written as report.json), so both agree."""
     ev = r["splits"]["eval"]
@@ -440,12 +512,18 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     mask_split = rows[0]["pseudo_mask"]["split"] if rows else "?"
     seg_split = rows[0]["segmentation"]["split"] if rows else ev
     headers = ["experiment", "method", "bg threshold t", f"CAM seeds mIoU ({cam_split}, at t)",
-               f"pseudo-mask mIoU ({mask_split})", f"segmentation mIoU ({seg_split})"]
+               f"pseudo-mask mIoU ({mask_split})", f"segmentation mIoU ({seg_split})", *PROVENANCE.values()]
     cam_same = [bool(row["cam"].get("threshold_chosen_on_this_split")) for row in rows]
     add(md_table(headers, [[row["experiment"], row["method"], fmt_t(row["threshold"]),
                             fmt_marked(row["cam"]["miou"], same), fmt(row["pseudo_mask"]["miou"]),
-                            fmt(row["segmentation"]["miou"])] for row, same in zip(rows, cam_same)],
-                 ["l", "l", "r", "r", "r", "r"]))
+                            fmt(row["segmentation"]["miou"]), *provenance_cells(row.get("provenance"))]
+                           for row, same in zip(rows, cam_same)],
+                 ["l", "l", "r", "r", "r", "r", *["l"] * len(PROVENANCE)]))
+    add("")
+    add("Provenance columns (from each experiment's settings; an imported experiment's are what its `import."
+        "provenance` declares): backbone and pretrained weights of the classifier, how the pseudo-masks were refined, "
+        "inference scales and flip of the CAMs and of the segmentation network, CRF use, the segmentation network, "
+        "and the seeds the experiment ran with.")
     add("")
     add("Values are `miou` (present-class mean), as fractions in [0, 1]. The same with `miou_strict` "
         "(mean over all classes) and the image counts:")
@@ -463,6 +541,11 @@ def render_markdown(r: Mapping[str, Any]) -> str:
         f"`miou` = {fmt(b['miou'])} and `miou_strict` = {fmt(b['miou_strict'])} (background IoU "
         f"{fmt(b['iou'][0] if b['iou'] else None)}).")
     add("")
+
+    # ----- seeds
+    sd = r.get("seeds") or {}
+    if sd.get("multi_seed"):
+        _render_seeds(add, sd, r)
 
     # ----- refinement
     if r.get("refinement"):
@@ -609,12 +692,24 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     short = {"cam": "CAM", "pseudo_mask": "mask", "segmentation": "seg"}
     cam_mark = {row["experiment"]: SAME_SPLIT_MARK if row["cam"].get("threshold_chosen_on_this_split") else ""
                 for row in r["rows"]}
-    headers = ["class"] + [f"{e} {short[s]}" + (cam_mark[e] if s == "cam" else "") for e in names for s in short]
-    body = []
-    for ci, cname in enumerate(pc["classes"]):
-        body.append([cname] + [fmt(pc["experiments"][e][s]["iou"][ci]) for e in names for s in short])
-    body.append(["**miou**"] + [fmt(pc["experiments"][e][s]["miou"]) for e in names for s in short])
-    body.append(["**miou_strict**"] + [fmt(pc["experiments"][e][s]["miou_strict"]) for e in names for s in short])
+    if sd.get("multi_seed"):  # one column per experiment and stage: mean ± std over its seeds
+        groups = sd["experiments"]
+        add("Mean ± std over each experiment's seeds (every run's values: `per_class` in report.json).")
+        add("")
+        headers = ["class"] + [f"{g} {short[s]}" for g in groups for s in short]
+        body = [[cname] + [fmt_pm(groups[g]["per_class"][s]["mean"][ci], groups[g]["per_class"][s]["std"][ci])
+                           for g in groups for s in short] for ci, cname in enumerate(pc["classes"])]
+        body.append(["**miou**"] + [fmt_pm((groups[g]["metrics"].get(f"{s}.miou") or {}).get("mean"),
+                                           (groups[g]["metrics"].get(f"{s}.miou") or {}).get("std"))
+                                    for g in groups for s in short])
+    else:
+        headers = ["class"] + [f"{e} {short[s]}" + (cam_mark[e] if s == "cam" else "") for e in names for s in short]
+        body = []
+        for ci, cname in enumerate(pc["classes"]):
+            body.append([cname] + [fmt(pc["experiments"][e][s]["iou"][ci]) for e in names for s in short])
+        body.append(["**miou**"] + [fmt(pc["experiments"][e][s]["miou"]) for e in names for s in short])
+        body.append(["**miou_strict**"] + [fmt(pc["experiments"][e][s]["miou_strict"]) for e in names
+                                           for s in short])
     add(md_table(headers, body))
     add("")
     _same_split_footnote(add, [bool(m) for m in cam_mark.values()])
@@ -626,9 +721,16 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     add(f"Per class on `{cam_split}` at the chosen t: precision = TP / predicted pixels, recall = TP / ground-truth "
         "pixels.")
     add("")
-    headers = ["class"] + [f"{e} {k}{cam_mark[e]}" for e in names for k in ("precision", "recall")]
-    body = [[cname] + [fmt(pc["experiments"][e]["cam"][k][ci]) for e in names for k in ("precision", "recall")]
-            for ci, cname in enumerate(pc["classes"])]
+    if sd.get("multi_seed"):
+        groups = sd["experiments"]
+        headers = ["class"] + [f"{g} {k}" for g in groups for k in ("precision", "recall")]
+        body = [[cname] + [fmt_pm(groups[g]["per_class"][f"cam_{k}"]["mean"][ci],
+                                  groups[g]["per_class"][f"cam_{k}"]["std"][ci])
+                           for g in groups for k in ("precision", "recall")] for ci, cname in enumerate(pc["classes"])]
+    else:
+        headers = ["class"] + [f"{e} {k}{cam_mark[e]}" for e in names for k in ("precision", "recall")]
+        body = [[cname] + [fmt(pc["experiments"][e]["cam"][k][ci]) for e in names for k in ("precision", "recall")]
+                for ci, cname in enumerate(pc["classes"])]
     add(md_table(headers, body))
     add("")
     _same_split_footnote(add, [bool(m) for m in cam_mark.values()])

@@ -276,6 +276,10 @@ class ReportInputs:
     superpixels: dict[str, dict] = field(default_factory=dict)  #: experiment -> its Q back end, SCN score
     superpixel_overlays: dict[str, list] = field(default_factory=dict)  #: network -> [(id, image, labels)]
     single_stage: dict[str, dict] = field(default_factory=dict)  #: experiment -> {"eval", "crf_eval"} JSONs
+    #: experiment -> {"runs": its seed runs (entries of ``experiments``), "seeds", "label", "compare_to"}; default:
+    #: every run its own experiment
+    groups: dict[str, dict] = field(default_factory=dict)
+    provenance: dict[str, dict] = field(default_factory=dict)  #: experiment -> backbone, pretrained, ... (strings)
 
 
 def _experiment_files(experiments: Sequence[str], files: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
@@ -332,7 +336,9 @@ def collect(job: JobSettings, repo: str | os.PathLike | None = None, logger=None
     baseline = background_confusion(info, eval_split)
     training = {e: {net: read_training((files[e].get(key) or [""])[0], logger) for net, key in NETWORKS}
                 for e in experiments}
-    qualitative = read_qualitative(info, experiments, shards["cams"], shards["masks"], shards["preds"], eval_split,
+    groups = seed_groups(experiments, x.get("groups"), x.get("labels") or {})
+    shown = [g["runs"][0] for g in groups.values()]  # the qualitative grid: the first seed of each experiment
+    qualitative = read_qualitative(info, shown, shards["cams"], shards["masks"], shards["preds"], eval_split,
                                    mask_split)
     saliency = [read_json(p) for p in dict.fromkeys(p for e in experiments for p in files[e].get("saliency", []))]
     submissions = {e: files[e]["submission"][0] for e in experiments if files[e].get("submission")}
@@ -353,7 +359,22 @@ def collect(job: JobSettings, repo: str | os.PathLike | None = None, logger=None
         baseline_n_images=len(info.ids(eval_split)), qualitative=qualitative, saliency=saliency,
         submissions=submissions, superpixels=superpixels, superpixel_overlays=overlays, single_stage=single,
         environment=rb.environment(repo if repo is not None else Path.cwd()),
-        notes=list(x.get("notes") or []))
+        notes=list(x.get("notes") or []), groups=groups,
+        provenance=dict(x.get("provenance") or {}))
+
+
+def seed_groups(runs: Sequence[str], groups: Mapping[str, Mapping[str, Any]] | None,
+                labels: Mapping[str, str]) -> dict[str, dict]:
+    """The report's experiments and their seed runs, checked against ``runs``; without ``groups`` every run is
+    an experiment of one seed."""
+    if not groups:
+        return {e: {"runs": [e], "seeds": [None], "label": labels.get(e, e), "compare_to": None} for e in runs}
+    out = {e: {"runs": list(g["runs"]), "seeds": list(g.get("seeds") or [None] * len(g["runs"])),
+               "label": g.get("label", e), "compare_to": g.get("compare_to")} for e, g in groups.items()}
+    listed = [r for g in out.values() for r in g["runs"]]
+    if sorted(listed) != sorted(runs):
+        raise DataError(f"report: the seed groups list runs {listed}, the report has {list(runs)}")
+    return out
 
 
 # ============================================================================================ build
@@ -434,6 +455,61 @@ def _refinement_rows(d: ReportInputs) -> list[dict]:
             row["ir_labels"] = {"labelled_fraction": ir.get("labelled_fraction"),
                                 "miou_labelled": ir.get("miou_labelled")}
         out.append(row)
+    return out
+
+
+#: the numbers of a run that the seed table aggregates: name -> where it is in a summary row
+SEED_METRICS = {"threshold": ("threshold",), "cam.miou": ("cam", "miou"), "cam.miou_strict": ("cam", "miou_strict"),
+                "pseudo_mask.miou": ("pseudo_mask", "miou"), "pseudo_mask.miou_strict": ("pseudo_mask", "miou_strict"),
+                "segmentation.miou": ("segmentation", "miou"),
+                "segmentation.miou_strict": ("segmentation", "miou_strict")}
+#: the numbers a paired comparison is made on
+PAIRED_METRICS = ("cam.miou", "pseudo_mask.miou", "segmentation.miou")
+
+
+def seed_statistics(groups: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
+                    refinement: Sequence[Mapping[str, Any]], single: Sequence[Mapping[str, Any]],
+                    per_class: Mapping[str, Any]) -> dict[str, Any]:
+    """Per experiment, every number of its runs as mean ± std with the per-seed values
+    (:func:`wsss_core.metrics.seeds.mean_std`; per-class IoU element-wise), and the paired comparison with the
+    experiment it is compared to (``compare_to``, same seeds; :func:`wsss_core.metrics.seeds.paired_difference`)."""
+    from ..metrics.seeds import mean_std, mean_std_vectors, paired_difference
+
+    by_run = {r["experiment"]: r for r in rows}
+    extra = {x["experiment"]: {"refinement.delta": x["delta"]} for x in refinement}
+    for x in single:
+        extra.setdefault(x["experiment"], {}).update({"single_stage.miou": x["miou"],
+                                                      "single_stage.crf_miou": x["crf_miou"]})
+
+    def value(run: str, name: str) -> Any:
+        if name in SEED_METRICS:
+            v: Any = by_run[run]
+            for k in SEED_METRICS[name]:
+                v = v[k]
+            return v
+        return extra.get(run, {}).get(name)
+
+    names = [*SEED_METRICS, "refinement.delta", "single_stage.miou", "single_stage.crf_miou"]
+    out: dict[str, Any] = {"experiments": {}, "paired": [], "multi_seed": any(len(g["runs"]) > 1
+                                                                             for g in groups.values())}
+    for g, x in groups.items():
+        metrics = {n: mean_std([value(r, n) for r in x["runs"]]) for n in names}
+        metrics = {n: m for n, m in metrics.items() if m["n"]}
+        pc = {stage: mean_std_vectors([per_class["experiments"][r][stage]["iou"] for r in x["runs"]])
+              for stage in STAGES}
+        pc.update({f"cam_{k}": mean_std_vectors([per_class["experiments"][r]["cam"][k] for r in x["runs"]])
+                   for k in ("precision", "recall")})
+        out["experiments"][g] = {"label": x["label"], "runs": list(x["runs"]), "seeds": list(x["seeds"]),
+                                 "metrics": metrics, "per_class": pc}
+    for g, x in groups.items():
+        base = x.get("compare_to")
+        if not base or base not in groups:
+            continue
+        for name in PAIRED_METRICS:
+            a = dict(zip(groups[base]["seeds"], (value(r, name) for r in groups[base]["runs"])))
+            b = dict(zip(x["seeds"], (value(r, name) for r in x["runs"])))
+            out["paired"].append({"experiment": g, "compare_to": base, "metric": name,
+                                  **paired_difference(a, b)})
     return out
 
 
@@ -582,6 +658,12 @@ def build(d: ReportInputs, out: Mapping[str, str]) -> BuiltReport:
 
     refinement = _refinement_rows(d)
     baseline = all_background_baseline(d.baseline, classes, eval_split, d.baseline_n_images)
+    single = single_stage_rows(d)
+    run_of = {r: (g, s) for g, x in d.groups.items() for r, s in zip(x["runs"], x["seeds"])}
+    for row in rows:
+        row["group"], row["seed"] = run_of[row["experiment"]]
+        row["provenance"] = d.provenance.get(row["group"])
+    seeds = seed_statistics(d.groups, rows, refinement, single, per_class)
 
     training, curves_cls, curves_seg, models = {}, {}, {}, {}
     for e in experiments:
@@ -604,12 +686,19 @@ def build(d: ReportInputs, out: Mapping[str, str]) -> BuiltReport:
         curve_items.append({"experiment": e, "metric": metric, "splits": splits, "chosen_t": th["value"],
                             "source_split": th["source"]["split"]})
     series = []
-    for e in experiments:
-        for stage in STAGES:
-            v = per_class["experiments"][e][stage]
-            series.append({"experiment": e, "stage": stage, "iou": v["iou"], "miou": v["miou"]})
+    if seeds["multi_seed"]:  # one bar per experiment: the mean over its seeds
+        for g, x in seeds["experiments"].items():
+            for stage in STAGES:
+                m = x["metrics"].get(f"{stage}.miou") or {}
+                series.append({"experiment": f"{g} (mean of {len(x['runs'])})", "stage": stage,
+                               "iou": x["per_class"][stage]["mean"], "miou": m.get("mean")})
+    else:
+        for e in experiments:
+            for stage in STAGES:
+                v = per_class["experiments"][e][stage]
+                series.append({"experiment": e, "stage": stage, "iou": v["iou"], "miou": v["miou"]})
 
-    qual_rows, qual_meta = qualitative_panels(d.qualitative, experiments,
+    qual_rows, qual_meta = qualitative_panels(d.qualitative, [g["runs"][0] for g in d.groups.values()],
                                               {t["experiment"]: t["value"] for t in thresholds})
 
     figures = {}
@@ -642,7 +731,9 @@ def build(d: ReportInputs, out: Mapping[str, str]) -> BuiltReport:
         "thresholds": thresholds,
         "refinement": refinement,
         "superpixels": superpixel_rows(d.superpixels),
-        "single_stage": single_stage_rows(d),
+        "single_stage": single,
+        "seeds": seeds,
+        "provenance": {g: d.provenance.get(g) for g in d.groups},
         "per_class": per_class,
         "baseline": baseline,
         "training": training,
