@@ -1,5 +1,6 @@
 # wsss-flow: weakly-supervised semantic segmentation, from dataset to mIoU report.
-# Targets: <dataset>_<suite>_report (e.g. toy_cam_report, toy_fsae_report, voc_fsae_report) and `all` (the demo).
+# Targets: <dataset>_<suite>_report (e.g. toy_cam_report, toy_fsae_report, voc_fsae_report), <dataset>_<experiment>_export
+# (pseudo-masks and CAMs in reference layouts) and `all` (the demo).
 # Settings: config.yaml (schema: schemas/config.schema.yaml). Library: wsss_core/.
 
 import os
@@ -32,6 +33,7 @@ include: "rules/irn.smk"
 include: "rules/segmentation.smk"
 include: "rules/single_stage.smk"
 include: "rules/submission.smk"
+include: "rules/exchange.smk"
 include: "rules/report.smk"
 
 
@@ -49,3 +51,11 @@ for _dataset in config["datasets"]:
                 f"{_dataset}_{_suite}_report"
             input:
                 report_md(_dataset, _suite),
+
+    for _experiment in config["experiments"]:
+
+        rule:
+            name:
+                f"{_dataset}_{_experiment}_export"
+            input:
+                P.path("export", dataset=_dataset, experiment=_experiment),

@@ -61,6 +61,11 @@ def _validate_config():
                                   f"experiments (known: {sorted(config['experiments'])})")
         for exp in config["experiments"]:
             method = experiment_config(config, exp).get("method")
+            if method is None and experiment_config(config, exp).get("import"):
+                if not experiment_config(config, exp)["import"].get("cams"):
+                    raise ConfigError(f"experiments.{exp}.import needs cams: (the report scores the CAMs; "
+                                      "extends: an experiment whose CAMs to keep is not supported yet)")
+                continue
             if method is None:
                 raise ConfigError(f"experiments.{exp} has no method (set method:, or extends: an experiment with one)")
             names = {"method": method}
@@ -150,7 +155,7 @@ def job_params(artifact=None, **extra):
         if d is not None:
             job.update(dataset=d, prepared=prepared(d), splits=dict(dataset_cfg(d)["splits"]))
         if e is not None:
-            job.update(experiment=e, method=experiment_config(config, e)["method"])
+            job.update(experiment=e, method=experiment_config(config, e).get("method", "imported"))
         elif w.get("scn") is not None:  # a superpixel network's job: its name stands where an experiment would
             e = w.get("scn")
             job.update(experiment=e)
@@ -384,10 +389,11 @@ def experiment_files(dataset, experiment):
     """What the report reads of one experiment (name -> path or list of paths)."""
     d, e = dataset, experiment
     ev = P.split_name(d, "eval")
+    trained = ("classifier",) if not P.imported(e, "cams") else ()  # imported CAMs: no classifier
     files = {name: P.path(name, dataset=d, experiment=e)
-             for name in ("cam_eval", "mask_eval", "seg_eval", "classifier", "segmentation")}
+             for name in ("cam_eval", "mask_eval", "seg_eval", *trained, "segmentation")}
     files.update(cams=shard_paths("cams", d, e, ev), masks=shard_paths("pseudo_masks", d, e),
-                 preds=shard_paths("seg_pred", d, e, ev), saliency=saliency_inputs(d, e))
+                 preds=shard_paths("seg_pred", d, e, ev), saliency=saliency_inputs(d, e) if trained else [])
     if P.mask_artifact(e, d) in ("irn_masks", "ir_labels"):
         files["ir_label_eval"] = P.path("ir_label_eval", dataset=d, experiment=e)
     network = P.scn_network(d, e)
@@ -408,6 +414,28 @@ def suite_runs(suite):
     """The runs of a suite's report, in order: every seed variant of every experiment (wsss_core.config.
     suite_variants)."""
     return [v for variants in suite_variants(config, suite).values() for v in variants]
+
+
+def imported_experiments(what):
+    """Wildcard pattern of the experiments (and their seed variants) whose ``what`` (cams, pseudo_masks) is imported
+    (``(?!)``, matching nothing, for none)."""
+    names = [e for e in config["experiments"] if P.imported(e, what)]
+    return f"(?:{'|'.join(names)})(?:{SEED_MARK}[0-9]+)?" if names else "(?!)"
+
+
+def import_folder(what):
+    """Input function: the folder of an imported experiment's ``what``, checked now (DAG build)."""
+
+    def fn(w):
+        folder = P.imported(w.experiment, what)["dir"]
+        if not Path(folder).expanduser().is_dir():
+            raise WorkflowError(f"experiments.{split_seed_variant(w.experiment)[0]}.import.{what}.dir = {folder} is "
+                                "not a folder. Put the reference-layout files there (one per image id; README "
+                                "'Import and export'), or export them from another run with the target "
+                                "<dataset>_<experiment>_export.")
+        return str(Path(folder).expanduser())
+
+    return fn
 
 
 def report_groups(w):
@@ -433,7 +461,7 @@ def experiment_label(experiment):
     """A run's row label: the experiment's label (default: its method), with `(seed N)` for a seed variant."""
     exp = experiment_config(config, experiment)
     seed = split_seed_variant(experiment)[1]
-    return (exp.get("label") or exp["method"]) + ("" if seed is None else f" (seed {seed})")
+    return (exp.get("label") or exp.get("method", "imported")) + ("" if seed is None else f" (seed {seed})")
 
 
 def experiment_labels(w):

@@ -304,3 +304,23 @@ def test_rgb_mask_is_rejected(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(p)
     with pytest.raises(DataError, match="single-channel"):
         read_label_png(p, 21)
+
+
+def test_import_folder_missing_and_bad_references_are_named_at_dag_time(tmp_path):
+    """An imported experiment whose folder does not exist, a compare_to naming no experiment, an import without
+    CAMs: each stops the dry run with the key and the value."""
+    theirs = {"label": "theirs", "refine": "import",
+              "import": {"cams": {"dir": str(tmp_path / "no_cams"), "format": "psa"},
+                         "pseudo_masks": {"dir": str(tmp_path / "no_masks")}}}
+    cfg = write_yaml(tmp_path / "c.yaml", {"experiments": {"theirs": theirs},
+                                           "suites": {"x": {"experiments": ["theirs"]}}})
+    proc = run_snakemake(tmp_path, "-n", "toy_x_report", configfile=cfg, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "experiments.theirs.import.cams.dir" in _out(proc) and str(tmp_path / "no_cams") in _out(proc)
+    bad = write_yaml(tmp_path / "d.yaml", {"experiments": {"ppc_fsae": {"compare_to": "ppcc"}}})
+    proc = run_snakemake(tmp_path, "-n", "toy_fsae_report", configfile=bad, check=False, timeout=120)
+    assert proc.returncode != 0 and "experiments.ppc_fsae.compare_to names 'ppcc'" in _out(proc)
+    no_cams = write_yaml(tmp_path / "e.yaml", {"experiments": {"theirs": {"import": {"pseudo_masks": {"dir": "y"}},
+                                                                          "refine": "import"}}})
+    proc = run_snakemake(tmp_path, "-n", "toy_cam_report", configfile=no_cams, check=False, timeout=120)
+    assert proc.returncode != 0 and "experiments.theirs.import needs cams" in _out(proc)

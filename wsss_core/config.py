@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any, Mapping
 
-STAGES = ("classifier", "cams", "eval", "crf", "affinity", "irn", "segmentation", "scn", "single_stage")
+STAGES = ("classifier", "cams", "eval", "crf", "affinity", "irn", "segmentation", "scn", "single_stage", "export")
 
 
 def url_file_name(url: str) -> str:

@@ -96,12 +96,22 @@ ARTIFACTS: dict[str, Artifact] = {
                          kind="masks"),
     "seg_eval": Artifact(f"{_E}/eval/segmentation.json", None, ("seg_pred",)),
     "submission": Artifact(f"{_E}/submission/results.tar.gz", None, ("seg_pred",)),
+    # import (experiments.E.import): pseudo-masks from a folder of label PNGs (`refine: import`); CAMs from
+    # reference-layout files are the experiment's `cams` (rule import_cams instead of infer_cams)
+    "imported_masks": Artifact(f"{_E}/pseudo_masks_imported/{_SHARD}", "crf",
+                               drop=("preset", "params", "n_workers", "bg_threshold", "bg_alpha"), kind="masks",
+                               split_role="train"),
+    # export: CAMs in a reference layout, pseudo-masks as palette PNGs, manifest (config hashes, provenance)
+    "export": Artifact(f"{_E}/export", "export", ("cams", "pseudo_masks")),
     "report": Artifact("{dataset}/reports/{suite}"),  # report.md, report.json and the plots
 }
 
 #: ``experiments.<name>.refine`` -> the artifact that holds its pseudo-masks (and the stage that sizes its shards)
 REFINERS: dict[str, str] = {"crf": "crf_masks", "affinity": "rw_masks", "irn": "irn_masks", "none": "cam_masks",
-                            "single_stage": "ss_masks", "ir_labels": "ir_labels"}
+                            "single_stage": "ss_masks", "ir_labels": "ir_labels", "import": "imported_masks"}
+
+#: what an experiment's ``import`` block can bring in -> the artifact it replaces
+IMPORTS: dict[str, str] = {"cams": "cams", "pseudo_masks": "imported_masks"}
 
 
 def export_library_path(root: str) -> None:
@@ -146,6 +156,13 @@ class Pipeline:
         """The artifact that holds ``experiment``'s pseudo-masks on ``dataset`` (its ``refine`` choice)."""
         return REFINERS[self.refine(experiment, dataset)]
 
+    def imported(self, experiment: str | None, what: str | None = None) -> dict[str, Any] | None:
+        """``experiments.E.import`` (``what``: its ``cams`` / ``pseudo_masks`` entry); None when not imported."""
+        if experiment is None or experiment not in self.config["experiments"] and "-seed" not in experiment:
+            return None  # a superpixel network
+        imp = experiment_config(self.config, experiment).get("import")
+        return imp if imp is None or what is None else imp.get(what)
+
     def resolve(self, experiment: str | None, artifact: str, dataset: str | None = None) -> str:
         return self.mask_artifact(experiment, dataset) if artifact == "pseudo_masks" else artifact
 
@@ -170,11 +187,16 @@ class Pipeline:
     # ------------------------------------------------------------------ settings and hashes
     def settings(self, dataset: str, experiment: str | None, artifact: str) -> dict[str, Any]:
         """The stage settings that make ``artifact`` (its ``drop`` keys removed); {} for an artifact of no stage."""
-        a = ARTIFACTS[self.resolve(experiment, artifact, dataset)]
+        name = self.resolve(experiment, artifact, dataset)
+        a = ARTIFACTS[name]
         if a.stage is None:
             return {}
         cfg = stage_config(self.config, dataset, experiment, a.stage)
-        return {k: v for k, v in cfg.items() if k not in a.drop}
+        cfg = {k: v for k, v in cfg.items() if k not in a.drop}
+        source = next((self.imported(experiment, w) for w, art in IMPORTS.items() if art == name), None)
+        if source is not None:  # imported: the folder and its layout, the shard count and (CAMs) the splits
+            cfg = {**{k: cfg[k] for k in ("n_shards", "splits") if k in cfg}, **source}
+        return cfg
 
     def hash(self, dataset: str, experiment: str, artifact: str) -> str:
         """Hash of everything that determines ``artifact``: its settings, the hashes of what it is made from, and at
@@ -184,6 +206,10 @@ class Pipeline:
     def _hash_uncached(self, dataset: str, experiment: str, artifact: str) -> str:
         a = ARTIFACTS[artifact]
         settings = self.settings(dataset, experiment, artifact)
+        if any(art == artifact and self.imported(experiment, w) for w, art in IMPORTS.items()):
+            # made from files, not from the experiment's classifier: a root of the DAG
+            return config_hash({"artifact": artifact, "settings": settings, "imported": True,
+                                "dataset": self.dataset_settings(dataset)})
         node: dict[str, Any] = {"artifact": artifact, "settings": settings,
                                 "after": [self.hash(dataset, experiment, b) for b in a.after]}
         if a.version > 1:
@@ -191,7 +217,7 @@ class Pipeline:
         if not a.after:
             node.update(dataset=self.dataset_settings(dataset), seed=self.config["seed"])
             if a.key == "experiment":
-                node["method"] = experiment_config(self.config, experiment)["method"]
+                node["method"] = experiment_config(self.config, experiment).get("method", "imported")
                 node["seed"] = experiment_seed(self.config, experiment)  # a seed variant's branch
         # made from another key's artifacts: a classifier from a superpixel network, a network from CAMs
         network = self.scn_network(dataset, experiment) if artifact == "classifier" else None
@@ -213,6 +239,19 @@ class Pipeline:
         cams = self.settings(dataset, experiment, "cams")
         seg = self.settings(dataset, experiment, "segmentation")
         refine = self.refine(experiment, dataset)
+        imp = self.imported(experiment)
+        if imp is not None:  # what made the files is what their provider declares
+            declared = dict(imp.get("provenance") or {})
+            unknown = "not declared (imported)"
+            ours = f"DeepLab-V2 ({describe_backbone(seg.get('backbone'))})"
+            return {"backbone": declared.get("backbone", unknown), "pretrained": declared.get("pretrained", unknown),
+                    "refinement": declared.get("refinement", unknown) if refine == "import" else refine,
+                    "inference": f"CAMs: {declared.get('inference', unknown)}; segmentation "
+                                 f"{describe_scales(seg.get('infer_scales'), seg.get('infer_flip'))}",
+                    "crf": f"pseudo-masks {declared.get('crf', unknown) if refine == 'import' else refine}; "
+                           f"segmentation test {'yes' if seg.get('infer_crf') else 'no'}",
+                    "segmentation": ours,
+                    "seeds": ", ".join(str(s) for s in (seeds if seeds is not None else [self.seed(experiment)]))}
         crf_of = {"crf": ("crf", "preset"), "single_stage": ("single_stage", "crf"), "ir_labels": ("irn", "crf"),
                   "irn": ("irn", "crf"), "affinity": ("affinity", "crf")}
         mask_crf = "no"

@@ -41,6 +41,9 @@ STAGE_FUNCTIONS = {
     "infer_segmentation": "segmentation:infer_segmentation",
     "test_submission": "segmentation:make_test_submission",
     "report": "report:report",
+    "import_cams": "exchange:import_cams",
+    "import_masks": "exchange:import_masks",
+    "export": "exchange:export_run",
 }
 
 

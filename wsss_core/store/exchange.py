@@ -10,16 +10,17 @@ CAM formats (``CAM_FORMATS``; class label = 0-based foreground index + 1, 0 = ba
     psa    dict {fg_index: float32 (H, W)}                 jiwoon-ahn/psa infer_cls.py (also usr922/wseg and PPC
                                                            infer_cam, FSAE contrast_infer.py: the image's label
                                                            classes only; RTC: all classes)
-    irn    dict {"keys": int64 (K,) fg indices,           jiwoon-ahn/irn step/make_cam.py ("cam": the stride-4
-                 "cam": (K, h, w), "high_res": float32 (K, H, W)}     maps; "high_res" is read)
+    irn    dict {"keys": int64 (K,) fg indices,           jiwoon-ahn/irn step/make_cam.py ("keys" and the stride-4
+                 "cam": (K, h, w), "high_res": float32 (K, H, W)}     "cam" are torch tensors there; "high_res" is read)
     sipe   dict {"keys": int64 (K,) labels, 0 first,       chenqi1126/SIPE make_cam.py (its own background map;
                  "IS_CAM": float32 (K, H, W), ["IS_CAM1"]}  SFC adds "IS_CAM1", our ``aux``)
     dense  float32 (C, H, W) or (1, C, H, W), channel c =  SP-CAM / MSA camnpy/{id}.npy, CHENDL-SHEN/ESC
            class label c (0 = background), absent = 0      evaluator.py
 
 Import options: ``classes`` ``labels`` (default: the maps of the image's label classes in ascending order, as our
-own CAM inference keeps; a label class without a map is an error) or ``all`` (every map of the file; for ``dense``
-every channel that is not all zero); ``bg`` ``threshold`` (no background map: drop it if the file has one; the
+own CAM inference keeps; a label class without a map is an error; ``dense`` has a channel for every class, an
+all-zero one is kept) or ``all`` (every map of the file, in ascending class order; for ``dense`` every channel that
+is not all zero); ``bg`` ``threshold`` (no background map: drop it if the file has one; the
 evaluator sweeps a constant) or ``own`` (keep it as key 0, first). The default ``bg`` is the format's own:
 ``own`` for ``sipe``, ``threshold`` for the others (``psa`` and ``irn`` have no background map to keep).
 
@@ -346,8 +347,9 @@ def write_reference_cams(path: str | os.PathLike, fmt: str, keys: Sequence[int],
     """Write one image's maps (keys (K,) class labels, 0 = a background map first; cams and optional aux float
     (K, H, W)) as a ``.npy`` file of format ``fmt`` (``EXPORT_CAM_FORMATS``), float32 values unchanged.
 
-    ``irn``'s strided ``"cam"`` is ``high_res[:, ::4, ::4]``, a subsample of the full-resolution maps (the size of
-    jiwoon-ahn/irn's stride-4 maps, not the network's own stride-4 output)."""
+    ``irn``'s strided ``"cam"`` is ``high_res[:, ::4, ::4]`` as a CPU torch tensor (as upstream pickles it; reading
+    the file then needs torch), a subsample of the full-resolution maps: the size of jiwoon-ahn/irn's stride-4
+    maps (``get_strided_size(size, 4)``), not the network's own stride-4 output."""
     keys = np.asarray(keys, np.int64).reshape(-1)
     cams = np.asarray(cams, np.float32)
     has_bg = bool(keys.size) and keys[0] == 0
@@ -357,7 +359,11 @@ def write_reference_cams(path: str | os.PathLike, fmt: str, keys: Sequence[int],
     if fmt == "psa":
         obj: Any = {int(k) - 1: cams[i] for i, k in enumerate(keys)}
     elif fmt == "irn":
-        obj = {"keys": keys - 1, "cam": np.ascontiguousarray(cams[:, ::IRN_STRIDE, ::IRN_STRIDE]), "high_res": cams}
+        # a torch tensor, as jiwoon-ahn/irn step/make_cam.py saves it: step/make_sem_seg_labels.py calls cam.cuda()
+        import torch
+
+        strided = torch.from_numpy(np.ascontiguousarray(cams[:, ::IRN_STRIDE, ::IRN_STRIDE]))
+        obj = {"keys": keys - 1, "cam": strided, "high_res": cams}
     else:  # sipe
         obj = {"keys": keys, "IS_CAM": cams}
         if aux is not None:
