@@ -187,34 +187,19 @@ def _export_into(job: JobSettings, tmp: Path, final: Path, cam_paths: list[str],
         has_bg, has_aux = _first_keys(cam_stores)
         fmt = ex.export_cam_format(job.cfg.get("cam_format", "auto"), has_bg, has_aux)
 
-        cam_splits: dict[str, list[str]] = {}
-        written: set[str] = set()
-        for path, store in zip(cam_paths, cam_stores):
-            split = str(_attr(store.attrs.get("split", "unknown")))
-            cam_splits.setdefault(split, [])
-            for image_id in progress(store.ids(), desc=f"export cams {Path(path).name}"):
-                cam_splits[split].append(image_id)
-                if image_id in written:
-                    continue
-                keys, cams = store[image_id]
-                aux = store.aux(image_id)
-                try:
-                    ex.write_reference_cams(ex.cam_file(tmp / "cams", image_id), fmt, keys, cams, aux)
-                except ConfigError as exc:  # an image unlike the first (background map, aux)
-                    raise DataError(f"HDF5 shard {path}, image {image_id!r} (keys {keys.tolist()}): {exc}") from None
-                written.add(image_id)
-        (tmp / "cams").mkdir(exist_ok=True)
+        def write_cams(path: str, store: ShardedStore, image_id: str) -> None:
+            keys, cams = store[image_id]
+            try:
+                ex.write_reference_cams(ex.cam_file(tmp / "cams", image_id), fmt, keys, cams, store.aux(image_id))
+            except ConfigError as exc:  # an image unlike the first (background map, aux)
+                raise DataError(f"HDF5 shard {path}, image {image_id!r} (keys {keys.tolist()}): {exc}") from None
 
-        mask_splits: dict[str, list[str]] = {}
-        masks_written: set[str] = set()
-        for path, store in zip(mask_paths, mask_stores):
-            split = str(_attr(store.attrs.get("split", "unknown")))
-            mask_splits.setdefault(split, [])
-            for image_id in progress(store.ids(), desc=f"export masks {Path(path).name}"):
-                mask_splits[split].append(image_id)
-                if image_id not in masks_written:
-                    ex.write_reference_mask(ex.mask_file(tmp / "pseudo_masks", image_id), store[image_id])
-                    masks_written.add(image_id)
+        def write_mask(path: str, store: ShardedStore, image_id: str) -> None:
+            ex.write_reference_mask(ex.mask_file(tmp / "pseudo_masks", image_id), store[image_id])
+
+        cam_splits, written = _export_items(cam_paths, cam_stores, "cams", write_cams)
+        (tmp / "cams").mkdir(exist_ok=True)
+        mask_splits, masks_written = _export_items(mask_paths, mask_stores, "masks", write_mask)
         (tmp / "pseudo_masks").mkdir(exist_ok=True)
 
     threshold = read_json(cam_eval).get("threshold") if cam_eval else None
@@ -241,6 +226,22 @@ def _export_into(job: JobSettings, tmp: Path, final: Path, cam_paths: list[str],
     }
     write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def _export_items(paths: Sequence[str], stores: Sequence[ShardedStore], what: str,
+                  write) -> tuple[dict[str, list[str]], set[str]]:
+    """``write(path, store, id)`` once per image id of the shards (an id in several splits, e.g. train and
+    train_aug, is written once); returns the ids of each split (shard attr ``split``) and the ids written."""
+    splits: dict[str, list[str]] = {}
+    written: set[str] = set()
+    for path, store in zip(paths, stores):
+        ids = splits.setdefault(str(_attr(store.attrs.get("split", "unknown"))), [])
+        for image_id in progress(store.ids(), desc=f"export {what} {Path(path).name}"):
+            ids.append(image_id)
+            if image_id not in written:
+                write(path, store, image_id)
+                written.add(image_id)
+    return splits, written
 
 
 def _read_classes(value: Any) -> list[str]:
