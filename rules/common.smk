@@ -374,6 +374,9 @@ def classifier_scn_inputs(w):
 def irn_classifier_inputs(w):
     """The trained classifier when the IRN backbone starts from it (irn.init_from_classifier, toy data)."""
     if scfg(w.dataset, w.experiment, "irn").get("init_from_classifier"):
+        if P.imported(w.experiment, "cams"):
+            raise WorkflowError(f"experiment {w.experiment!r} imports its CAMs, so it has no classifier for "
+                                "irn.init_from_classifier: set it false (and irn.backbone.weights) for this experiment")
         return [P.path("classifier", dataset=w.dataset, experiment=w.experiment)]
     return []
 
