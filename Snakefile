@@ -1,6 +1,6 @@
 # wsss-flow: weakly-supervised semantic segmentation, from dataset to mIoU report.
-# Targets: <dataset>_<suite>_report (e.g. toy_cam_report, toy_fsae_report, voc_fsae_report), <dataset>_<experiment>_export
-# (pseudo-masks and CAMs in reference layouts) and `all` (the demo).
+# Targets: <dataset>_<suite>_report (e.g. toy_cam_report, toy_fsae_report, voc_fsae_report),
+# <dataset>_<experiment>_export (pseudo-masks and CAMs in reference layouts) and `all` (the demo).
 # Settings: config.yaml (schema: schemas/config.schema.yaml). Library: wsss_core/.
 
 import os

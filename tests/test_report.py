@@ -568,7 +568,8 @@ def test_seed_runs_give_mean_std_per_seed_values_and_a_paired_comparison(world, 
     flat_runs = [r for x in EXPS for r in runs[x]]
     files = report_files({"exps": exps}, flat_runs)
     job, inp, out = report_args(world, tmp_path, files=files, experiments=EXPS)
-    prov = {x: {"backbone": f"net-{x}", "pretrained": "none (random init)", "refinement": SETTINGS[x].get("refine", "crf"),
+    prov = {x: {"backbone": f"net-{x}", "pretrained": "none (random init)",
+                "refinement": SETTINGS[x].get("refine", "crf"),
                 "inference": "CAM scales 1.0", "crf": "pseudo-masks no", "segmentation": "DeepLab-V2 (resnet50)",
                 "seeds": "0, 5, 6"} for x in EXPS}
     job.extra.update(experiments=flat_runs, labels={r: "cam" for r in flat_runs},

@@ -39,7 +39,8 @@ def test_export_import_round_trip_and_two_seeds(tmp_path):
     prepared = tmp_path / "results" / "toy" / "dataset"
     lists = {p.stem: p.read_text().split() for p in (prepared / "lists").glob("*.txt")}
     assert sorted(p.stem for p in (export / "pseudo_masks").glob("*.png")) == sorted(lists["train_aug"])
-    assert sorted(p.stem for p in (export / "cams").glob("*.npy")) == sorted(set(lists["train_aug"]) | set(lists["val"]))
+    cam_ids = set(lists["train_aug"]) | set(lists["val"])
+    assert sorted(p.stem for p in (export / "cams").glob("*.npy")) == sorted(cam_ids)
     cam = np.load(next((export / "cams").glob("*.npy")), allow_pickle=True).item()
     assert isinstance(cam, dict) and all(isinstance(k, int) and v.dtype == np.float32 for k, v in cam.items())
     assert "config_hashes" in json.dumps(manifest) and "provenance" in json.dumps(manifest)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping
 
-from .config import config_hash, experiment_config, experiment_seed, stage_config
+from .config import config_hash, experiment_config, experiment_seed, split_seed_variant, stage_config
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class Pipeline:
 
     def imported(self, experiment: str | None, what: str | None = None) -> dict[str, Any] | None:
         """``experiments.E.import`` (``what``: its ``cams`` / ``pseudo_masks`` entry); None when not imported."""
-        if experiment is None or experiment not in self.config["experiments"] and "-seed" not in experiment:
+        if experiment is None or split_seed_variant(experiment)[0] not in self.config["experiments"]:
             return None  # a superpixel network
         imp = experiment_config(self.config, experiment).get("import")
         return imp if imp is None or what is None else imp.get(what)
@@ -234,24 +234,12 @@ class Pipeline:
     # ------------------------------------------------------------------ provenance
     def provenance(self, dataset: str, experiment: str, seeds: list[int] | None = None) -> dict[str, Any]:
         """What a report row must say to be comparable with a published one: backbone, pretrained weights,
-        refinement, inference scales / flip, CRF, segmentation network, seeds (strings, from the settings)."""
+        refinement, inference scales / flip, CRF, segmentation network, seeds (strings, from the settings; for
+        imported CAMs / pseudo-masks, what ``import.provenance`` declares about what made them)."""
         cls = self.settings(dataset, experiment, "classifier")
         cams = self.settings(dataset, experiment, "cams")
         seg = self.settings(dataset, experiment, "segmentation")
         refine = self.refine(experiment, dataset)
-        imp = self.imported(experiment)
-        if imp is not None:  # what made the files is what their provider declares
-            declared = dict(imp.get("provenance") or {})
-            unknown = "not declared (imported)"
-            ours = f"DeepLab-V2 ({describe_backbone(seg.get('backbone'))})"
-            return {"backbone": declared.get("backbone", unknown), "pretrained": declared.get("pretrained", unknown),
-                    "refinement": declared.get("refinement", unknown) if refine == "import" else refine,
-                    "inference": f"CAMs: {declared.get('inference', unknown)}; segmentation "
-                                 f"{describe_scales(seg.get('infer_scales'), seg.get('infer_flip'))}",
-                    "crf": f"pseudo-masks {declared.get('crf', unknown) if refine == 'import' else refine}; "
-                           f"segmentation test {'yes' if seg.get('infer_crf') else 'no'}",
-                    "segmentation": ours,
-                    "seeds": ", ".join(str(s) for s in (seeds if seeds is not None else [self.seed(experiment)]))}
         crf_of = {"crf": ("crf", "preset"), "single_stage": ("single_stage", "crf"), "ir_labels": ("irn", "crf"),
                   "irn": ("irn", "crf"), "affinity": ("affinity", "crf")}
         mask_crf = "no"
@@ -259,16 +247,23 @@ class Pipeline:
             stage, key = crf_of[refine]
             preset = stage_config(self.config, dataset, experiment, stage).get(key)
             mask_crf = f"yes ({preset.get('preset') if isinstance(preset, dict) else preset})"
-        return {
-            "backbone": describe_backbone(cls.get("backbone")),
-            "pretrained": describe_weights((cls.get("backbone") or {}).get("weights")),
-            "refinement": refine,
-            "inference": f"CAM scales {describe_scales(cams.get('scales'), cams.get('flip'))}; segmentation "
-                         f"{describe_scales(seg.get('infer_scales'), seg.get('infer_flip'))}",
-            "crf": f"pseudo-masks {mask_crf}; segmentation test {'yes' if seg.get('infer_crf') else 'no'}",
-            "segmentation": f"DeepLab-V2 ({describe_backbone(seg.get('backbone'))})",
-            "seeds": ", ".join(str(s) for s in (seeds if seeds is not None else [self.seed(experiment)])),
-        }
+        cam_inference = f"CAM scales {describe_scales(cams.get('scales'), cams.get('flip'))}"
+        out = {"backbone": describe_backbone(cls.get("backbone")),
+               "pretrained": describe_weights((cls.get("backbone") or {}).get("weights")), "refinement": refine}
+        imp = self.imported(experiment)
+        if imp is not None:  # what made the files is what their provider declares
+            declared, unknown = dict(imp.get("provenance") or {}), "not declared (imported)"
+            out.update(backbone=declared.get("backbone", unknown), pretrained=declared.get("pretrained", unknown))
+            cam_inference = f"CAMs {declared.get('inference', unknown)}"
+            if refine == "import":
+                out["refinement"], mask_crf = declared.get("refinement", unknown), declared.get("crf", unknown)
+        seg_backbone = describe_backbone(seg.get("backbone"))
+        return {**out,
+                "inference": f"{cam_inference}; segmentation "
+                             f"{describe_scales(seg.get('infer_scales'), seg.get('infer_flip'))}",
+                "crf": f"pseudo-masks {mask_crf}; segmentation test {'yes' if seg.get('infer_crf') else 'no'}",
+                "segmentation": f"DeepLab-V2 ({seg_backbone})",
+                "seeds": ", ".join(str(x) for x in (seeds if seeds is not None else [self.seed(experiment)]))}
 
     # ------------------------------------------------------------------ superpixel networks
     def scn_network(self, dataset: str, experiment: str) -> str | None:

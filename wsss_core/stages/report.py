@@ -798,7 +798,9 @@ def report(job: JobSettings, inp: Files, out: Files) -> dict:
     ``classifier``, ``segmentation`` (model), ``cams`` (eval-split CAM shards), ``masks`` (pseudo-mask shards),
     ``preds`` (eval-split prediction shards), ``saliency`` (manifests, maybe none), optional ``ir_label_eval``,
     ``submission``, ``scn_eval`` and ``rw_grid``}}; optional ``superpixels`` ({experiment: its classifier's
-    superpixels settings}). ``inp``: the same files, flat (the rule's dependencies); they are read through ``files``.
+    superpixels settings}), ``groups`` ({experiment: {runs, seeds, label, compare_to}}: the seed runs behind each
+    experiment, the entries of ``experiments`` being runs; default one run each) and ``provenance`` ({experiment:
+    backbone, pretrained, refinement, inference, crf, segmentation, seeds}). ``inp``: the same files, flat (the rule's dependencies); they are read through ``files``.
     """
     logger = setup_job_logging(job.log)
     outputs = {k: str(out[k]) for k in ("md", "json", "curves", "per_class", "qualitative", "training",
