@@ -63,8 +63,8 @@ def _validate_config():
             method = experiment_config(config, exp).get("method")
             if method is None and experiment_config(config, exp).get("import"):
                 if not experiment_config(config, exp)["import"].get("cams"):
-                    raise ConfigError(f"experiments.{exp}.import needs cams: (the report scores the CAMs; "
-                                      "extends: an experiment whose CAMs to keep is not supported yet)")
+                    raise ConfigError(f"experiments.{exp} has no method, so its CAMs must be imported: add "
+                                      "import.cams (or set method: / extends: to train them)")
                 continue
             if method is None:
                 raise ConfigError(f"experiments.{exp} has no method (set method:, or extends: an experiment with one)")

@@ -41,8 +41,7 @@ rule report:
             files=report_groups,
             settings=lambda w: {e: {**experiment_config(config, e), "refine": P.refine(e, w.dataset)}
                                 for e in suite_runs(w.suite)},
-            provenance=lambda w: {e: P.provenance(w.dataset, e, seed_groups(w)[e]["seeds"])
-                                  for e in config["suites"][w.suite]["experiments"]},
+            provenance=lambda w: {e: P.provenance(w.dataset, e, g["seeds"]) for e, g in seed_groups(w).items()},
             superpixels=superpixel_settings,
             seed=config["seed"],
             eval_stage=config["stages"]["eval"],

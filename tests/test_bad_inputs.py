@@ -323,4 +323,4 @@ def test_import_folder_missing_and_bad_references_are_named_at_dag_time(tmp_path
     no_cams = write_yaml(tmp_path / "e.yaml", {"experiments": {"theirs": {"import": {"pseudo_masks": {"dir": "y"}},
                                                                           "refine": "import"}}})
     proc = run_snakemake(tmp_path, "-n", "toy_cam_report", configfile=no_cams, check=False, timeout=120)
-    assert proc.returncode != 0 and "experiments.theirs.import needs cams" in _out(proc)
+    assert proc.returncode != 0 and "experiments.theirs has no method, so its CAMs must be imported" in _out(proc)
