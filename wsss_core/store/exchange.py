@@ -359,7 +359,8 @@ def write_reference_cams(path: str | os.PathLike, fmt: str, keys: Sequence[int],
     if fmt == "psa":
         obj: Any = {int(k) - 1: cams[i] for i, k in enumerate(keys)}
     elif fmt == "irn":
-        # a torch tensor, as jiwoon-ahn/irn step/make_cam.py saves it: step/make_sem_seg_labels.py moves it to the GPU (cam.cuda)
+        # a torch tensor, as jiwoon-ahn/irn step/make_cam.py saves it (step/make_sem_seg_labels.py moves it to the
+        # GPU: cam.cuda)
         import torch
 
         strided = torch.from_numpy(np.ascontiguousarray(cams[:, ::IRN_STRIDE, ::IRN_STRIDE]))
