@@ -89,9 +89,14 @@ L = config["logs_dir"]
 ENV = "../envs/wsss.yaml"
 
 
+def experiment_pattern(names):
+    """Wildcard pattern of experiments ``names`` and their seed variants (<e>-seed<N>); ``(?!)`` (nothing) for none."""
+    return f"(?:{'|'.join(names)})(?:{SEED_MARK}[0-9]+)?" if names else "(?!)"
+
+
 wildcard_constraints:
     dataset="|".join(config["datasets"]),
-    experiment=f"(?:{'|'.join(config['experiments'])})(?:{SEED_MARK}[0-9]+)?",  # seed variants: <e>-seed<N>
+    experiment=experiment_pattern(config["experiments"]),
     scn="|".join(config.get("superpixel_networks") or {}) or "(?!)",
     suite="|".join(config["suites"]),
     split="[a-z][a-z0-9_]*",
@@ -420,10 +425,9 @@ def suite_runs(suite):
 
 
 def imported_experiments(what):
-    """Wildcard pattern of the experiments (and their seed variants) whose ``what`` (cams, pseudo_masks) is imported
-    (``(?!)``, matching nothing, for none)."""
-    names = [e for e in config["experiments"] if P.imported(e, what)]
-    return f"(?:{'|'.join(names)})(?:{SEED_MARK}[0-9]+)?" if names else "(?!)"
+    """Wildcard pattern of the experiments (and their seed variants) whose ``what`` (cams, pseudo_masks) is
+    imported."""
+    return experiment_pattern([e for e in config["experiments"] if P.imported(e, what)])
 
 
 def import_folder(what):

@@ -14,23 +14,18 @@ job with a :class:`~wsss_core.errors.DataError` naming it.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
-
-import numpy as np
 
 from ..data.io import image_size
 from ..data.prepare import DatasetInfo
 from ..engine.logs import progress, setup_job_logging
 from ..errors import ConfigError, DataError, first_few
 from ..store import exchange as ex
-from ..store.atomic import read_json, write_json
-from ..store.shards import ShardedStore, ShardWriter, shard_ids
+from ..store.atomic import atomic_dir, read_json, write_json
+from ..store.shards import ShardedStore, ShardWriter, attr_value, shard_ids
 from .job import Files, JobSettings
 
 #: manifest keys this stage writes itself (``job.extra`` items may not replace them)
@@ -110,10 +105,6 @@ def _paths(value: Any) -> list[str]:
     return [value] if isinstance(value, (str, os.PathLike)) else [str(p) for p in value]
 
 
-def _attr(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value.item() if isinstance(value, np.generic) else value
-
-
 def _first_keys(stores: Sequence[ShardedStore]) -> tuple[bool, bool]:
     """(background map, aux stack) of the first image with maps, across ``stores``."""
     for store in stores:
@@ -122,18 +113,6 @@ def _first_keys(stores: Sequence[ShardedStore]) -> tuple[bool, bool]:
             if keys.size:
                 return bool(keys[0] == 0), store.aux(image_id) is not None
     return False, False
-
-
-def _fresh_temp_dir(final: Path) -> Path:
-    """A new empty sibling folder of ``final`` to build it in, after removing those a killed job left."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the final folder
-    return tmp
 
 
 def export_run(job: JobSettings, inp: Files, out: Files) -> dict:
@@ -156,15 +135,8 @@ def export_run(job: JobSettings, inp: Files, out: Files) -> dict:
     if clash:
         raise ConfigError(f"export: job.extra keys {clash} would replace manifest entries of the same name")
     final = Path(out.dir)
-    tmp = _fresh_temp_dir(final)
-    try:
+    with atomic_dir(final) as tmp:
         manifest = _export_into(job, tmp, final, cam_paths, mask_paths, inp.get("cam_eval"))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("exported %d CAMs (%s) and %d pseudo-masks to %s", manifest["cams"]["n_images"],
                 manifest["cams"]["format"], manifest["pseudo_masks"]["n_images"], final)
     return manifest
@@ -235,7 +207,7 @@ def _export_items(paths: Sequence[str], stores: Sequence[ShardedStore], what: st
     splits: dict[str, list[str]] = {}
     written: set[str] = set()
     for path, store in zip(paths, stores):
-        ids = splits.setdefault(str(_attr(store.attrs.get("split", "unknown"))), [])
+        ids = splits.setdefault(str(attr_value(store.attrs.get("split", "unknown"))), [])
         for image_id in progress(store.ids(), desc=f"export {what} {Path(path).name}"):
             ids.append(image_id)
             if image_id not in written:
@@ -246,5 +218,5 @@ def _export_items(paths: Sequence[str], stores: Sequence[ShardedStore], what: st
 
 def _read_classes(value: Any) -> list[str]:
     """The ``classes`` attr of a shard (a JSON list, as ShardWriter stores lists) as a list of names."""
-    value = _attr(value)
+    value = attr_value(value)
     return list(json.loads(value)) if isinstance(value, str) else [str(v) for v in value]

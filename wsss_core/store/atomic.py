@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def _default_mode() -> int:
-    """Permissions of a newly created file under the current umask (``mkstemp`` would leave 0600)."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _default_mode() -> int:
+    """Permissions of a newly created file under the current umask (``mkstemp`` would leave 0600)."""
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -51,6 +55,29 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None, clean_stale:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty folder next to ``path`` to build it in; on success it replaces ``path`` (an older folder
+    there is removed), on an exception it is removed and ``path`` is left untouched. The temporary folders a killed
+    writer left behind (``.<name>.tmp-*``) are removed first."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # a new folder's permissions (mkdtemp leaves 0700)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -145,7 +145,8 @@ class ShardProblem(NamedTuple):
     message: str
 
 
-def _attr(value: Any) -> Any:
+def attr_value(value: Any) -> Any:
+    """An HDF5 attribute as a plain Python value (bytes decoded, numpy scalars unwrapped)."""
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, np.generic):
@@ -169,16 +170,16 @@ def _file_problems(fh: h5py.File, path: Path, expect: Mapping[str, Any] | None) 
     m = SHARD_NAME.match(path.name)
     if m:
         for key, want in (("shard", int(m.group(1))), ("n_shards", int(m.group(2)))):
-            if key in attrs and _attr(attrs[key]) != want:
-                out.append(ShardProblem("name", f"its attrs say {key}={_attr(attrs[key])!r} but its file name "
+            if key in attrs and attr_value(attrs[key]) != want:
+                out.append(ShardProblem("name", f"its attrs say {key}={attr_value(attrs[key])!r} but its file name "
                                                 f"{path.name} says {want}"))
-    if "n_images" in attrs and _attr(attrs["n_images"]) != len(fh):
+    if "n_images" in attrs and attr_value(attrs["n_images"]) != len(fh):
         out.append(ShardProblem("n_images", f"it holds {len(fh)} images but its attrs say n_images="
-                                            f"{_attr(attrs['n_images'])}"))
+                                            f"{attr_value(attrs['n_images'])}"))
     for key, want in (expect or {}).items():
         if want is None:
             continue
-        got = _attr(attrs[key]) if key in attrs else None
+        got = attr_value(attrs[key]) if key in attrs else None
         if got != want:
             out.append(ShardProblem(key, f"it holds {key} {got!r}, expected {want!r}"))
     return out
@@ -271,7 +272,7 @@ class ShardedStore:
             problems = _file_problems(fh, p, {"kind": kind, **dict(expect or {})})
             if problems:
                 raise DataError(f"{describe_problems(p, problems)} {SHARD_FIX}")
-            got = _attr(fh.attrs.get("kind"))
+            got = attr_value(fh.attrs.get("kind"))
             if self.kind is None:
                 self.kind = got
             elif got != self.kind:
@@ -289,7 +290,7 @@ class ShardedStore:
             by_dir.setdefault(p.parent, []).append(i)
         for folder, idx in by_dir.items():
             for key in ("split", "n_shards", "config_hash"):
-                values = {i: _attr(self._files[i].attrs[key]) for i in idx if key in self._files[i].attrs}
+                values = {i: attr_value(self._files[i].attrs[key]) for i in idx if key in self._files[i].attrs}
                 counts = Counter(values.values()).most_common()
                 if len(counts) < 2:
                     continue
